@@ -1,0 +1,231 @@
+"""`payments`: the service's command line (serve, token, providers, secrets)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from app.errors import ServiceError
+
+
+def _token(args: argparse.Namespace) -> int:
+    from app.security import create_access_token
+    from app.settings import Settings
+
+    settings = Settings()
+    print(
+        create_access_token(
+            settings, args.sub, admin=args.admin, expires_minutes=args.expires_minutes
+        )
+    )
+    return 0
+
+
+if TYPE_CHECKING:
+    from services.provider_configs import ProviderConfigStore
+    from services.provider_manager import ProviderManager
+
+
+@asynccontextmanager
+async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStore]]:
+    """The providers as a worker would build them: environment plus stored configurations."""
+    import httpx
+    from redis.asyncio import Redis
+
+    from app.settings import Settings
+    from services.payment_providers.base import ProviderDeps
+    from services.provider_configs import ProviderConfigStore, SecretBox
+    from services.provider_manager import ProviderManager
+
+    settings = Settings()
+    redis = Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+    )
+    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    configs = ProviderConfigStore(
+        redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
+    )
+    deps = ProviderDeps(redis=redis, http=http, key_prefix=settings.redis_key_prefix)
+    manager = ProviderManager(settings, deps, configs)
+    try:
+        try:
+            await manager.refresh()
+        except Exception as error:  # still useful from the environment alone
+            print(f"note: stored configurations not read ({type(error).__name__})", file=sys.stderr)
+        yield manager, configs
+    finally:
+        await manager.current.aclose()
+        await http.aclose()
+        await redis.aclose()
+
+
+async def _providers_list() -> int:
+    async with _platform() as (manager, _):
+        factory = manager.current
+        print(f"{'provider':<11} {'configured':<11} {'active':<7} {'prefixes':<12} capabilities")
+        for provider in factory.providers():
+            default = " (default)" if provider.name == factory.default else ""
+            print(
+                f"{provider.name:<11} {str(provider.is_configured()).lower():<11} "
+                f"{str(factory.is_active(provider)).lower():<7} "
+                f"{','.join(provider.id_prefixes):<12} "
+                f"{','.join(sorted(provider.capabilities))}{default}"
+            )
+    return 0
+
+
+async def _providers_test(name: str | None) -> int:
+    """Run the health checks; non-zero when one fails (or NAME is unknown/unconfigured)."""
+    async with _platform() as (manager, _):
+        factory = manager.current
+        if name is not None:
+            chosen = [factory.get(name)]
+        else:
+            chosen = [p for p in factory.providers() if factory.is_active(p)]
+        failed = 0
+        for provider in chosen:
+            if not factory.is_active(provider):
+                print(f"{provider.name}: FAIL not configured or deactivated")
+                failed += 1
+                continue
+            try:
+                result = await asyncio.wait_for(provider.health_check(), 10)
+            except Exception as error:
+                print(f"{provider.name}: FAIL {type(error).__name__}")
+                failed += 1
+                continue
+            verdict = "ok" if result.healthy else "FAIL"
+            failed += not result.healthy
+            print(f"{provider.name}: {verdict} {result.message} ({result.latency_ms} ms)")
+    return 1 if failed else 0
+
+
+async def _mappings_list(provider: str, entity: str) -> int:
+    from services.payment_store import PaymentStore
+
+    async with _platform() as (manager, configs):
+        manager.current.get(provider)
+        store = PaymentStore(configs.redis, prefix=configs.prefix)
+        cursor = 0
+        while True:
+            cursor, items = await store.list_mappings(provider, entity, cursor=cursor)
+            for item in items:
+                print(f"{item.local_id}\t{item.external_id}")
+            if not cursor:
+                return 0
+
+
+async def _mappings_lookup(provider: str, entity: str, some_id: str) -> int:
+    """Looks the ID up as ours first, then as the provider's."""
+    from services.payment_store import PaymentStore
+
+    async with _platform() as (manager, configs):
+        manager.current.get(provider)
+        store = PaymentStore(configs.redis, prefix=configs.prefix)
+        found = await store.lookup_mapping(provider, entity, local_id=some_id)
+        found = found or await store.lookup_mapping(provider, entity, external_id=some_id)
+        if found is None:
+            print(f"no {entity} mapping for {some_id} at {provider}", file=sys.stderr)
+            return 1
+        print(f"local_id={found.local_id} external_id={found.external_id}")
+        return 0
+
+
+async def _rotate_secrets() -> int:
+    async with _platform() as (_, configs):
+        print(f"re-encrypted {await configs.rotate_secrets()} stored configuration(s)")
+    return 0
+
+
+def _secrets_key(_: argparse.Namespace) -> int:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.settings import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        proxy_headers=True,
+        log_level=settings.log_level.lower(),
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="payments", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    token = commands.add_parser("token", help="print a bearer token for local use")
+    token.add_argument("--sub", required=True, help="the user the token is for")
+    token.add_argument("--admin", action="store_true", help="give the token role=admin")
+    token.add_argument("--expires-minutes", type=int, default=None)
+    token.set_defaults(handler=_token)
+
+    serve = commands.add_parser("serve", help="serve the API with uvicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=_serve)
+
+    providers = commands.add_parser("providers", help="list or health-check the providers")
+    provider_commands = providers.add_subparsers(dest="action", required=True)
+    provider_commands.add_parser("list", help="every provider and its state").set_defaults(
+        handler=lambda _: asyncio.run(_providers_list())
+    )
+    test = provider_commands.add_parser("test", help="run health checks; exit 1 on a failure")
+    test.add_argument("name", nargs="?", default=None)
+    test.set_defaults(handler=lambda args: asyncio.run(_providers_test(args.name)))
+
+    secrets_parser = commands.add_parser("secrets", help="PROVIDER_SECRETS_KEY tools")
+    secrets_commands = secrets_parser.add_subparsers(dest="action", required=True)
+    secrets_commands.add_parser("rotate", help="re-encrypt stored secrets under the newest key")
+    secrets_parser.set_defaults(handler=lambda _: asyncio.run(_rotate_secrets()))
+    commands.add_parser(
+        "secrets-key", help="print a new key for PROVIDER_SECRETS_KEY"
+    ).set_defaults(handler=_secrets_key)
+
+    mappings = commands.add_parser("provider-mappings", help="our IDs <-> the providers' IDs")
+    mapping_commands = mappings.add_subparsers(dest="action", required=True)
+    listing = mapping_commands.add_parser("list", help="every mapping of one provider")
+    listing.add_argument("--provider", required=True)
+    listing.add_argument("--entity", default="payment")
+    listing.set_defaults(handler=lambda a: asyncio.run(_mappings_list(a.provider, a.entity)))
+    lookup = mapping_commands.add_parser("lookup", help="e.g. lookup stripe payment pi_123")
+    lookup.add_argument("provider")
+    lookup.add_argument("entity")
+    lookup.add_argument("id")
+    lookup.set_defaults(handler=lambda a: asyncio.run(_mappings_lookup(a.provider, a.entity, a.id)))
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValidationError, SettingsError) as error:
+        print(f"payments: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    except ServiceError as error:
+        print(f"payments: {error.code}: {error.detail}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

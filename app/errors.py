@@ -1,0 +1,238 @@
+"""The service's error tree.
+
+Every error a client can see is a ``ServiceError``: it carries the HTTP status, a stable
+machine ``code`` and a human ``detail``, and is rendered as RFC 9457 problem details by
+``app.problems``. Provider failures split in two: the customer's fault (``PaymentDeclined``,
+4xx) and technical trouble (``ProviderUnavailable`` and friends, 502/503) that a client may
+retry later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+
+class ServiceError(Exception):
+    """Root of every error the service reports to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+        super().__init__(self.detail)
+
+
+# -- client errors -----------------------------------------------------------------------
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class PaymentNotFound(NotFound):
+    code = "payment_not_found"
+    title = "Payment not found"
+
+
+class ReceiptNotAvailable(ServiceError):
+    status = 409
+    code = "receipt_not_available"
+    title = "Receipt not available"
+
+
+class InvalidStateTransition(ServiceError):
+    status = 409
+    code = "invalid_payment_state"
+    title = "The payment is not in a state that allows this"
+
+
+class UnknownPlan(ServiceError):
+    status = 422
+    code = "unknown_plan"
+    title = "Unknown plan"
+
+
+class UnknownProvider(ServiceError):
+    status = 422
+    code = "unknown_provider"
+    title = "Unknown payment provider"
+
+
+class OperationNotSupported(ServiceError):
+    status = 422
+    code = "operation_not_supported"
+    title = "The provider does not support this operation"
+
+
+class RefundExceedsBalance(ServiceError):
+    status = 422
+    code = "refund_exceeds_balance"
+    title = "The refund is larger than what is left to refund"
+
+
+class IdempotencyKeyReused(ServiceError):
+    status = 422
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused with a different request"
+
+
+class IdempotencyRequestInProgress(ServiceError):
+    status = 409
+    code = "idempotency_request_in_progress"
+    title = "A request with this idempotency key is still in progress"
+
+
+class InvalidWebhookSignature(ServiceError):
+    status = 400
+    code = "invalid_signature"
+    title = "Webhook signature could not be verified"
+
+
+class InvalidWebhookPayload(ServiceError):
+    status = 400
+    code = "invalid_payload"
+    title = "Webhook payload is not a valid event"
+
+
+class AuthenticationRequired(ServiceError):
+    status = 401
+    code = "not_authenticated"
+    title = "Authentication required"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidToken(AuthenticationRequired):
+    code = "invalid_token"
+    title = "Invalid or expired token"
+
+
+class PermissionDenied(ServiceError):
+    status = 403
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, retry_after: int, limit: str) -> None:
+        super().__init__(
+            f"Rate limit of {limit} exceeded; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.retry_after = retry_after
+
+
+# -- technical errors --------------------------------------------------------------------
+
+
+class StoreUnavailable(ServiceError):
+    status = 503
+    code = "store_unavailable"
+    title = "Payment store unavailable"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
+class ProviderError(ServiceError):
+    """Anything that went wrong at or with a payment provider."""
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        provider: str,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail, headers=headers, extra={"provider": provider, **(extra or {})})
+        self.provider = provider
+
+
+class ProviderNotConfigured(ProviderError):
+    status = 503
+    code = "provider_not_configured"
+    title = "Payment provider not configured"
+
+
+class PaymentDeclined(ProviderError):
+    """The customer's payment method was refused. Not retryable as is."""
+
+    status = 402
+    code = "payment_declined"
+    title = "Payment declined"
+
+    def __init__(
+        self, detail: str | None = None, *, provider: str, decline_code: str | None = None
+    ) -> None:
+        super().__init__(
+            detail,
+            provider=provider,
+            extra={"decline_code": decline_code} if decline_code else None,
+        )
+        self.decline_code = decline_code
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or asked us to slow down. Retry later."""
+
+    status = 503
+    code = "provider_unavailable"
+    title = "Payment provider unavailable"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        provider: str,
+        retry_after: int = 5,
+        retry_after_hint: float | None = None,
+        outcome_unknown: bool = True,
+    ) -> None:
+        super().__init__(detail, provider=provider, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+        # What the vendor itself asked for (its Retry-After), when it said; None otherwise.
+        self.retry_after_hint = retry_after_hint
+        # False only when the request surely did not reach the vendor (an open circuit, a
+        # refused connection, a 429): only then may another provider be tried instead.
+        self.outcome_unknown = outcome_unknown
+
+
+class ProviderMisconfigured(ProviderError):
+    """Our credentials or settings for the provider are wrong. An operator must act."""
+
+    status = 503
+    code = "provider_misconfigured"
+    title = "Payment provider misconfigured"
+
+
+class ProviderUpstreamError(ProviderError):
+    """The provider answered with something we cannot use."""
+
+    status = 502
+    code = "provider_error"
+    title = "Payment provider error"

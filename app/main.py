@@ -1,0 +1,122 @@
+"""The ASGI app: ``app.main:app``. ``create_app(settings)`` builds one for tests and tools."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app.logging import configure_logging
+from app.middleware import BodySizeLimit
+from app.problems import install_problem_handlers
+from app.settings import Settings
+from routers import health, payments, providers, sandbox
+from services.payment_providers.base import ProviderDeps
+from services.payment_providers.breaker import BreakerPolicy
+from services.payment_providers.guard import ProviderGuard
+from services.payment_service import PaymentService
+from services.payment_store import PaymentStore
+from services.provider_configs import ProviderConfigStore, SecretBox
+from services.provider_manager import ProviderManager
+from services.receipt_service import ReceiptService
+
+log = logging.getLogger("payments.app")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    # The client connects lazily and reconnects by itself: the service starts, and answers
+    # 503, while Redis is down, and recovers when it is back.
+    redis = Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
+    )
+    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    store = PaymentStore(redis, prefix=settings.redis_key_prefix)
+    configs = ProviderConfigStore(
+        redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
+    )
+    manager = ProviderManager(
+        settings,
+        ProviderDeps(redis=redis, http=http, key_prefix=settings.redis_key_prefix),
+        configs,
+    )
+    await manager.start()
+    receipts = ReceiptService(settings, executor=app.state.receipt_executor)
+    guard = ProviderGuard(
+        redis,
+        key_prefix=settings.redis_key_prefix,
+        policy=BreakerPolicy(
+            failure_threshold=settings.breaker_failure_threshold,
+            window_s=settings.breaker_window_seconds,
+            cooldown_s=settings.breaker_cooldown_seconds,
+        ),
+        deadline_s=settings.provider_deadline_seconds,
+    )
+    service = PaymentService(settings, store, manager, receipts, guard)
+    app.state.store = store
+    app.state.provider_configs = configs
+    app.state.service = service
+    if settings.receipt_warm_up:
+        await receipts.warm_up()
+    log.info(
+        "app.started",
+        extra={
+            "environment": settings.environment,
+            "default_provider": settings.payment_provider,
+            "configured": [p.name for p in manager.current.providers() if p.is_configured()],
+        },
+    )
+    try:
+        yield
+    finally:
+        await service.drain()
+        receipts.close()
+        await manager.aclose()
+        await http.aclose()
+        await redis.aclose()
+
+
+def create_app(
+    settings: Settings | None = None, *, receipt_executor: ProcessPoolExecutor | None = None
+) -> FastAPI:
+    """Build the app. ``receipt_executor`` shares one render pool between apps (tests)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="Payment service",
+        version="0.1.0",
+        summary="Sells the plan catalogue through interchangeable payment providers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.receipt_executor = receipt_executor
+    install_problem_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        max_webhook_bytes=settings.max_webhook_body_bytes,
+    )
+    app.include_router(payments.router)
+    app.include_router(sandbox.router)
+    app.include_router(health.router)
+    app.include_router(providers.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `app.main:app` is built on first use, so importing this module reads no settings.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

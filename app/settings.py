@@ -1,0 +1,130 @@
+"""One settings object, read from the environment (and an optional .env file)."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.payment import Plan
+
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - refused in production
+
+DEFAULT_PLANS: dict[str, dict[str, object]] = {
+    "basic": {"name": "Basic", "amount": 1900, "currency": "EUR"},
+    "pro": {"name": "Pro", "amount": 2900, "currency": "EUR"},
+    "expert": {"name": "Expert", "amount": 14900, "currency": "EUR"},
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    environment: Literal["development", "test", "production"] = "development"
+    port: int = 8000
+    public_base_url: str | None = Field(
+        default=None, description="How clients reach the service; defaults to the request's"
+    )
+    log_level: str = "INFO"
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "payments:"
+    redis_timeout_seconds: float = 2.0
+
+    jwt_secret_key: SecretStr = SecretStr(DEV_JWT_SECRET)
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    jwt_access_token_expire_minutes: int = 30
+
+    payment_provider: str = "sandbox"
+    payment_plans: dict[str, dict[str, object]] = Field(default_factory=lambda: DEFAULT_PLANS)
+
+    merchant_name: str = "Example Merchant Ltd"
+    merchant_address: str = "1 Example Street, 10115 Berlin, Germany"
+    merchant_vat_id: str | None = None
+    receipts_dir: Path = Path("var/receipts")
+    receipt_render_workers: int = Field(default=1, ge=1, le=32)
+    receipt_warm_up: bool = True
+    receipt_memory_cache_bytes: int = 16 * 1024 * 1024
+
+    rate_limits_enabled: bool = True
+    max_body_bytes: int = 64 * 1024
+    max_webhook_body_bytes: int = 1024 * 1024
+
+    stripe_secret_key: SecretStr | None = None
+    stripe_publishable_key: str | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str = "https://api.stripe.com"
+
+    paypal_client_id: str | None = None
+    paypal_client_secret: SecretStr | None = None
+    paypal_mode: Literal["sandbox", "live"] = "sandbox"
+    paypal_webhook_id: str | None = None
+    paypal_api_base: str | None = None
+
+    # Fernet keys for stored provider secrets, comma-separated, newest first (rotation).
+    provider_secrets_key: SecretStr | None = None
+    provider_timeout_seconds: float = 10.0
+    # The most one provider operation may take, its own retries included.
+    provider_deadline_seconds: float = 30.0
+    # Providers tried, in order, when the default is unconfigured, its circuit is open, or it
+    # failed before the request reached it. A provider named in the request is never swapped.
+    payment_fallback: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_window_seconds: float = Field(default=30.0, gt=0)
+    breaker_cooldown_seconds: float = Field(default=15.0, gt=0)
+
+    # Signs the sandbox's own webhooks. The sandbox never runs in production.
+    sandbox_webhook_secret: SecretStr = SecretStr("sandbox-webhook-secret")
+
+    @field_validator("payment_fallback", mode="before")
+    @classmethod
+    def _fallback_list(cls, value: object) -> object:
+        # PAYMENT_FALLBACK=stripe,paypal as well as a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("payment_plans")
+    @classmethod
+    def _plans_parse(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        if not value:
+            raise ValueError("PAYMENT_PLANS must name at least one plan")
+        for code, fields in value.items():
+            Plan.model_validate({"code": code, **fields})
+        return value
+
+    @model_validator(mode="after")
+    def _production_is_safe(self) -> Settings:
+        if self.environment != "production":
+            return self
+        problems = []
+        secret = self.jwt_secret_key.get_secret_value()
+        if secret == DEV_JWT_SECRET or len(secret) < 32:
+            problems.append("JWT_SECRET_KEY must be set to a random value of 32+ characters")
+        if self.payment_provider == "sandbox":
+            problems.append("PAYMENT_PROVIDER=sandbox is refused in production")
+        if self.stripe_secret_key and not self.stripe_webhook_secret:
+            problems.append("STRIPE_WEBHOOK_SECRET is required when Stripe is configured")
+        if self.paypal_client_id and not self.paypal_webhook_id:
+            problems.append("PAYPAL_WEBHOOK_ID is required when PayPal is configured")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def provider_secrets_key_value(self) -> str | None:
+        return self.provider_secrets_key.get_secret_value() if self.provider_secrets_key else None
+
+    @cached_property
+    def plans(self) -> dict[str, Plan]:
+        return {
+            code: Plan.model_validate({"code": code, **fields})
+            for code, fields in self.payment_plans.items()
+        }

@@ -1,0 +1,239 @@
+"""Payment domain types and the API's request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+# Payment IDs are opaque to clients; this charset covers every provider's IDs and keeps them
+# safe in Redis keys, file names and URLs.
+PAYMENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{3,128}$"
+PaymentId = Annotated[str, StringConstraints(pattern=PAYMENT_ID_PATTERN)]
+PlanCode = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]{1,64}$")]
+ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]{1,64}$")]
+
+
+class PaymentStatus(StrEnum):
+    CREATED = "created"
+    PENDING = "pending"
+    PROCESSING = "processing"
+    REQUIRES_CAPTURE = "requires_capture"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    PARTIALLY_REFUNDED = "partially_refunded"
+    REFUNDED = "refunded"
+
+    @property
+    def is_paid(self) -> bool:
+        """Money moved: the customer is entitled to a receipt."""
+        return self in _PAID
+
+
+_PAID = frozenset(
+    {PaymentStatus.SUCCEEDED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
+)
+
+
+class PaymentMethod(StrEnum):
+    """The providers the service knows by name; the factory holds the classes."""
+
+    SANDBOX = "sandbox"
+    STRIPE = "stripe"
+    PAYPAL = "paypal"
+    MOBILEPAY = "mobilepay"
+    GOOGLE_PAY = "googlepay"
+    APPLE_PAY = "applepay"
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: PlanCode
+    name: str = Field(min_length=1, max_length=120)
+    amount: int = Field(gt=0, description="Price in minor units of the currency")
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    status: PaymentStatus
+    previous: PaymentStatus | None = None
+    cause: str = Field(description="api, verify, webhook:<event id>, checkout, refund, ...")
+
+
+class ProviderAttempt(BaseModel):
+    """One try at a provider while creating a payment."""
+
+    provider: str
+    outcome: Literal["succeeded", "failed", "skipped"]
+    code: str | None = None
+    latency_ms: float | None = None
+
+
+class PaymentRecord(BaseModel):
+    """What the store keeps about one payment."""
+
+    payment_id: str
+    provider: str
+    reference: str
+    plan: str
+    amount: int
+    currency: str
+    status: PaymentStatus
+    owner: str | None = None
+    customer_email: str | None = None
+    return_url: str | None = None
+    cancel_url: str | None = None
+    redirect_url: str | None = None
+    payment_method: str | None = None
+    capture_id: str | None = None
+    amount_refunded: int = 0
+    attempts: list[ProviderAttempt] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    paid_at: datetime | None = None
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+class SandboxBehaviour(BaseModel):
+    """Fault injection for the sandbox provider (ignored by every other provider)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fail: Literal["decline", "unavailable", "error", "lost_answer"] | None = Field(
+        default=None,
+        description=(
+            "decline: card declined (402); unavailable: refused before it arrived (503, may "
+            "fail over); error: the provider answered 5xx (502); lost_answer: created, but the "
+            "answer was lost (503, outcome unknown, never fails over)"
+        ),
+    )
+    delay_ms: int = Field(default=0, ge=0, le=60_000, description="Answer this much later")
+
+
+class CreateIntentRequest(BaseModel):
+    """Body of create-intent. Any amount or currency a client sends is ignored: prices come
+    from the server-side plan catalogue only."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    plan: PlanCode
+    provider: ProviderName | None = Field(
+        default=None,
+        validation_alias="provider",
+        description="Provider name; `payment_method` is accepted as an alias.",
+    )
+    payment_method: ProviderName | None = Field(default=None, exclude=True)
+    return_url: AnyHttpUrl | None = Field(default=None, max_length=2048)
+    cancel_url: AnyHttpUrl | None = Field(default=None, max_length=2048)
+    customer_email: EmailStr | None = None
+    ui_mode: Literal["hosted", "embedded"] | None = Field(
+        default=None, description="Stripe only: hosted Checkout (default) or embedded Elements"
+    )
+    capture_method: Literal["automatic", "manual"] | None = Field(
+        default=None, description="Providers with capture: authorize now, capture later"
+    )
+    sandbox: SandboxBehaviour | None = Field(
+        default=None, description="Sandbox only: make this payment fail or answer slowly"
+    )
+
+    @property
+    def provider_name(self) -> str | None:
+        return self.provider or self.payment_method
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that make two requests the same request, for idempotency."""
+        return {
+            "plan": self.plan,
+            "provider": self.provider_name,
+            "return_url": str(self.return_url) if self.return_url else None,
+            "cancel_url": str(self.cancel_url) if self.cancel_url else None,
+            "customer_email": self.customer_email,
+            "ui_mode": self.ui_mode,
+            "capture_method": self.capture_method,
+            "sandbox": self.sandbox.model_dump() if self.sandbox else None,
+        }
+
+
+class VerifyRequest(BaseModel):
+    payment_id: PaymentId
+
+
+class RefundRequest(BaseModel):
+    amount: int | None = Field(
+        default=None, gt=0, description="Minor units; omit for a full refund of what is left"
+    )
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+class IntentResponse(BaseModel):
+    payment_id: str
+    status: PaymentStatus
+    plan: str
+    amount: int
+    currency: str
+    provider: str
+    redirect_url: str | None = None
+    client_secret: str | None = None
+    publishable_key: str | None = None
+
+
+class PaymentResponse(BaseModel):
+    payment_id: str
+    status: PaymentStatus
+    plan: str
+    amount: int
+    currency: str
+    provider: str
+    amount_refunded: int = 0
+    receipt_url: str | None = None
+
+
+class ReceiptResponse(BaseModel):
+    payment_id: str
+    receipt_number: str
+    plan: str
+    plan_name: str
+    amount: int
+    currency: str
+    amount_formatted: str
+    payment_method: str
+    status: PaymentStatus
+    paid_at: datetime
+    pdf_url: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error is rendered."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class ProviderHealth(BaseModel):
+    provider: str
+    status: Literal["connected", "unconfigured", "error", "circuit_open"]
+    configured: bool
+    breaker: str | None = None
+    latency_ms: float | None = None
+    message: str | None = None
+
+
+class ServiceHealth(BaseModel):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    redis: dict[str, Any]
+    providers: dict[str, ProviderHealth]

@@ -1,0 +1,78 @@
+"""The sandbox provider's hosted checkout page, served by the service itself."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, Path, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from app.deps import PaymentServiceDep
+from app.errors import InvalidStateTransition
+from models.payment import PAYMENT_ID_PATTERN
+from routers.docs import problems
+from services.money import format_amount
+from services.payment_providers.sandbox import Outcome
+from services.receipt_render import TEMPLATES_DIR
+
+router = APIRouter(prefix="/sandbox", tags=["sandbox"])
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
+
+SandboxId = Annotated[str, Path(pattern=PAYMENT_ID_PATTERN.replace("^", "^sb_"))]
+
+
+def _page(request: Request, session: dict[str, str], payment_id: str, **extra: object) -> Response:
+    return templates.TemplateResponse(
+        request,
+        "sandbox_checkout.html",
+        {
+            "payment_id": payment_id,
+            "plan_name": session.get("plan_name", session.get("plan", "")),
+            "amount": format_amount(int(session["amount"]), session["currency"]),
+            "status": session["status"],
+            **extra,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get(
+    "/checkout/{payment_id}",
+    response_class=HTMLResponse,
+    responses=problems(404, 503),
+    summary="The sandbox's hosted checkout page",
+)
+async def checkout_page(
+    payment_id: SandboxId, request: Request, service: PaymentServiceDep
+) -> Response:
+    session = await service.sandbox_session(payment_id)
+    return _page(request, session, payment_id)
+
+
+@router.post(
+    "/checkout/{payment_id}",
+    response_class=HTMLResponse,
+    responses=problems(404, 409, 422, 503),
+    summary="Settle a sandbox payment: succeeded, failed or canceled",
+)
+async def settle(
+    payment_id: SandboxId,
+    outcome: Annotated[Literal["succeeded", "failed", "canceled"], Form()],
+    request: Request,
+    service: PaymentServiceDep,
+) -> Response:
+    chosen: Outcome = outcome
+    try:
+        session = await service.settle_sandbox(payment_id, chosen)
+    except InvalidStateTransition:
+        session = await service.sandbox_session(payment_id)
+        return _page(request, session, payment_id, already_settled=True)
+    target = session.get("cancel_url") if outcome == "canceled" else session.get("return_url")
+    target = target or session.get("return_url")
+    if target:
+        separator = "&" if "?" in target else "?"
+        return RedirectResponse(
+            f"{target}{separator}payment_id={payment_id}&status={outcome}", status_code=303
+        )
+    return _page(request, session, payment_id)

@@ -1,0 +1,228 @@
+"""The contract every payment provider implements.
+
+A provider is a stateless adapter between the service and one vendor's API. It converts the
+vendor's data to the types below at its edge (it never returns SDK objects), maps unknown
+vendor statuses to ``PENDING`` (only an explicit success or failure from the vendor is final),
+and maps vendor exceptions to ``app.errors`` (declined, unavailable, misconfigured, upstream).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from app.errors import OperationNotSupported
+from models.payment import PaymentStatus, Plan
+
+if TYPE_CHECKING:
+    import httpx
+    from redis.asyncio import Redis
+
+    from app.settings import Settings
+
+
+class Capability(StrEnum):
+    CARD = "card"
+    WALLET = "wallet"
+    REDIRECT = "redirect"
+    EMBEDDED = "embedded"
+    CAPTURE = "capture"
+    CANCEL = "cancel"
+    REFUND = "refund"
+    PARTIAL_REFUND = "partial_refund"
+    WEBHOOKS = "webhooks"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderDeps:
+    """Shared clients handed to providers when the app starts."""
+
+    redis: Redis
+    http: httpx.AsyncClient
+    key_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IntentRequest:
+    """What the service asks a provider to create. Amount and currency come from the plan."""
+
+    reference: str  # our order reference, made before the provider is called
+    plan: Plan
+    idempotency_key: str  # stable for one logical attempt; pass it as the vendor's key
+    base_url: str  # where this service is reachable, for pages it serves itself
+    user_id: str | None = None
+    customer_email: str | None = None
+    return_url: str | None = None
+    cancel_url: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # ui_mode, capture_method, ...
+
+    @property
+    def amount(self) -> int:
+        return self.plan.amount
+
+    @property
+    def currency(self) -> str:
+        return self.plan.currency
+
+
+@dataclass(frozen=True, slots=True)
+class IntentResult:
+    payment_id: str  # carries the provider's prefix, so the factory can route it back
+    status: PaymentStatus
+    redirect_url: str | None = None
+    client_secret: str | None = None
+    publishable_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentState:
+    """The provider's truth about one payment, as of now."""
+
+    payment_id: str
+    status: PaymentStatus
+    amount: int | None = None
+    currency: str | None = None
+    amount_refunded: int = 0
+    capture_id: str | None = None
+    payment_method: str | None = None  # e.g. "card", "paypal", "sandbox"
+    vendor_status: str | None = None  # the vendor's own word, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    refund_id: str
+    amount: int
+    status: str  # vendor-neutral: succeeded | pending | failed
+    amount_refunded_total: int | None = None  # when the vendor tells the running total
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One provider event, normalized.
+
+    ``verified`` says whether the signature proved the event came from the provider. An
+    unverified event is never trusted on its own word: the service only re-verifies the
+    payment through the provider's API.
+    """
+
+    event_id: str
+    event_type: str
+    verified: bool
+    payment_id: str | None = None
+    status: PaymentStatus | None = None  # the state the event claims, if it names one
+    amount_refunded: int | None = None
+    capture_id: str | None = None
+    occurred_at: datetime | None = None
+    # Our order reference (IntentRequest.reference) when the event carries it: events about a
+    # vendor object other than the one whose ID we stored (a Stripe PaymentIntent made by a
+    # Checkout Session) are found by it.
+    reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    healthy: bool
+    message: str
+    latency_ms: float | None = None
+
+
+class NoSettings(BaseModel):
+    """A provider with nothing to configure (or nothing secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BasePaymentProvider(abc.ABC):
+    """A payment provider.
+
+    Subclasses set the class metadata and implement the abstract methods; the optional
+    operations raise ``OperationNotSupported`` unless the provider has the capability.
+
+    ``config_model`` and ``secrets_model`` describe what an operator may store for the
+    provider through the admin API; their JSON schemas are served there. A stored config
+    overrides the environment: each field ``f`` replaces the setting ``settings_prefix + f``
+    before ``from_settings`` builds the provider, so a provider has one constructor path.
+    """
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    id_prefixes: ClassVar[tuple[str, ...]]
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    service_type: ClassVar[str] = "payment"
+    settings_prefix: ClassVar[str | None] = None
+    config_model: ClassVar[type[BaseModel]] = NoSettings
+    secrets_model: ClassVar[type[BaseModel]] = NoSettings
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> BasePaymentProvider:
+        """Build the provider from settings, with its own client instances."""
+
+    # -- the original five -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def is_configured(self) -> bool:
+        """True when the provider has what it needs to take payments here."""
+
+    def get_provider_name(self) -> str:
+        return self.name
+
+    def can_handle_payment_id(self, payment_id: str) -> bool:
+        return payment_id.startswith(self.id_prefixes)
+
+    @abc.abstractmethod
+    async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
+        """Create the vendor-side payment for ``request``.
+
+        Raises ``ProviderNotConfigured``, ``PaymentDeclined``, ``ProviderUnavailable``,
+        ``ProviderMisconfigured`` or ``ProviderUpstreamError``.
+        """
+
+    @abc.abstractmethod
+    async def verify_payment(self, payment_id: str) -> PaymentState:
+        """Ask the vendor for the payment's current truth. Raises ``PaymentNotFound`` when
+        the vendor does not know the ID, and the technical errors above."""
+
+    # -- optional operations ---------------------------------------------------------------
+
+    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        """Capture an authorized payment. Capturing twice answers the first result."""
+        raise OperationNotSupported(f"{self.name} does not support capture")
+
+    async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        """Cancel a payment that has not been captured."""
+        raise OperationNotSupported(f"{self.name} does not support cancel")
+
+    async def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int,
+        currency: str,
+        capture_id: str | None,
+        idempotency_key: str,
+    ) -> RefundResult:
+        """Refund ``amount`` minor units of a paid payment."""
+        raise OperationNotSupported(f"{self.name} does not support refunds")
+
+    async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify and normalize one webhook delivery.
+
+        Raises ``InvalidWebhookSignature`` for a delivery that must be refused outright and
+        ``InvalidWebhookPayload`` for one that is not an event.
+        """
+        raise OperationNotSupported(f"{self.name} does not accept webhooks")
+
+    async def health_check(self) -> HealthStatus:
+        """A cheap authenticated call to the vendor, timed."""
+        return HealthStatus(healthy=self.is_configured(), message="no check implemented")
+
+    async def aclose(self) -> None:
+        """Release clients the provider owns (shared clients are closed by the app)."""
+        return None

@@ -1,0 +1,59 @@
+"""Every provider call goes through here: a deadline and the provider's circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from app.errors import ProviderUnavailable
+
+from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .base import BasePaymentProvider
+
+T = TypeVar("T")
+
+
+class ProviderGuard:
+    def __init__(
+        self, redis: Redis, *, key_prefix: str, policy: BreakerPolicy, deadline_s: float
+    ) -> None:
+        self._redis = redis
+        self._prefix = key_prefix
+        self._policy = policy
+        self._deadline_s = deadline_s
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, provider_name: str) -> CircuitBreaker:
+        breaker = self._breakers.get(provider_name)
+        if breaker is None:
+            breaker = CircuitBreaker(
+                self._redis,
+                key=f"{self._prefix}breaker:{{{provider_name}}}",
+                provider=provider_name,
+                policy=self._policy,
+            )
+            self._breakers[provider_name] = breaker
+        return breaker
+
+    async def state(self, provider_name: str) -> BreakerState:
+        return await self.breaker(provider_name).state()
+
+    async def run(self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one provider call under the deadline and the provider's breaker."""
+
+        async def bounded() -> T:
+            try:
+                async with asyncio.timeout(self._deadline_s):
+                    return await operation()
+            except TimeoutError as error:
+                # The request may have reached the vendor: the outcome is unknown.
+                raise ProviderUnavailable(
+                    f"{provider.name} did not answer in time", provider=provider.name
+                ) from error
+
+        return await self.breaker(provider.name).call(bounded)

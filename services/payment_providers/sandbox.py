@@ -1,0 +1,393 @@
+"""The built-in sandbox provider: a whole payment flow with no account anywhere.
+
+It behaves like an external provider that happens to live in this service. It keeps its own
+records (the "provider side") in Redis apart from the service's payments, serves its own hosted
+checkout page (``routers/sandbox.py``), and answers verify from those records. The customer
+settles a payment on that page with Pay, Decline or Cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from app.errors import (
+    InvalidStateTransition,
+    InvalidWebhookPayload,
+    InvalidWebhookSignature,
+    PaymentDeclined,
+    PaymentNotFound,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    ProviderUpstreamError,
+    RefundExceedsBalance,
+)
+from models.payment import PaymentStatus
+
+from .base import (
+    BasePaymentProvider,
+    Capability,
+    HealthStatus,
+    IntentRequest,
+    IntentResult,
+    PaymentState,
+    ProviderDeps,
+    RefundResult,
+    WebhookEvent,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from app.settings import Settings
+
+Outcome = Literal["succeeded", "failed", "canceled"]
+OUTCOMES: tuple[Outcome, ...] = ("succeeded", "failed", "canceled")
+
+# The sandbox's own statuses, as a vendor would have them, and what they mean to us.
+_STATUS_MAP = {
+    "open": PaymentStatus.PENDING,
+    "authorized": PaymentStatus.REQUIRES_CAPTURE,
+    "succeeded": PaymentStatus.SUCCEEDED,
+    "failed": PaymentStatus.FAILED,
+    "canceled": PaymentStatus.CANCELED,
+}
+
+# KEYS: session hash. ARGV: TTL, then field/value pairs. Opens a session once.
+_OPEN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: session hash. ARGV: outcome, now. Settles an open session once.
+_SETTLE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', ''} end
+if status ~= 'open' then return {'settled', status} end
+local target = ARGV[1]
+if target == 'succeeded' and redis.call('HGET', KEYS[1], 'capture_method') == 'manual' then
+  target = 'authorized'
+end
+redis.call('HSET', KEYS[1], 'status', target, 'settled_at', ARGV[2])
+return {'ok', target}
+"""
+
+# KEYS: session hash. ARGV: from status, to status. Moves only from the expected status.
+_MOVE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', ''} end
+if status ~= ARGV[1] then return {'refused', status} end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+return {'ok', ARGV[2]}
+"""
+
+# KEYS: session hash, refund idempotency key. ARGV: amount, TTL. Refunds only what was paid
+# and not yet refunded; the same idempotency key never refunds twice.
+_REFUND_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+local refunded = tonumber(redis.call('HGET', KEYS[1], 'refunded') or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'replay', refunded} end
+if status ~= 'succeeded' then return {'unpaid', 0} end
+local paid = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+local amount = tonumber(ARGV[1])
+if amount <= 0 or refunded + amount > paid then return {'exceeds', paid - refunded} end
+redis.call('HSET', KEYS[1], 'refunded', refunded + amount)
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return {'ok', refunded + amount}
+"""
+
+SESSION_TTL_S = 30 * 24 * 3600
+
+SIGNATURE_HEADER = "Sandbox-Signature"
+SIGNATURE_TOLERANCE_S = 300
+
+# The sandbox's event types and the state each one claims.
+_EVENT_STATUS = {
+    "payment.succeeded": PaymentStatus.SUCCEEDED,
+    "payment.failed": PaymentStatus.FAILED,
+    "payment.canceled": PaymentStatus.CANCELED,
+    "payment.authorized": PaymentStatus.REQUIRES_CAPTURE,
+    "payment.refunded": PaymentStatus.REFUNDED,
+    "payment.partially_refunded": PaymentStatus.PARTIALLY_REFUNDED,
+}
+
+
+def sign_webhook(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
+    """The Sandbox-Signature header for ``body``: ``t=<unix time>,v1=<hex HMAC-SHA256>`` of
+    ``"<t>.<body>"``, the scheme Stripe uses, so clients can reuse what they know."""
+    moment = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode(), f"{moment}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={moment},v1={digest}"
+
+
+def verify_webhook_signature(secret: str, body: bytes, header: str | None, *, now: float) -> None:
+    """Raise InvalidWebhookSignature unless ``header`` signs ``body`` recently with ``secret``."""
+    if not secret:
+        raise InvalidWebhookSignature("No webhook secret is configured; events are refused")
+    if not header:
+        raise InvalidWebhookSignature(f"Missing {SIGNATURE_HEADER} header")
+    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        raise InvalidWebhookSignature("Malformed signature header") from None
+    if abs(now - timestamp) > SIGNATURE_TOLERANCE_S:
+        raise InvalidWebhookSignature("Signature timestamp outside the tolerance")
+    expected = sign_webhook(secret, body, timestamp=timestamp).split("v1=", 1)[1]
+    if not hmac.compare_digest(expected, parts.get("v1", "")):
+        raise InvalidWebhookSignature("Signature does not match")
+
+
+class SandboxSecrets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_secret: SecretStr = Field(min_length=16, description="Signs the sandbox's webhooks")
+
+
+class SandboxProvider(BasePaymentProvider):
+    name = "sandbox"
+    display_name = "Sandbox"
+    id_prefixes = ("sb_",)
+    settings_prefix = "sandbox_"
+    secrets_model = SandboxSecrets
+    capabilities = frozenset(
+        {
+            Capability.CARD,
+            Capability.REDIRECT,
+            Capability.CAPTURE,
+            Capability.CANCEL,
+            Capability.REFUND,
+            Capability.PARTIAL_REFUND,
+            Capability.WEBHOOKS,
+        }
+    )
+
+    def __init__(
+        self, redis: Redis, *, key_prefix: str, enabled: bool, webhook_secret: str = ""
+    ) -> None:
+        self._redis = redis
+        self._webhook_secret = webhook_secret
+        self._prefix = f"{key_prefix}sandbox:"
+        self._enabled = enabled
+        self._open = redis.register_script(_OPEN_LUA)
+        self._settle = redis.register_script(_SETTLE_LUA)
+        self._move = redis.register_script(_MOVE_LUA)
+        self._refund = redis.register_script(_REFUND_LUA)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> SandboxProvider:
+        # Test money must never be taken for real money: production has no sandbox.
+        return cls(
+            deps.redis,
+            key_prefix=deps.key_prefix,
+            enabled=settings.environment != "production",
+            webhook_secret=settings.sandbox_webhook_secret.get_secret_value(),
+        )
+
+    def is_configured(self) -> bool:
+        return self._enabled
+
+    def _require_enabled(self) -> None:
+        if not self._enabled:
+            raise ProviderNotConfigured(
+                "The sandbox provider is disabled in production", provider=self.name
+            )
+
+    def _key(self, payment_id: str) -> str:
+        return f"{self._prefix}{{{payment_id}}}"
+
+    def checkout_path(self, payment_id: str) -> str:
+        return f"/sandbox/checkout/{payment_id}"
+
+    async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
+        self._require_enabled()
+        behaviour: Mapping[str, Any] = request.options.get("sandbox") or {}
+        if behaviour.get("delay_ms"):
+            await asyncio.sleep(behaviour["delay_ms"] / 1000)
+        self._inject_fault_before(behaviour.get("fail"))
+        # The vendor's own idempotency: the payment ID is derived from the key, so the same
+        # key finds the same session, and one script call creates it only once.
+        digest = hashlib.sha256(f"{self._prefix}{request.idempotency_key}".encode()).hexdigest()
+        payment_id = f"sb_{digest[:24]}"
+        session = {
+            "status": "open",
+            "amount": request.amount,
+            "currency": request.currency,
+            "plan": request.plan.code,
+            "plan_name": request.plan.name,
+            "reference": request.reference,
+            "return_url": request.return_url or "",
+            "cancel_url": request.cancel_url or "",
+            "capture_method": request.options.get("capture_method") or "automatic",
+            "refunded": 0,
+            "created_at": int(time.time()),
+        }
+        await self._open(
+            keys=[self._key(payment_id)],
+            args=[SESSION_TTL_S, *(str(item) for pair in session.items() for item in pair)],
+        )
+        if behaviour.get("fail") == "lost_answer":
+            raise ProviderUnavailable(
+                "sandbox: the payment was created but the answer was lost", provider=self.name
+            )
+        return IntentResult(
+            payment_id=payment_id,
+            status=PaymentStatus.PENDING,
+            redirect_url=request.base_url.rstrip("/") + self.checkout_path(payment_id),
+        )
+
+    def _inject_fault_before(self, fault: str | None) -> None:
+        if fault == "decline":
+            raise PaymentDeclined(
+                "sandbox: the card was declined", provider=self.name, decline_code="card_declined"
+            )
+        if fault == "unavailable":
+            raise ProviderUnavailable(
+                "sandbox: refused the connection",
+                provider=self.name,
+                retry_after=1,
+                outcome_unknown=False,
+            )
+        if fault == "error":
+            raise ProviderUpstreamError("sandbox: answered 500", provider=self.name)
+
+    async def session(self, payment_id: str) -> dict[str, str]:
+        """The sandbox's own record of a payment, for its checkout page."""
+        self._require_enabled()
+        fields = cast(dict[str, str], await self._redis.hgetall(self._key(payment_id)))
+        if not fields:
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        return fields
+
+    async def settle(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
+        """What the customer's click on the checkout page does."""
+        self._require_enabled()
+        result, status = await self._settle(
+            keys=[self._key(payment_id)], args=[outcome, datetime.now(UTC).isoformat()]
+        )
+        if result == "missing":
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        if result == "settled":
+            raise InvalidStateTransition(f"This payment was already settled ({status})")
+        return await self.session(payment_id)
+
+    async def verify_payment(self, payment_id: str) -> PaymentState:
+        fields = await self.session(payment_id)
+        amount = int(fields["amount"])
+        refunded = int(fields.get("refunded", 0))
+        status = _STATUS_MAP.get(fields["status"], PaymentStatus.PENDING)
+        if status is PaymentStatus.SUCCEEDED and refunded:
+            status = (
+                PaymentStatus.REFUNDED if refunded >= amount else PaymentStatus.PARTIALLY_REFUNDED
+            )
+        return PaymentState(
+            payment_id=payment_id,
+            status=status,
+            amount=amount,
+            currency=fields["currency"],
+            amount_refunded=refunded,
+            payment_method="sandbox",
+            vendor_status=fields["status"],
+        )
+
+    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        self._require_enabled()
+        result, status = await self._move(
+            keys=[self._key(payment_id)], args=["authorized", "succeeded"]
+        )
+        if result == "missing":
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        if result == "refused" and status != "succeeded":  # capturing twice is fine
+            raise InvalidStateTransition(f"Only an authorized payment can be captured ({status})")
+        return await self.verify_payment(payment_id)
+
+    async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        self._require_enabled()
+        for source in ("open", "authorized"):
+            result, status = await self._move(
+                keys=[self._key(payment_id)], args=[source, "canceled"]
+            )
+            if result == "missing":
+                raise PaymentNotFound(f"No payment {payment_id!r}")
+            if result == "ok" or status == "canceled":
+                return await self.verify_payment(payment_id)
+        raise InvalidStateTransition(f"This payment can no longer be canceled ({status})")
+
+    async def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int,
+        currency: str,
+        capture_id: str | None,
+        idempotency_key: str,
+    ) -> RefundResult:
+        self._require_enabled()
+        keys = [self._key(payment_id), f"{self._key(payment_id)}:refund:{idempotency_key}"]
+        result, total = await self._refund(keys=keys, args=[amount, SESSION_TTL_S])
+        if result == "missing":
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        if result == "unpaid":
+            raise InvalidStateTransition("Only a paid payment can be refunded")
+        if result == "exceeds":
+            raise RefundExceedsBalance(f"At most {int(total)} minor units were left to refund")
+        return RefundResult(
+            refund_id=f"sbre_{secrets.token_hex(8)}",
+            amount=amount,
+            status="succeeded",
+            amount_refunded_total=int(total),
+        )
+
+    async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify the HMAC signature and normalize one sandbox event.
+
+        Body: ``{"id": "evt_...", "type": "payment.succeeded", "created": <unix time>,
+        "data": {"payment_id": "sb_...", "amount_refunded": <minor units>}}``.
+        """
+        self._require_enabled()
+        verify_webhook_signature(
+            self._webhook_secret, body, headers.get(SIGNATURE_HEADER), now=time.time()
+        )
+        try:
+            event = json.loads(body)
+            event_id, event_type = str(event["id"]), str(event["type"])
+            data = event.get("data") or {}
+            payment_id = data.get("payment_id")
+            refunded = data.get("amount_refunded")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise InvalidWebhookPayload("The body is not a sandbox event") from error
+        if not (0 < len(event_id) <= 255) or (
+            payment_id is not None and not isinstance(payment_id, str)
+        ):
+            raise InvalidWebhookPayload("The event has no usable id or payment_id")
+        return WebhookEvent(
+            event_id=event_id,
+            event_type=event_type,
+            verified=True,
+            payment_id=payment_id,
+            status=_EVENT_STATUS.get(event_type),
+            amount_refunded=refunded if isinstance(refunded, int) else None,
+        )
+
+    async def health_check(self) -> HealthStatus:
+        if not self._enabled:
+            return HealthStatus(healthy=False, message="disabled in production")
+        started = time.perf_counter()
+        await self._redis.ping()
+        return HealthStatus(
+            healthy=True,
+            message="built-in sandbox",
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )

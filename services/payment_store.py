@@ -1,0 +1,417 @@
+"""Payment state in Redis.
+
+Every state change is one Lua script, so a transition, its history entry and the webhook event
+that caused it are applied together or not at all. Keys carry a configurable prefix and a
+per-payment hash tag (``pay:{id}``) so that a payment's keys live in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.errors import StoreUnavailable
+from models.payment import HistoryEntry, PaymentRecord, PaymentStatus
+
+S = PaymentStatus
+
+# The only moves a payment can make. Paid states never go back to unpaid ones; a failed,
+# canceled or expired payment may still turn out paid when the provider says money moved.
+TRANSITIONS: Mapping[PaymentStatus, frozenset[PaymentStatus]] = {
+    S.CREATED: frozenset(
+        {S.PENDING, S.PROCESSING, S.REQUIRES_CAPTURE, S.SUCCEEDED, S.FAILED, S.CANCELED, S.EXPIRED}
+    ),
+    S.PENDING: frozenset(
+        {S.PROCESSING, S.REQUIRES_CAPTURE, S.SUCCEEDED, S.FAILED, S.CANCELED, S.EXPIRED}
+    ),
+    S.PROCESSING: frozenset({S.PENDING, S.REQUIRES_CAPTURE, S.SUCCEEDED, S.FAILED, S.CANCELED}),
+    S.REQUIRES_CAPTURE: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELED, S.EXPIRED}),
+    S.FAILED: frozenset({S.SUCCEEDED}),
+    S.CANCELED: frozenset({S.SUCCEEDED}),
+    S.EXPIRED: frozenset({S.SUCCEEDED}),
+    S.SUCCEEDED: frozenset({S.PARTIALLY_REFUNDED, S.REFUNDED}),
+    S.PARTIALLY_REFUNDED: frozenset({S.PARTIALLY_REFUNDED, S.REFUNDED}),
+    S.REFUNDED: frozenset(),
+}
+
+
+def _lua_transition_table() -> str:
+    rows = []
+    for source, targets in TRANSITIONS.items():
+        allowed = ", ".join(f'["{target}"]=true' for target in sorted(targets))
+        rows.append(f'["{source}"]={{{allowed}}}')
+    return "{" + ", ".join(rows) + "}"
+
+
+# KEYS: payment hash, history list, applied-events set.
+# ARGV: new status, history entry JSON, event id ('' for none), now (ISO), then field/value pairs
+# to record with the change. amount_refunded only ever grows.
+_TRANSITION_LUA = (
+    "local allowed = "
+    + _lua_transition_table()
+    + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing', ''} end
+if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then
+  return {'duplicate', current, redis.call('HGETALL', KEYS[1])}
+end
+local target = ARGV[1]
+local outcome
+if target == current and target ~= 'partially_refunded' then
+  outcome = 'unchanged'
+elseif allowed[current] and allowed[current][target] then
+  outcome = 'applied'
+else
+  outcome = 'rejected'
+end
+if outcome == 'applied' and target == 'partially_refunded' and current == target then
+  -- A second partial refund is a change only when more money went back.
+  local known = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
+  outcome = 'unchanged'
+  for i = 5, #ARGV, 2 do
+    if ARGV[i] == 'amount_refunded' and tonumber(ARGV[i + 1]) > known then outcome = 'applied' end
+  end
+end
+if ARGV[3] ~= '' then redis.call('SADD', KEYS[3], ARGV[3]) end
+if outcome == 'rejected' then return {outcome, current, redis.call('HGETALL', KEYS[1])} end
+for i = 5, #ARGV, 2 do
+  local field, value = ARGV[i], ARGV[i + 1]
+  if field == 'amount_refunded' then
+    local known = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+    if tonumber(value) > known then redis.call('HSET', KEYS[1], field, value) end
+  else
+    redis.call('HSET', KEYS[1], field, value)
+  end
+end
+if outcome == 'applied' then
+  redis.call('HSET', KEYS[1], 'status', target, 'updated_at', ARGV[4])
+  if target == 'succeeded' then redis.call('HSETNX', KEYS[1], 'paid_at', ARGV[4]) end
+  local entry = cjson.decode(ARGV[2])
+  entry['previous'] = current
+  redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+end
+return {outcome, current, redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: payment hash, history list. ARGV: history entry JSON, then field/value pairs.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: idempotency hash. ARGV: request fingerprint, pending TTL in ms.
+_IDEMPOTENCY_BEGIN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'pending')
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'new', ''}
+end
+local found = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'response')
+if found[1] ~= ARGV[1] then return {'mismatch', ''} end
+if found[2] == 'pending' then return {'pending', ''} end
+return {'done', found[3]}
+"""
+
+# KEYS: counter. ARGV: window in ms. Fixed window: the first hit of a window sets its expiry.
+_RATE_LIMIT_LUA = """
+local hits = redis.call('INCR', KEYS[1])
+if hits == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {hits, ttl}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping_:
+    """Our ID for something and the provider's ID for the same thing."""
+
+    provider: str
+    entity: str  # payment | capture | ...
+    local_id: str
+    external_id: str
+
+
+class TransitionOutcome(StrEnum):
+    APPLIED = "applied"  # the payment moved
+    UNCHANGED = "unchanged"  # already there (fields may have been filled in)
+    REJECTED = "rejected"  # not a legal move from where the payment is
+    DUPLICATE = "duplicate"  # this event was applied before
+    MISSING = "missing"  # no such payment
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    outcome: TransitionOutcome
+    previous: PaymentStatus | None
+    record: PaymentRecord | None = None  # the payment after the transition
+
+
+class IdempotencyState(StrEnum):
+    NEW = "new"
+    PENDING = "pending"
+    DONE = "done"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyAnswer:
+    """The first response to a request with an idempotency key, to replay later."""
+
+    scope: str
+    key: str
+    response: Mapping[str, Any]
+    ttl_s: int = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyBegin:
+    state: IdempotencyState
+    response: dict[str, Any] | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _history_entry(
+    status: PaymentStatus, previous: PaymentStatus | None, cause: str, at: datetime
+) -> str:
+    return HistoryEntry(at=at, status=status, previous=previous, cause=cause).model_dump_json()
+
+
+class PaymentStore:
+    """Payments, their history, idempotency records and rate-limit counters in Redis.
+
+    Redis errors surface as ``StoreUnavailable`` (503); the client reconnects by itself when
+    Redis is back.
+    """
+
+    def __init__(self, redis: Redis, *, prefix: str = "") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._transition = redis.register_script(_TRANSITION_LUA)
+        self._idempotency_begin = redis.register_script(_IDEMPOTENCY_BEGIN_LUA)
+        self._rate_limit = redis.register_script(_RATE_LIMIT_LUA)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _payment_key(self, payment_id: str) -> str:
+        return f"{self._prefix}pay:{{{payment_id}}}"
+
+    def _keys(self, payment_id: str) -> list[str]:
+        base = self._payment_key(payment_id)
+        return [base, f"{base}:history", f"{base}:events"]
+
+    def _mapping_keys(self, provider: str, entity: str) -> tuple[str, str]:
+        """Two hashes per provider and entity: ours -> theirs, theirs -> ours."""
+        base = f"{self._prefix}map:{{{provider}:{entity}}}"
+        return f"{base}:local", f"{base}:external"
+
+    def _queue_mapping(
+        self, pipe: Pipeline, provider: str, entity: str, local_id: str, external_id: str
+    ) -> None:
+        to_external, to_local = self._mapping_keys(provider, entity)
+        pipe.hset(to_external, local_id, external_id)
+        pipe.hset(to_local, external_id, local_id)
+
+    async def add_mapping(
+        self, provider: str, entity: str, local_id: str, external_id: str
+    ) -> None:
+        async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            self._queue_mapping(pipe, provider, entity, local_id, external_id)
+            await pipe.execute()
+
+    async def lookup_mapping(
+        self,
+        provider: str,
+        entity: str,
+        *,
+        local_id: str | None = None,
+        external_id: str | None = None,
+    ) -> Mapping_ | None:
+        to_external, to_local = self._mapping_keys(provider, entity)
+        async with store_errors():
+            if local_id is not None:
+                found = await self._redis.hget(to_external, local_id)
+                return Mapping_(provider, entity, local_id, str(found)) if found else None
+            if external_id is not None:
+                found = await self._redis.hget(to_local, external_id)
+                return Mapping_(provider, entity, str(found), external_id) if found else None
+        return None
+
+    async def list_mappings(
+        self, provider: str, entity: str, *, cursor: int = 0, count: int = 100
+    ) -> tuple[int, list[Mapping_]]:
+        to_external, _ = self._mapping_keys(provider, entity)
+        async with store_errors():
+            next_cursor, items = await self._redis.hscan(to_external, cursor=cursor, count=count)
+        pairs = cast(dict[str, str], items)
+        return int(next_cursor), [
+            Mapping_(provider, entity, local, external) for local, external in pairs.items()
+        ]
+
+    # -- payments --------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with store_errors():
+            await self._redis.ping()
+
+    async def create(
+        self,
+        record: PaymentRecord,
+        *,
+        cause: str = "api",
+        idempotency: IdempotencyAnswer | None = None,
+    ) -> bool:
+        """Store a new payment, its reference index and, when given, the idempotency answer,
+        in one round trip. False when a payment with that ID exists already.
+
+        The commands run in order on one connection, so the answer is never stored before the
+        payment exists. The script goes as EVAL, not EVALSHA: redis-py would otherwise check
+        for it with one more round trip on every pipeline.
+        """
+        fields = _flatten(_record_to_fields(record))
+        entry = _history_entry(record.status, None, cause, record.created_at)
+        keys = self._keys(record.payment_id)
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.eval(_CREATE_LUA, 2, keys[0], keys[1], entry, *fields)
+            # Our order reference <-> the provider's ID: how events that name only our
+            # reference (or another vendor object of the same payment) find the payment.
+            self._queue_mapping(
+                pipe, record.provider, "payment", record.reference, record.payment_id
+            )
+            if idempotency is not None:
+                self._queue_idempotency_answer(pipe, idempotency)
+            created, *_ = await pipe.execute()
+        return bool(created)
+
+    async def get(self, payment_id: str) -> PaymentRecord | None:
+        async with store_errors():
+            fields = cast(dict[str, str], await self._redis.hgetall(self._payment_key(payment_id)))
+        return _record_from_fields(fields) if fields else None
+
+    async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
+        mapping = await self.lookup_mapping(provider, "payment", local_id=reference)
+        return await self.get(mapping.external_id) if mapping else None
+
+    async def history(self, payment_id: str) -> list[HistoryEntry]:
+        async with store_errors():
+            entries = await self._redis.lrange(f"{self._payment_key(payment_id)}:history", 0, -1)
+        return [HistoryEntry.model_validate_json(entry) for entry in entries]
+
+    async def transition(
+        self,
+        payment_id: str,
+        status: PaymentStatus,
+        *,
+        cause: str,
+        event_id: str | None = None,
+        fields: Mapping[str, str | int | None] | None = None,
+    ) -> TransitionResult:
+        """Move a payment to ``status`` if the transition table allows it, atomically.
+
+        ``event_id`` makes the change happen at most once for that event, however often it
+        is delivered. ``fields`` are recorded alongside (``amount_refunded`` only grows).
+        """
+        now = _now()
+        # The script fills in the entry's `previous`: only it knows the status it replaced.
+        entry = _history_entry(status, None, cause, now)
+        pairs = _flatten({k: str(v) for k, v in (fields or {}).items() if v is not None})
+        async with store_errors():
+            outcome, previous, *rest = await self._transition(
+                keys=self._keys(payment_id),
+                args=[str(status), entry, event_id or "", now.isoformat(), *pairs],
+            )
+        flat: list[str] = rest[0] if rest else []
+        stored = dict(zip(flat[::2], flat[1::2], strict=True))
+        return TransitionResult(
+            outcome=TransitionOutcome(outcome),
+            previous=PaymentStatus(previous) if previous else None,
+            record=_record_from_fields(stored) if stored else None,
+        )
+
+    # -- idempotency -----------------------------------------------------------------------
+
+    def _idempotency_key(self, scope: str, key: str) -> str:
+        return f"{self._prefix}idem:{{{scope}:{key}}}"
+
+    async def idempotency_begin(
+        self, scope: str, key: str, fingerprint: str, *, pending_ttl_ms: int = 60_000
+    ) -> IdempotencyBegin:
+        async with store_errors():
+            state, response = await self._idempotency_begin(
+                keys=[self._idempotency_key(scope, key)], args=[fingerprint, pending_ttl_ms]
+            )
+        return IdempotencyBegin(
+            state=IdempotencyState(state), response=json.loads(response) if response else None
+        )
+
+    def _queue_idempotency_answer(self, pipe: Pipeline, answer: IdempotencyAnswer) -> None:
+        redis_key = self._idempotency_key(answer.scope, answer.key)
+        pipe.hset(redis_key, mapping={"state": "done", "response": json.dumps(answer.response)})
+        pipe.expire(redis_key, answer.ttl_s)
+
+    async def idempotency_complete(self, answer: IdempotencyAnswer) -> None:
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            self._queue_idempotency_answer(pipe, answer)
+            await pipe.execute()
+
+    async def idempotency_abort(self, scope: str, key: str) -> None:
+        async with store_errors():
+            await self._redis.delete(self._idempotency_key(scope, key))
+
+    # -- rate limits -----------------------------------------------------------------------
+
+    async def hit_rate_limit(self, bucket: str, window_s: int) -> tuple[int, float]:
+        """Count one hit in ``bucket``'s current window: (hits so far, seconds left)."""
+        async with store_errors():
+            hits, ttl_ms = await self._rate_limit(
+                keys=[f"{self._prefix}rl:{{{bucket}}}"], args=[window_s * 1000]
+            )
+        return int(hits), int(ttl_ms) / 1000
+
+
+class store_errors:
+    """Turn Redis connection trouble into ``StoreUnavailable``."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+            raise StoreUnavailable("The payment store is unavailable; retry shortly") from exc
+
+
+def _flatten(fields: Mapping[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+_JSON_FIELDS = ("attempts",)
+
+
+def _record_to_fields(record: PaymentRecord) -> dict[str, str]:
+    data = record.model_dump(mode="json", exclude_none=True)
+    return {
+        key: json.dumps(value) if key in _JSON_FIELDS else str(value) for key, value in data.items()
+    }
+
+
+def _record_from_fields(fields: Mapping[str, str]) -> PaymentRecord:
+    values: dict[str, Any] = dict(fields)
+    for key in _JSON_FIELDS:
+        if key in values:
+            values[key] = json.loads(values[key])
+    return PaymentRecord.model_validate(values)

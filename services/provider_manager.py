@@ -1,0 +1,151 @@
+"""Hot swap: each worker rebuilds its providers when a stored configuration changes.
+
+Every worker polls the configuration version in Redis every ``poll_s`` (a GET, 4 a second by
+default) and, when it moved, builds a new ``PaymentProviderFactory`` from the environment plus
+the stored configurations and swaps it in. A request in flight keeps the provider instance it
+already holds; the replaced instances are closed after a grace period, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from app.errors import ServiceError
+from services.payment_providers.factory import PaymentProviderFactory, discover_provider_classes
+from services.provider_configs import SecretsUndecryptable
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from services.payment_providers.base import BasePaymentProvider, ProviderDeps
+    from services.provider_configs import ProviderConfigStore
+
+log = logging.getLogger("payments.providers")
+
+CLOSE_GRACE_S = 60.0
+
+
+class ProviderManager:
+    def __init__(
+        self,
+        settings: Settings,
+        deps: ProviderDeps,
+        configs: ProviderConfigStore,
+        *,
+        poll_s: float = 0.25,
+    ) -> None:
+        self._settings = settings
+        self._deps = deps
+        self._configs = configs
+        self._poll_s = poll_s
+        self._classes = discover_provider_classes()
+        self._current = self._build({}, None)
+        self._version: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._retired: dict[asyncio.Task[None], PaymentProviderFactory] = {}
+
+    @property
+    def current(self) -> PaymentProviderFactory:
+        return self._current
+
+    @property
+    def classes(self) -> dict[str, type[BasePaymentProvider]]:
+        return self._classes
+
+    async def start(self) -> None:
+        """Load stored configurations (if Redis answers) and start watching for changes."""
+        with contextlib.suppress(ServiceError):
+            await self.refresh()
+        self._task = asyncio.create_task(self._watch(), name="provider-config-watch")
+
+    async def refresh(self) -> bool:
+        """Rebuild when the stored version moved. True when providers were swapped."""
+        version = await self._configs.version()
+        if version == self._version:
+            return False
+        try:
+            stored = await self._configs.load_for_build()
+        except SecretsUndecryptable:
+            # Keep serving with what we have; say so once for this version, not every tick.
+            self._version = version
+            log.error("providers.secrets_undecryptable", extra={"version": version})
+            return False
+        routing = await self._configs.routing()
+        previous, self._current = self._current, self._build(stored, routing)
+        self._version = version
+        self._retire(previous)
+        log.info(
+            "providers.reloaded",
+            extra={"version": version, "stored": sorted(stored), "default": self._current.default},
+        )
+        return True
+
+    def _build(
+        self, stored: dict[str, tuple[bool, dict[str, Any], dict[str, str]]], routing: Any
+    ) -> PaymentProviderFactory:
+        providers = []
+        inactive = set()
+        for name, cls in self._classes.items():
+            settings = self._settings
+            if name in stored:
+                active, config, secrets = stored[name]
+                if not active:
+                    inactive.add(name)
+                elif cls.settings_prefix is not None:
+                    update: dict[str, Any] = {
+                        f"{cls.settings_prefix}{key}": value for key, value in config.items()
+                    }
+                    update.update(
+                        {
+                            f"{cls.settings_prefix}{key}": SecretStr(value)
+                            for key, value in secrets.items()
+                        }
+                    )
+                    settings = settings.model_copy(update=update)
+            providers.append(cls.from_settings(settings, self._deps))
+        default = (routing.default if routing else None) or self._settings.payment_provider
+        fallback = routing.fallback if routing and routing.fallback is not None else None
+        return PaymentProviderFactory.create(
+            providers,
+            settings=self._settings,
+            default=default,
+            fallback=self._settings.payment_fallback if fallback is None else fallback,
+            weights=(routing.weights if routing else None) or {},
+            inactive=inactive,
+        )
+
+    def _retire(self, factory: PaymentProviderFactory) -> None:
+        async def close_later() -> None:
+            await asyncio.sleep(CLOSE_GRACE_S)
+            await factory.aclose()
+
+        task = asyncio.create_task(close_later())
+        self._retired[task] = factory
+        task.add_done_callback(lambda done: self._retired.pop(done, None))
+
+    async def _watch(self) -> None:
+        # The flag, not only the cancellation, ends the loop: a cancel that lands inside a Redis
+        # call can come back out of the client as a connection error, which is swallowed below.
+        while not self._closing:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.refresh()
+            except ServiceError:
+                pass  # Redis away: keep serving with what we have; try again next tick
+            except Exception:
+                log.exception("providers.reload_failed")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=self._poll_s * 4)
+        for task, factory in list(self._retired.items()):
+            task.cancel()
+            await factory.aclose()
+        await self._current.aclose()

@@ -1,0 +1,85 @@
+"""The part of receipt rendering that runs inside a worker process.
+
+WeasyPrint's layout is CPU-bound and holds the GIL, so it runs in a process pool, never on the
+event loop. Each worker parses the stylesheet and builds one ``FontConfiguration`` once and
+reuses them for every PDF: rebuilding them per render leaks about 240 KB a PDF outside
+Python and costs time (see DESIGN.md, Receipts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass
+class _Renderer:
+    template: jinja2.Template
+    font_config: Any
+    stylesheet: Any
+    base_url: str
+
+
+_renderer: _Renderer | None = None
+
+
+def init_worker(templates_dir: str = str(TEMPLATES_DIR)) -> None:
+    """Process-pool initializer: build the template, fonts and stylesheet once."""
+    global _renderer
+    from weasyprint import CSS
+    from weasyprint.text.fonts import FontConfiguration
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir), autoescape=True, auto_reload=False
+    )
+    font_config = FontConfiguration()
+    # Passed as a CSS object, never inlined into the HTML: autoescaping would mangle it.
+    stylesheet = CSS(filename=os.path.join(templates_dir, "receipt.css"), font_config=font_config)
+    _renderer = _Renderer(
+        template=environment.get_template("receipt.html"),
+        font_config=font_config,
+        stylesheet=stylesheet,
+        base_url=templates_dir,
+    )
+
+
+def render_pdf(context: dict[str, Any]) -> bytes:
+    """Render one receipt to PDF bytes."""
+    from weasyprint import HTML
+
+    if _renderer is None:
+        init_worker()
+    assert _renderer is not None
+    html = _renderer.template.render(**context)
+    document = HTML(string=html, base_url=_renderer.base_url)
+    pdf: bytes = document.write_pdf(
+        stylesheets=[_renderer.stylesheet], font_config=_renderer.font_config
+    )
+    return pdf
+
+
+def render_to_file(context: dict[str, Any], destination: str) -> bytes:
+    """Render and write atomically: a reader sees the whole PDF or none."""
+    pdf = render_pdf(context)
+    path = Path(destination)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(pdf)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return pdf
+
+
+def warm_up() -> int:
+    """Run in each worker at start so the first real receipt does not pay for imports."""
+    if _renderer is None:
+        init_worker()
+    return os.getpid()
