@@ -1,0 +1,196 @@
+"""Shared fixtures: a real redis-server on a free loopback port, the real app with its
+lifespan, an HTTP client over ASGI, tokens, and one shared receipt render pool."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from app.main import create_app
+from app.security import create_access_token
+from app.settings import Settings
+from services.receipt_service import new_render_pool
+from tests.fakes.server import free_port
+
+JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+# Settings come only from what each test says, never from the machine's environment.
+_ENV_PREFIXES = ("STRIPE_", "PAYPAL_", "PAYMENT_", "REDIS_", "JWT_", "RECEIPT", "MERCHANT_")
+for _name in list(os.environ):
+    if _name.startswith(_ENV_PREFIXES) or _name in {"ENVIRONMENT", "PUBLIC_BASE_URL", "PORT"}:
+        del os.environ[_name]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server this suite started and owns."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make test`, which installs it")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def flush(self) -> None:
+        client = redis.Redis(port=self.port)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    directory = Path(tempfile.mkdtemp(prefix="payments-redis-"))
+    server = RedisServer(port=free_port(), directory=directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def render_pool() -> Iterator[ProcessPoolExecutor]:
+    pool = new_render_pool(1)
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_settings(redis_url: str, receipts_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "environment": "test",
+        "redis_url": redis_url,
+        "redis_key_prefix": "test:",
+        "jwt_secret_key": JWT_SECRET,
+        "receipts_dir": receipts_dir,
+        "receipt_warm_up": False,
+        "redis_timeout_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module to change the app's settings."""
+    return {}
+
+
+@pytest.fixture
+def settings(
+    redis_server: RedisServer, tmp_path: Path, settings_overrides: dict[str, Any]
+) -> Settings:
+    redis_server.flush()
+    return make_settings(redis_server.url, tmp_path / "receipts", **settings_overrides)
+
+
+@pytest.fixture
+async def app(settings: Settings, render_pool: ProcessPoolExecutor) -> AsyncIterator[Any]:
+    application = create_app(settings, receipt_executor=render_pool)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+@pytest.fixture
+def token(settings: Settings) -> Any:
+    def make(sub: str = "alice", *, admin: bool = False, minutes: int | None = None) -> str:
+        return create_access_token(settings, sub, admin=admin, expires_minutes=minutes)
+
+    return make
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def create_payment(
+    client: httpx.AsyncClient, *, plan: str = "pro", token: str | None = None, **body: Any
+) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/payment/create-intent",
+        json={"plan": plan, **body},
+        headers=bearer(token) if token else {},
+    )
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def pay_in_sandbox(
+    client: httpx.AsyncClient, payment_id: str, outcome: str = "succeeded"
+) -> httpx.Response:
+    """What the customer's click on the sandbox checkout page sends."""
+    return await client.post(f"/sandbox/checkout/{payment_id}", data={"outcome": outcome})
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["code"] == code, body
+    assert body["title"] and body["detail"] and body["type"]
+    return body

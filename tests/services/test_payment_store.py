@@ -1,0 +1,126 @@
+"""The transition table, once-only events and history, on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from itertools import pairwise
+
+import pytest
+from redis.asyncio import Redis
+
+from models.payment import PaymentRecord, PaymentStatus
+from services.payment_store import TRANSITIONS, PaymentStore, TransitionOutcome
+from tests.conftest import RedisServer
+
+S = PaymentStatus
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[PaymentStore]:
+    redis_server.flush()
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield PaymentStore(client, prefix="unit:")
+    await client.aclose()
+
+
+def _record(payment_id: str, status: PaymentStatus = S.PENDING) -> PaymentRecord:
+    now = datetime.now(UTC)
+    return PaymentRecord(
+        payment_id=payment_id,
+        provider="sandbox",
+        reference=f"ord_{payment_id}",
+        plan="pro",
+        amount=2900,
+        currency="EUR",
+        status=status,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+class TestTransitions:
+    @pytest.mark.parametrize("source", list(S))
+    @pytest.mark.parametrize("target", list(S))
+    async def test_table_is_enforced(
+        self, store: PaymentStore, source: PaymentStatus, target: PaymentStatus
+    ) -> None:
+        await store.create(_record("sb_t", source))
+        result = await store.transition(
+            "sb_t", target, cause="test", fields={"amount_refunded": 100}
+        )
+        record = await store.get("sb_t")
+        assert record is not None
+        if target in TRANSITIONS[source]:
+            assert result.outcome in {TransitionOutcome.APPLIED, TransitionOutcome.UNCHANGED}
+            assert record.status == target
+        elif target == source:
+            assert result.outcome is TransitionOutcome.UNCHANGED
+        else:
+            assert result.outcome is TransitionOutcome.REJECTED
+            assert record.status == source
+
+    async def test_paid_never_goes_back(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_p"))
+        await store.transition("sb_p", S.SUCCEEDED, cause="verify")
+        for late in (S.PENDING, S.FAILED, S.CANCELED, S.EXPIRED, S.PROCESSING, S.CREATED):
+            result = await store.transition("sb_p", late, cause="late webhook")
+            assert result.outcome is TransitionOutcome.REJECTED
+        record = await store.get("sb_p")
+        assert record is not None and record.status is S.SUCCEEDED and record.paid_at
+
+    async def test_an_event_applies_once(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_e"))
+        first = await store.transition("sb_e", S.SUCCEEDED, cause="webhook", event_id="evt_1")
+        again = await store.transition("sb_e", S.SUCCEEDED, cause="webhook", event_id="evt_1")
+        assert (first.outcome, again.outcome) == (
+            TransitionOutcome.APPLIED,
+            TransitionOutcome.DUPLICATE,
+        )
+        assert len(await store.history("sb_e")) == 2
+
+    async def test_refunded_amount_only_grows(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_r", S.SUCCEEDED))
+        await store.transition(
+            "sb_r", S.PARTIALLY_REFUNDED, cause="r1", fields={"amount_refunded": 1000}
+        )
+        more = await store.transition(
+            "sb_r", S.PARTIALLY_REFUNDED, cause="r2", fields={"amount_refunded": 1500}
+        )
+        stale = await store.transition(
+            "sb_r", S.PARTIALLY_REFUNDED, cause="old", fields={"amount_refunded": 500}
+        )
+        assert more.outcome is TransitionOutcome.APPLIED
+        assert stale.outcome is TransitionOutcome.UNCHANGED
+        record = await store.get("sb_r")
+        assert record is not None and record.amount_refunded == 1500
+
+    async def test_concurrent_transitions_have_one_winner(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_c"))
+        targets = [S.SUCCEEDED, S.FAILED, S.CANCELED, S.EXPIRED] * 10
+        results = await asyncio.gather(
+            *(store.transition("sb_c", t, cause="race") for t in targets)
+        )
+        applied = [r for r in results if r.outcome is TransitionOutcome.APPLIED]
+        history = await store.history("sb_c")
+        # Each applied move, and only those, is in the history, as one legal chain: at most
+        # pending -> failed/canceled/expired -> succeeded.
+        assert len(history) == 1 + len(applied)
+        assert 1 <= len(applied) <= 2
+        for before, after in pairwise(history):
+            assert after.previous == before.status
+            assert after.status in TRANSITIONS[before.status]
+
+    async def test_missing_payment(self, store: PaymentStore) -> None:
+        result = await store.transition("sb_none", S.SUCCEEDED, cause="x")
+        assert result.outcome is TransitionOutcome.MISSING
+
+    async def test_create_is_once(self, store: PaymentStore) -> None:
+        assert await store.create(_record("sb_once"))
+        assert not await store.create(_record("sb_once", S.SUCCEEDED))
+        record = await store.get("sb_once")
+        assert record is not None and record.status is S.PENDING
+        assert (await store.find_by_reference("sandbox", "ord_sb_once")) == record
+        mapping = await store.lookup_mapping("sandbox", "payment", external_id="sb_once")
+        assert mapping is not None and mapping.local_id == "ord_sb_once"

@@ -1,0 +1,127 @@
+"""Receipts: rendered by real WeasyPrint in the worker pool, once, atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pypdf import PdfReader
+
+from services.money import format_amount, to_major
+from tests.conftest import bearer, create_payment, pay_in_sandbox
+
+
+class _Renders(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.payment_ids: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "receipt.rendered":
+            self.payment_ids.append(record.__dict__["payment_id"])
+
+
+@pytest.fixture
+def renders() -> Any:
+    handler = _Renders()
+    logger = logging.getLogger("payments.receipts")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+async def _paid(client: httpx.AsyncClient, owner: str, plan: str = "pro") -> str:
+    payment = await create_payment(client, plan=plan, token=owner)
+    await pay_in_sandbox(client, payment["payment_id"])
+    return str(payment["payment_id"])
+
+
+class TestReceiptRendering:
+    async def test_rendered_when_the_payment_succeeds(
+        self, client: httpx.AsyncClient, app: Any, token: Any, renders: _Renders
+    ) -> None:
+        payment_id = await _paid(client, token("alice"))
+        await app.state.service.drain()
+        path: Path = app.state.service._receipts.path_for(payment_id)
+        assert path.exists() and path.read_bytes().startswith(b"%PDF-")
+        assert renders.payment_ids == [payment_id]
+        assert not list(path.parent.glob(".*.tmp")), "a temporary file was left behind"
+
+    async def test_concurrent_first_requests_render_once(
+        self, client: httpx.AsyncClient, app: Any, token: Any, renders: _Renders
+    ) -> None:
+        alice = token("alice")
+        payment_id = await _paid(client, alice)
+        await app.state.service.drain()
+        # Lose the stored file and the memory copy: the next readers must render it again.
+        service = app.state.service
+        service._receipts.path_for(payment_id).unlink()
+        service._receipts._cache = type(service._receipts._cache)(1 << 20)
+        renders.payment_ids.clear()
+
+        responses = await asyncio.gather(
+            *(
+                client.get(f"/api/v1/payment/receipt/{payment_id}/pdf", headers=bearer(alice))
+                for _ in range(8)
+            )
+        )
+        assert [r.status_code for r in responses] == [200] * 8
+        assert len({r.content for r in responses}) == 1
+        assert renders.payment_ids == [payment_id]
+
+    async def test_text_of_the_pdf(self, client: httpx.AsyncClient, token: Any) -> None:
+        alice = token("alice")
+        payment_id = await _paid(client, alice, plan="basic")
+        meta = (
+            await client.get(f"/api/v1/payment/receipt/{payment_id}", headers=bearer(alice))
+        ).json()
+        pdf = await client.get(meta["pdf_url"], headers=bearer(alice))
+        assert pdf.headers["content-disposition"] == (
+            f'attachment; filename="receipt-{meta["receipt_number"]}.pdf"'
+        )
+        text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
+        paid_day = meta["paid_at"][:10]
+        year, _month, day = paid_day.split("-")
+        assert f"{int(day):02d}" in text and year in text
+        for expected in ("Receipt", meta["receipt_number"], "Basic", "€19.00", payment_id):
+            assert expected in text
+
+
+class TestReceiptTemplateEscaping:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"merchant_name": "<script>Evil & Co</script>", "merchant_vat_id": "DE123456789"}
+
+    async def test_merchant_text_is_escaped_and_shown(
+        self, client: httpx.AsyncClient, token: Any
+    ) -> None:
+        alice = token("alice")
+        payment_id = await _paid(client, alice)
+        pdf = await client.get(f"/api/v1/payment/receipt/{payment_id}/pdf", headers=bearer(alice))
+        text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
+        assert "<script>Evil & Co</script>" in text  # printed literally, not interpreted
+        assert "DE123456789" in text
+
+
+class TestMoney:
+    @pytest.mark.parametrize(
+        ("amount", "currency", "text"),
+        [
+            (1900, "EUR", "€19.00"),
+            (123456, "USD", "$1,234.56"),
+            (1900, "JPY", "¥1,900"),
+            (12345, "KWD", "12.345 KWD"),
+            (5, "SEK", "0.05 SEK"),
+        ],
+    )
+    def test_format_amount(self, amount: int, currency: str, text: str) -> None:
+        assert format_amount(amount, currency) == text
+
+    def test_to_major(self) -> None:
+        assert str(to_major(1900, "EUR")) == "19.00"
+        assert str(to_major(1900, "JPY")) == "1900"

@@ -1,0 +1,145 @@
+"""Health endpoints, settings safety and the API description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from app.cli import main as cli_main
+from app.security import decode_access_token
+from app.settings import Settings
+from tests.conftest import JWT_SECRET, assert_problem, bearer
+
+
+class TestHealth:
+    async def test_health_and_ready(self, client: httpx.AsyncClient) -> None:
+        assert (await client.get("/health")).json() == {"status": "ok"}
+        assert (await client.get("/ready")).json() == {"status": "ready"}
+
+    async def test_admin_health(self, client: httpx.AsyncClient, token: Any) -> None:
+        response = await client.get("/admin/health", headers=bearer(token("ops", admin=True)))
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "healthy"
+        assert body["redis"]["status"] == "connected"
+        assert body["providers"]["sandbox"]["status"] == "connected"
+        assert body["providers"]["sandbox"]["latency_ms"] is not None
+        for name in ("stripe", "paypal", "mobilepay", "googlepay", "applepay"):
+            assert body["providers"][name] == {
+                "provider": name,
+                "status": "unconfigured",
+                "configured": False,
+                "latency_ms": None,
+                "message": None,
+                "breaker": None,
+            }
+
+    async def test_admin_health_is_for_admins(self, client: httpx.AsyncClient, token: Any) -> None:
+        assert_problem(await client.get("/admin/health"), 401, "not_authenticated")
+        assert_problem(
+            await client.get("/admin/health", headers=bearer(token("alice"))), 403, "forbidden"
+        )
+
+
+class TestProductionSettings:
+    def test_refuses_sandbox_and_weak_secret(self) -> None:
+        with pytest.raises(ValidationError) as error:
+            Settings(_env_file=None, environment="production")  # type: ignore[call-arg]
+        message = str(error.value)
+        assert "JWT_SECRET_KEY" in message and "sandbox" in message
+
+    def test_refuses_unverifiable_webhooks(self) -> None:
+        with pytest.raises(ValidationError, match="STRIPE_WEBHOOK_SECRET"):
+            Settings(  # type: ignore[call-arg]
+                _env_file=None,
+                environment="production",
+                jwt_secret_key=JWT_SECRET,
+                payment_provider="stripe",
+                stripe_secret_key="sk_live_x",
+            )
+
+    def test_secrets_are_not_printed(self) -> None:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, jwt_secret_key=JWT_SECRET, stripe_secret_key="sk_test_hidden"
+        )
+        assert "sk_test_hidden" not in repr(settings) and JWT_SECRET not in repr(settings)
+
+    @pytest.mark.parametrize(
+        "plans",
+        [
+            '{"x": {"name": "X", "amount": 0, "currency": "EUR"}}',
+            '{"x": {"name": "X", "amount": 100, "currency": "euro"}}',
+            "{}",
+            "not json",
+        ],
+    )
+    def test_bad_payment_plans(self, plans: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PAYMENT_PLANS", plans)
+        with pytest.raises((ValidationError, SettingsError)):
+            Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+class TestSandboxInProduction:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        # Production with another default provider: the sandbox must still refuse.
+        return {
+            "environment": "production",
+            "payment_provider": "paypal",
+            "jwt_secret_key": JWT_SECRET,
+        }
+
+    async def test_sandbox_refuses_to_run(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/api/v1/payment/create-intent", json={"plan": "pro", "provider": "sandbox"}
+        )
+        assert_problem(response, 503, "provider_not_configured")
+        assert_problem(
+            await client.get("/sandbox/checkout/sb_0123456789ab"), 503, "provider_not_configured"
+        )
+
+
+class TestCli:
+    def test_token(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("JWT_SECRET_KEY", JWT_SECRET)
+        assert cli_main(["token", "--sub", "alice", "--admin"]) == 0
+        printed = capsys.readouterr().out.strip()
+        user = decode_access_token(Settings(_env_file=None, jwt_secret_key=JWT_SECRET), printed)  # type: ignore[call-arg]
+        assert (user.sub, user.is_admin) == ("alice", True)
+
+
+class TestApiDescription:
+    async def test_docs_and_schema(self, client: httpx.AsyncClient) -> None:
+        assert (await client.get("/docs")).status_code == 200
+        schema = (await client.get("/openapi.json")).json()
+        paths = schema["paths"]
+        for path in (
+            "/api/v1/payment/create-intent",
+            "/api/v1/payment/verify",
+            "/api/v1/payment/receipt/{payment_id}",
+            "/api/v1/payment/receipt/{payment_id}/pdf",
+            "/api/v1/payment/webhook/{provider}",
+            "/api/v1/payment/capture/paypal/{payment_id}",
+            "/api/v1/payment/{payment_id}/refund",
+            "/health",
+            "/ready",
+            "/admin/health",
+        ):
+            assert path in paths, path
+        create = paths["/api/v1/payment/create-intent"]["post"]["responses"]
+        assert {"201", "401", "422", "429", "503"} <= set(create)
+        assert "Problem" in schema["components"]["schemas"]
+
+
+def test_no_generated_files_are_tracked() -> None:
+    root = Path(__file__).resolve().parent.parent
+    ignored = (root / ".gitignore").read_text()
+    for pattern in ("*.pdf", ".venv/", "var/", ".env"):
+        assert pattern in ignored
