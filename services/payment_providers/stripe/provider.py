@@ -1,0 +1,587 @@
+"""Stripe, through the official SDK's async API.
+
+One ``StripeClient`` per provider, with its own async HTTPX transport, the configured base
+address and timeout, and the SDK's own retries off: retries happen in ``with_retries``, only
+for calls that are safe to repeat (reads, and writes that carry an idempotency key; every
+write here carries one). Stripe's exceptions become the service's errors at this edge; raw
+Stripe messages are logged with Stripe's request id, never shown to clients.
+
+Two ways to pay: ``ui_mode=hosted`` (default) makes a Checkout Session (``cs_...``) and the
+customer pays on Stripe's page; ``ui_mode=embedded`` makes a PaymentIntent (``pi_...``) that
+the client confirms with Stripe.js and the returned client secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import stripe
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from app.errors import (
+    IdempotencyKeyReused,
+    InvalidStateTransition,
+    InvalidWebhookPayload,
+    InvalidWebhookSignature,
+    OperationNotSupported,
+    PaymentDeclined,
+    PaymentNotFound,
+    ProviderMisconfigured,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    ProviderUpstreamError,
+    RefundExceedsBalance,
+    ServiceError,
+)
+from models.payment import PaymentStatus
+
+from ..base import (
+    BasePaymentProvider,
+    Capability,
+    HealthStatus,
+    IntentRequest,
+    IntentResult,
+    PaymentState,
+    ProviderDeps,
+    RefundResult,
+    WebhookEvent,
+)
+from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from . import transformers as tx
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger("payments.providers.stripe")
+
+WEBHOOK_TOLERANCE_S = 300
+# Expansions that let one GET answer verify: the intent of a session and its latest charge
+# (refunds, payment method).
+SESSION_EXPAND = ["payment_intent", "payment_intent.latest_charge"]
+INTENT_EXPAND = ["latest_charge"]
+# Codes Stripe uses when a refund asks for more than is left on the charge.
+REFUND_TOO_LARGE_CODES = frozenset({"amount_too_large", "charge_already_refunded"})
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """A header from any mapping, whatever the case of its keys."""
+    if not headers:
+        return None
+    try:
+        value = headers.get(name)  # httpx.Headers and Starlette's are case-insensitive
+    except AttributeError:
+        return None
+    if value is None and isinstance(headers, Mapping):
+        value = next((v for k, v in headers.items() if str(k).lower() == name.lower()), None)
+    return str(value) if value is not None else None
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    raw = _header(headers, "retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None  # an HTTP date: Stripe sends seconds, and a guess is worse than backoff
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class _HTTPXClient(stripe.HTTPXClient):
+    """The SDK's async HTTPX transport, sending form bodies as httpx asks.
+
+    stripe 16.1 passes its encoded form body to httpx as ``data=<str>``, which httpx 0.28
+    deprecates (raw bodies belong in ``content=``) and a later httpx will refuse. Under
+    warnings-as-errors the SDK even reports the warning as a connection error. The body,
+    headers and everything else are the SDK's own; only the keyword changes.
+    """
+
+    def _get_request_args_kwargs(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
+    ) -> list[Any]:
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        data = kwargs.get("data")
+        if isinstance(data, str | bytes):
+            kwargs = {key: value for key, value in kwargs.items() if key != "data"}
+            kwargs["content"] = data
+        elif not data:
+            kwargs = {key: value for key, value in kwargs.items() if key != "data"}
+        return [args, kwargs]
+
+
+class StripeConfig(BaseModel):
+    """What an operator may store for Stripe besides secrets (settings ``stripe_*``). The API
+    base address stays in the environment: whoever could change it could send our secret key
+    to another host."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    publishable_key: str | None = Field(
+        default=None,
+        pattern=r"^pk_(test|live)_[A-Za-z0-9]+$",
+        description="pk_..., handed to clients for embedded payments",
+    )
+
+
+class StripeSecrets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    secret_key: SecretStr = Field(min_length=8, description="sk_... or a restricted rk_... key")
+    webhook_secret: SecretStr | None = Field(
+        default=None, min_length=8, description="whsec_..., verifies webhook signatures"
+    )
+
+
+class StripeProvider(BasePaymentProvider):
+    name = "stripe"
+    display_name = "Stripe"
+    id_prefixes = ("cs_", "pi_")
+    settings_prefix = "stripe_"
+    config_model = StripeConfig
+    secrets_model = StripeSecrets
+    capabilities = frozenset(
+        {
+            Capability.CARD,
+            Capability.WALLET,
+            Capability.REDIRECT,
+            Capability.EMBEDDED,
+            Capability.CAPTURE,
+            Capability.CANCEL,
+            Capability.REFUND,
+            Capability.PARTIAL_REFUND,
+            Capability.WEBHOOKS,
+        }
+    )
+
+    def __init__(
+        self,
+        *,
+        secret_key: str | None,
+        publishable_key: str | None = None,
+        webhook_secret: str | None = None,
+        api_base: str = "https://api.stripe.com",
+        timeout_seconds: float = 10.0,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self._publishable_key = publishable_key
+        self._webhook_secret = webhook_secret or None
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._http: _HTTPXClient | None = None
+        self._client: stripe.StripeClient | None = None
+        if secret_key:
+            self._http = _HTTPXClient(timeout=timeout_seconds)
+            self._client = stripe.StripeClient(
+                secret_key,
+                base_addresses={"api": api_base.rstrip("/")},
+                http_client=self._http,
+                max_network_retries=0,  # with_retries decides what is retried
+            )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, deps: ProviderDeps, *, retry_policy: RetryPolicy | None = None
+    ) -> StripeProvider:
+        # deps is unused: Stripe needs neither Redis nor the shared HTTP client, since the SDK's
+        # HTTPX transport owns its connection pool (closed in aclose).
+        secret = settings.stripe_secret_key
+        webhook_secret = settings.stripe_webhook_secret
+        return cls(
+            secret_key=secret.get_secret_value() if secret else None,
+            publishable_key=settings.stripe_publishable_key,
+            webhook_secret=webhook_secret.get_secret_value() if webhook_secret else None,
+            api_base=settings.stripe_api_base,
+            timeout_seconds=settings.provider_timeout_seconds,
+            retry_policy=retry_policy,
+        )
+
+    def is_configured(self) -> bool:
+        return self._client is not None
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close_async()  # type: ignore[no-untyped-call]  # SDK: unannotated
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _require_client(self) -> stripe.StripeClient:
+        if self._client is None:
+            raise ProviderNotConfigured(
+                "Stripe is not configured on this service (STRIPE_SECRET_KEY)", provider=self.name
+            )
+        return self._client
+
+    async def _call(
+        self,
+        event: str,
+        operation: Callable[[stripe.StripeClient], Awaitable[Any]],
+        *,
+        payment_id: str | None = None,
+        is_refund: bool = False,
+        policy: RetryPolicy | None = None,
+    ) -> dict[str, Any]:
+        """Run one SDK call (retried when Stripe is unavailable) and return its object as a
+        plain dict. ``event`` names the call in logs: ``stripe.payment_intent.create``."""
+        client = self._require_client()
+        may_have_reached_stripe = False
+
+        async def attempt() -> dict[str, Any]:
+            nonlocal may_have_reached_stripe
+            try:
+                result = await operation(client)
+            except stripe.StripeError as error:
+                mapped = self._service_error(
+                    error, event=event, payment_id=payment_id, is_refund=is_refund
+                )
+                if isinstance(mapped, ProviderUnavailable):
+                    # Once one attempt may have reached Stripe, the call's outcome stays
+                    # unknown even if a later attempt was plainly refused.
+                    may_have_reached_stripe = may_have_reached_stripe or mapped.outcome_unknown
+                    mapped.outcome_unknown = may_have_reached_stripe
+                raise mapped from error
+            return dict(result.to_dict())
+
+        return await with_retries(attempt, policy=policy or self._retry_policy, event=event)
+
+    def _service_error(
+        self, error: stripe.StripeError, *, event: str, payment_id: str | None, is_refund: bool
+    ) -> ServiceError:
+        """Map one Stripe exception to the service's error tree, and log it once."""
+        details = error.error
+        code = error.code or (details.code if details is not None else None)
+        fields: dict[str, Any] = {
+            "provider": self.name,
+            "payment_id": payment_id,
+            "stripe_request_id": error.request_id,
+            "http_status": error.http_status,
+            "stripe_error": type(error).__name__,
+            "stripe_code": code,
+        }
+        failed = f"{event}_failed"
+        if isinstance(error, stripe.AuthenticationError | stripe.PermissionError):
+            # Stripe's message names part of the key: keep it out of the log.
+            log.error(failed, extra={**fields, "action": "check STRIPE_SECRET_KEY"})
+            return ProviderMisconfigured(
+                "Stripe refused our credentials; an operator must check the configuration",
+                provider=self.name,
+            )
+        fields["stripe_message"] = (error.user_message or "")[:300]
+        if isinstance(error, stripe.CardError):
+            decline_code = (details.decline_code if details is not None else None) or code
+            log.info(f"{event}_declined", extra={**fields, "decline_code": decline_code})
+            return PaymentDeclined(
+                f"The payment was declined ({decline_code or 'card_declined'})",
+                provider=self.name,
+                decline_code=decline_code,
+            )
+        if isinstance(error, stripe.RateLimitError):
+            hint = _retry_after_seconds(error.headers)
+            log.warning(failed, extra={**fields, "retry_after_s": hint})
+            return ProviderUnavailable(
+                "Stripe asked us to slow down; try again shortly",
+                provider=self.name,
+                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
+                retry_after_hint=hint,
+                outcome_unknown=False,  # a 429 is answered before anything is done
+            )
+        if isinstance(error, stripe.APIConnectionError) or (
+            isinstance(error, stripe.APIError)
+            and (error.http_status is None or error.http_status >= 500 or error.http_status == 409)
+        ):
+            log.warning(failed, extra=fields)
+            # A connection that never opened sent nothing; a timeout or a 5xx may have been
+            # processed (safe to retry with the same idempotency key, unsafe to go elsewhere).
+            not_sent = isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+            return ProviderUnavailable(
+                "Stripe could not be reached", provider=self.name, outcome_unknown=not not_sent
+            )
+        if isinstance(error, stripe.IdempotencyError):
+            log.error(failed, extra=fields)
+            return IdempotencyKeyReused(
+                "This idempotency key was already used with Stripe for a different request"
+            )
+        if isinstance(error, stripe.InvalidRequestError):
+            param = getattr(error, "param", None)
+            if code == "resource_missing" and error.http_status == 404 and payment_id:
+                log.info(failed, extra=fields)
+                return PaymentNotFound(f"No payment {payment_id!r}")
+            if is_refund and (code in REFUND_TOO_LARGE_CODES or param == "amount"):
+                log.info(failed, extra=fields)
+                return RefundExceedsBalance("The refund is larger than what is left to refund")
+            if code == "payment_intent_unexpected_state":
+                log.info(failed, extra=fields)
+                return InvalidStateTransition("Stripe says the payment is not in a state for this")
+        log.warning(failed, extra=fields)
+        return ProviderUpstreamError("Stripe refused the request", provider=self.name)
+
+    # -- create and verify -----------------------------------------------------------------
+
+    async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
+        self._require_client()
+        ui_mode = request.options.get("ui_mode") or "hosted"
+        capture_method = request.options.get("capture_method") or "automatic"
+        if ui_mode not in tx.UI_MODES:
+            raise OperationNotSupported(f"Stripe has no ui_mode {ui_mode!r}")
+        if capture_method not in tx.CAPTURE_METHODS:
+            raise OperationNotSupported(f"Stripe has no capture_method {capture_method!r}")
+        options: stripe.RequestOptions = {"idempotency_key": request.idempotency_key}
+        if ui_mode == "embedded":
+            intent_params = tx.payment_intent_params(request, capture_method=capture_method)
+            intent = await self._call(
+                "stripe.payment_intent.create",
+                lambda c: c.v1.payment_intents.create_async(intent_params, options),
+            )
+            result = tx.intent_result_from_payment_intent(
+                intent, publishable_key=self._publishable_key
+            )
+        else:
+            session_params = tx.checkout_session_params(request, capture_method=capture_method)
+            session = await self._call(
+                "stripe.checkout_session.create",
+                lambda c: c.v1.checkout.sessions.create_async(session_params, options),
+            )
+            result = tx.intent_result_from_session(session)
+        log.info(
+            "stripe.payment.created",
+            extra={"payment_id": result.payment_id, "reference": request.reference},
+        )
+        return result
+
+    async def _retrieve_session(self, session_id: str, *, expand: list[str]) -> dict[str, Any]:
+        return await self._call(
+            "stripe.checkout_session.retrieve",
+            lambda c: c.v1.checkout.sessions.retrieve_async(session_id, {"expand": expand}),
+            payment_id=session_id,
+        )
+
+    async def _retrieve_intent(self, intent_id: str, *, payment_id: str) -> dict[str, Any]:
+        return await self._call(
+            "stripe.payment_intent.retrieve",
+            lambda c: c.v1.payment_intents.retrieve_async(intent_id, {"expand": INTENT_EXPAND}),
+            payment_id=payment_id,
+        )
+
+    def _check_id(self, payment_id: str) -> None:
+        self._require_client()
+        if not self.can_handle_payment_id(payment_id):
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+
+    async def verify_payment(self, payment_id: str) -> PaymentState:
+        self._check_id(payment_id)
+        if payment_id.startswith("cs_"):
+            session = await self._retrieve_session(payment_id, expand=SESSION_EXPAND)
+            return tx.state_from_checkout_session(session)
+        intent = await self._retrieve_intent(payment_id, payment_id=payment_id)
+        return tx.state_from_payment_intent(intent)
+
+    async def _intent_id(self, payment_id: str) -> str | None:
+        """The PaymentIntent behind ``payment_id``; a session has one once the customer
+        has confirmed."""
+        if payment_id.startswith("pi_"):
+            return payment_id
+        session = await self._retrieve_session(payment_id, expand=[])
+        return tx.payment_intent_id_of(session)
+
+    async def _intent_of(self, payment_id: str) -> dict[str, Any] | None:
+        """The PaymentIntent behind ``payment_id``, with its latest charge."""
+        if payment_id.startswith("pi_"):
+            return await self._retrieve_intent(payment_id, payment_id=payment_id)
+        session = await self._retrieve_session(payment_id, expand=SESSION_EXPAND)
+        intent = session.get("payment_intent")
+        return intent if isinstance(intent, dict) else None
+
+    # -- capture, cancel, refund -----------------------------------------------------------
+
+    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        self._check_id(payment_id)
+        intent_id = await self._intent_id(payment_id)
+        if intent_id is None:
+            raise InvalidStateTransition("Nothing to capture: the customer has not paid yet")
+        try:
+            intent = await self._call(
+                "stripe.payment_intent.capture",
+                lambda c: c.v1.payment_intents.capture_async(
+                    intent_id, {"expand": INTENT_EXPAND}, {"idempotency_key": idempotency_key}
+                ),
+                payment_id=payment_id,
+            )
+        except InvalidStateTransition:
+            # Captured already (under another key)? Then capturing again answers that result.
+            current = await self._retrieve_intent(intent_id, payment_id=payment_id)
+            if current.get("status") != "succeeded":
+                raise
+            intent = current
+        return tx.state_from_payment_intent(intent, payment_id=payment_id)
+
+    async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        self._check_id(payment_id)
+        intent_id = payment_id
+        if payment_id.startswith("cs_"):
+            session = await self._retrieve_session(payment_id, expand=SESSION_EXPAND)
+            if session.get("status") == "open":
+                # An open session is ended by expiring it; Stripe cancels its intent, if any.
+                expired = await self._call(
+                    "stripe.checkout_session.expire",
+                    lambda c: c.v1.checkout.sessions.expire_async(
+                        payment_id, {"expand": SESSION_EXPAND}, {"idempotency_key": idempotency_key}
+                    ),
+                    payment_id=payment_id,
+                )
+                state = tx.state_from_checkout_session(expired)
+                return PaymentState(
+                    payment_id=state.payment_id,
+                    status=PaymentStatus.CANCELED,  # we asked for it: not a lapse of time
+                    amount=state.amount,
+                    currency=state.currency,
+                    vendor_status=state.vendor_status,
+                )
+            state = tx.state_from_checkout_session(session)
+            found = tx.payment_intent_id_of(session)
+            if state.status is not PaymentStatus.REQUIRES_CAPTURE or found is None:
+                if state.status in (PaymentStatus.CANCELED, PaymentStatus.EXPIRED):
+                    return state  # already over: cancelling again changes nothing
+                raise InvalidStateTransition(
+                    f"A Stripe payment that is {state.status} cannot be canceled"
+                )
+            intent_id = found
+        try:
+            intent = await self._call(
+                "stripe.payment_intent.cancel",
+                lambda c: c.v1.payment_intents.cancel_async(
+                    intent_id, {"expand": INTENT_EXPAND}, {"idempotency_key": idempotency_key}
+                ),
+                payment_id=payment_id,
+            )
+        except InvalidStateTransition:
+            current = await self._retrieve_intent(intent_id, payment_id=payment_id)
+            if current.get("status") != "canceled":
+                raise
+            intent = current
+        return tx.state_from_payment_intent(intent, payment_id=payment_id)
+
+    async def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int,
+        currency: str,
+        capture_id: str | None,
+        idempotency_key: str,
+    ) -> RefundResult:
+        # ``capture_id`` is not needed: the intent names its charge. One read first, so that
+        # an unpaid payment or a currency we did not expect is refused in our own words.
+        self._check_id(payment_id)
+        intent = await self._intent_of(payment_id)
+        if intent is None or intent.get("status") != "succeeded":
+            raise InvalidStateTransition("Nothing to refund: the payment has not been captured")
+        if str(intent.get("currency")).upper() != currency.upper():
+            log.error(
+                "stripe.refund.currency_mismatch",
+                extra={
+                    "payment_id": payment_id,
+                    "expected": currency,
+                    "stripe": intent.get("currency"),
+                },
+            )
+            raise ProviderUpstreamError(
+                "Stripe holds this payment in another currency", provider=self.name
+            )
+        intent_id = str(intent["id"])
+        refund = await self._call(
+            "stripe.refund.create",
+            lambda c: c.v1.refunds.create_async(
+                {"payment_intent": intent_id, "amount": amount, "expand": ["charge"]},
+                {"idempotency_key": idempotency_key},
+            ),
+            payment_id=payment_id,
+            is_refund=True,
+        )
+        result = tx.refund_result(refund)
+        log.info(
+            "stripe.refund.created",
+            extra={
+                "payment_id": payment_id,
+                "refund_id": result.refund_id,
+                "amount": amount,
+                "currency": currency,
+            },
+        )
+        return result
+
+    # -- webhooks and health ---------------------------------------------------------------
+
+    async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        self._require_client()
+        if not self._webhook_secret:
+            # Without a secret nothing can be verified: refuse rather than trust the body.
+            log.error("stripe.webhook.no_secret", extra={"action": "set STRIPE_WEBHOOK_SECRET"})
+            raise InvalidWebhookSignature("Stripe webhooks are not accepted: no signing secret")
+        signature = _header(headers, "stripe-signature")
+        try:
+            payload = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            # Stripe signs text; a body that is not text cannot carry its signature.
+            raise InvalidWebhookSignature("The webhook body is not UTF-8 text") from error
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_S
+            )
+        except stripe.SignatureVerificationError as error:
+            log.warning(
+                "stripe.webhook.signature_invalid",
+                extra={"reason": error.user_message, "has_header": signature is not None},
+            )
+            raise InvalidWebhookSignature("The Stripe-Signature header does not match") from error
+        try:
+            event = json.loads(payload)
+        except ValueError as error:
+            raise InvalidWebhookPayload("The webhook body is not JSON") from error
+        if not tx.is_event(event):
+            raise InvalidWebhookPayload("The webhook body is not a Stripe event")
+        normalized = tx.webhook_event(event)
+        if normalized.event_type == "charge.refunded" and normalized.reference is None:
+            normalized = await self._with_reference(normalized)
+        log.info(
+            "stripe.webhook.received",
+            extra={
+                "event_id": normalized.event_id,
+                "event_type": normalized.event_type,
+                "payment_id": normalized.payment_id,
+                "status": normalized.status,
+            },
+        )
+        return normalized
+
+    async def _with_reference(self, event: WebhookEvent) -> WebhookEvent:
+        """Charges do not carry the intent's metadata: read our reference off the intent,
+        so that the service can find a payment it knows by its session ID."""
+        if event.payment_id is None:
+            return event
+        intent = await self._call(
+            "stripe.payment_intent.retrieve",
+            lambda c: c.v1.payment_intents.retrieve_async(event.payment_id or ""),
+            payment_id=event.payment_id,
+        )
+        return dataclasses.replace(event, reference=tx.reference_of(intent))
+
+    async def health_check(self) -> HealthStatus:
+        if not self.is_configured():
+            return HealthStatus(healthy=False, message="not configured (STRIPE_SECRET_KEY)")
+        started = time.perf_counter()
+        try:
+            await self._call(
+                "stripe.balance.retrieve",
+                lambda c: c.v1.balance.retrieve_async(),
+                policy=NO_RETRY,  # a health check reports, it does not insist
+            )
+        except ServiceError as error:
+            latency = (time.perf_counter() - started) * 1000
+            return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
+        latency = (time.perf_counter() - started) * 1000
+        return HealthStatus(healthy=True, message="ok", latency_ms=round(latency, 1))

@@ -1,0 +1,335 @@
+"""Conversions between the service's types and Stripe's, kept apart from the calls.
+
+Requests: what we send to create a Checkout Session or a PaymentIntent. Responses: Stripe's
+objects (as plain dicts, from the SDK's ``to_dict()`` or a webhook's JSON) to ``PaymentState``,
+``IntentResult``, ``RefundResult`` and ``WebhookEvent``. Unknown Stripe statuses map to
+pending: only an explicit success or failure from Stripe is final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from models.payment import PaymentStatus
+
+from ..base import IntentRequest, IntentResult, PaymentState, RefundResult, WebhookEvent
+
+if TYPE_CHECKING:
+    from stripe.params import PaymentIntentCreateParams
+    from stripe.params.checkout import SessionCreateParams
+
+StripeObject = Mapping[str, Any]
+
+UI_MODES = ("hosted", "embedded")
+CAPTURE_METHODS = ("automatic", "manual")
+
+# PaymentIntent.status -> ours. requires_payment_method is also where an intent returns after
+# a declined attempt: the customer may still pay, so it is pending, not failed.
+PAYMENT_INTENT_STATUS: Mapping[str, PaymentStatus] = {
+    "requires_payment_method": PaymentStatus.PENDING,
+    "requires_confirmation": PaymentStatus.PENDING,
+    "requires_action": PaymentStatus.PENDING,
+    "processing": PaymentStatus.PROCESSING,
+    "requires_capture": PaymentStatus.REQUIRES_CAPTURE,
+    "succeeded": PaymentStatus.SUCCEEDED,
+    "canceled": PaymentStatus.CANCELED,
+}
+
+# Webhook event type -> the status the event claims (None: the type carries no status).
+# payment_intent.payment_failed is pending on purpose: Stripe puts the intent back to
+# requires_payment_method and the customer may retry on the same page. It is final only when
+# nobody retries, which Stripe reports later as checkout.session.expired or
+# payment_intent.canceled.
+EVENT_STATUS: Mapping[str, PaymentStatus] = {
+    "checkout.session.expired": PaymentStatus.EXPIRED,
+    "checkout.session.async_payment_succeeded": PaymentStatus.SUCCEEDED,
+    "checkout.session.async_payment_failed": PaymentStatus.FAILED,
+    "payment_intent.succeeded": PaymentStatus.SUCCEEDED,
+    "payment_intent.processing": PaymentStatus.PROCESSING,
+    "payment_intent.payment_failed": PaymentStatus.PENDING,
+    "payment_intent.canceled": PaymentStatus.CANCELED,
+    "payment_intent.amount_capturable_updated": PaymentStatus.REQUIRES_CAPTURE,
+}
+HANDLED_EVENTS = frozenset({*EVENT_STATUS, "checkout.session.completed", "charge.refunded"})
+
+REFUND_STATUS: Mapping[str, str] = {
+    "succeeded": "succeeded",
+    "pending": "pending",
+    "requires_action": "pending",
+    "failed": "failed",
+    "canceled": "failed",
+}
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def metadata_for(request: IntentRequest) -> dict[str, str]:
+    """What we attach to Stripe's objects so that events lead back to our payment."""
+    metadata = {"reference": request.reference, "plan": request.plan.code}
+    if request.user_id:
+        metadata["user_id"] = request.user_id
+    return metadata
+
+
+def _with_query(url: str, query: str) -> str:
+    parts = urlsplit(url)
+    joined = f"{parts.query}&{query}" if parts.query else query
+    return urlunsplit(parts._replace(query=joined))
+
+
+def checkout_urls(request: IntentRequest) -> tuple[str, str]:
+    """success_url and cancel_url. Stripe fills in ``{CHECKOUT_SESSION_ID}`` on success, so
+    the page the customer lands on can ask us to verify that payment."""
+    base = request.base_url.rstrip("/")
+    success = request.return_url or f"{base}/"
+    cancel = request.cancel_url or request.return_url or f"{base}/"
+    success = _with_query(success, "payment_id={CHECKOUT_SESSION_ID}&status=succeeded")
+    return success, cancel
+
+
+def checkout_session_params(request: IntentRequest, *, capture_method: str) -> SessionCreateParams:
+    metadata = metadata_for(request)
+    success_url, cancel_url = checkout_urls(request)
+    params: SessionCreateParams = {
+        "mode": "payment",
+        "line_items": [
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": request.plan.currency.lower(),
+                    "unit_amount": request.plan.amount,
+                    "product_data": {"name": request.plan.name},
+                },
+            }
+        ],
+        "success_url": success_url,
+        "cancel_url": cancel_url,
+        "client_reference_id": request.reference,
+        "metadata": metadata,
+        "payment_intent_data": {"metadata": metadata},
+    }
+    if capture_method == "manual":
+        params["payment_intent_data"]["capture_method"] = "manual"
+    if request.customer_email:
+        params["customer_email"] = request.customer_email
+    return params
+
+
+def payment_intent_params(
+    request: IntentRequest, *, capture_method: str
+) -> PaymentIntentCreateParams:
+    params: PaymentIntentCreateParams = {
+        "amount": request.plan.amount,
+        "currency": request.plan.currency.lower(),
+        "automatic_payment_methods": {"enabled": True},
+        "description": request.plan.name,
+        "metadata": metadata_for(request),
+    }
+    if capture_method == "manual":
+        params["capture_method"] = "manual"
+    return params
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+def _expanded(value: Any) -> StripeObject | None:
+    """An expanded object, or None when Stripe gave an ID (or nothing)."""
+    return value if isinstance(value, Mapping) else None
+
+
+def _id_of(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+def _upper(currency: Any) -> str | None:
+    return currency.upper() if isinstance(currency, str) else None
+
+
+def payment_intent_id_of(session: StripeObject) -> str | None:
+    return _id_of(session.get("payment_intent"))
+
+
+def status_of_payment_intent(intent: StripeObject) -> PaymentStatus:
+    """The intent's status, refunds included when it had succeeded."""
+    status = PAYMENT_INTENT_STATUS.get(str(intent.get("status")), PaymentStatus.PENDING)
+    charge = _expanded(intent.get("latest_charge"))
+    if status is PaymentStatus.SUCCEEDED and charge is not None:
+        refunded = int(charge.get("amount_refunded") or 0)
+        if charge.get("refunded"):
+            return PaymentStatus.REFUNDED
+        if refunded > 0:
+            return PaymentStatus.PARTIALLY_REFUNDED
+    return status
+
+
+def _charge_facts(intent: StripeObject | None) -> dict[str, Any]:
+    charge = _expanded(intent.get("latest_charge")) if intent is not None else None
+    if charge is None:
+        return {"amount_refunded": 0, "capture_id": None, "payment_method": None}
+    details = _expanded(charge.get("payment_method_details")) or {}
+    method = details.get("type")
+    return {
+        # An uncaptured charge released by a cancel shows as refunded; nothing was paid back.
+        "amount_refunded": int(charge.get("amount_refunded") or 0) if charge.get("captured") else 0,
+        "capture_id": _id_of(charge) if charge.get("captured") else None,
+        "payment_method": method if isinstance(method, str) else None,
+    }
+
+
+def state_from_payment_intent(
+    intent: StripeObject, *, payment_id: str | None = None
+) -> PaymentState:
+    """``intent`` should have ``latest_charge`` expanded, for refunds and the method."""
+    return PaymentState(
+        payment_id=payment_id or str(intent["id"]),
+        status=status_of_payment_intent(intent),
+        amount=intent.get("amount"),
+        currency=_upper(intent.get("currency")),
+        vendor_status=str(intent.get("status")),
+        **_charge_facts(intent),
+    )
+
+
+def state_from_checkout_session(session: StripeObject) -> PaymentState:
+    """``session`` should have ``payment_intent`` and ``payment_intent.latest_charge``
+    expanded. The intent says most (capture, refunds); the session says what the intent
+    cannot: that it expired, or that it was paid before we could see the intent."""
+    intent = _expanded(session.get("payment_intent"))
+    session_status = session.get("status")
+    payment_status = session.get("payment_status")
+    status = status_of_payment_intent(intent) if intent is not None else PaymentStatus.PENDING
+    if session_status == "expired" and status in (
+        PaymentStatus.PENDING,
+        PaymentStatus.CANCELED,  # Stripe cancels the intent of a session that expires
+    ):
+        status = PaymentStatus.EXPIRED
+    elif (
+        session_status == "complete"
+        and payment_status == "paid"
+        and status in (PaymentStatus.PENDING, PaymentStatus.PROCESSING)
+    ):
+        status = PaymentStatus.SUCCEEDED
+    vendor = f"session {session_status}/{payment_status}"
+    if intent is not None:
+        vendor += f", payment_intent {intent.get('status')}"
+    amount = session.get("amount_total")
+    if amount is None and intent is not None:
+        amount = intent.get("amount")
+    return PaymentState(
+        payment_id=str(session["id"]),
+        status=status,
+        amount=amount,
+        currency=_upper(session.get("currency") or (intent or {}).get("currency")),
+        vendor_status=vendor,
+        **_charge_facts(intent),
+    )
+
+
+def intent_result_from_session(session: StripeObject) -> IntentResult:
+    return IntentResult(
+        payment_id=str(session["id"]),
+        status=PaymentStatus.PENDING,
+        redirect_url=session.get("url"),
+    )
+
+
+def intent_result_from_payment_intent(
+    intent: StripeObject, *, publishable_key: str | None
+) -> IntentResult:
+    return IntentResult(
+        payment_id=str(intent["id"]),
+        status=PaymentStatus.PENDING,
+        client_secret=intent.get("client_secret"),
+        publishable_key=publishable_key,
+    )
+
+
+def refund_result(refund: StripeObject) -> RefundResult:
+    """``refund`` should have ``charge`` expanded, for the running total."""
+    charge = _expanded(refund.get("charge"))
+    total = charge.get("amount_refunded") if charge is not None else None
+    return RefundResult(
+        refund_id=str(refund["id"]),
+        amount=int(refund["amount"]),
+        status=REFUND_STATUS.get(str(refund.get("status")), "pending"),
+        amount_refunded_total=int(total) if total is not None else None,
+    )
+
+
+# -- webhooks ------------------------------------------------------------------------------
+
+
+def is_event(payload: Any) -> bool:
+    return (
+        isinstance(payload, Mapping)
+        and payload.get("object") == "event"
+        and isinstance(payload.get("id"), str)
+        and isinstance(payload.get("type"), str)
+        and isinstance(payload.get("data"), Mapping)
+        and isinstance(payload["data"].get("object"), Mapping)
+    )
+
+
+def reference_of(obj: StripeObject) -> str | None:
+    """Our order reference, from the metadata we put on Stripe's objects."""
+    metadata = _expanded(obj.get("metadata")) or {}
+    reference = metadata.get("reference")
+    return reference if isinstance(reference, str) and reference else None
+
+
+def webhook_event(event: StripeObject) -> WebhookEvent:
+    """Normalize one verified event. ``charge.refunded`` may come back without a reference
+    (charges do not carry the intent's metadata): the provider looks it up."""
+    event_type = str(event["type"])
+    obj: StripeObject = event["data"]["object"]
+    created = event.get("created")
+    base: dict[str, Any] = {
+        "event_id": str(event["id"]),
+        "event_type": event_type,
+        "verified": True,
+        "occurred_at": datetime.fromtimestamp(created, UTC)
+        if isinstance(created, int | float)
+        else None,
+    }
+    if event_type not in HANDLED_EVENTS:
+        return WebhookEvent(**base)
+    if event_type.startswith("checkout.session."):
+        status = EVENT_STATUS.get(event_type)
+        if event_type == "checkout.session.completed":
+            # Paid now, or completed with the money still to come (manual capture, or a
+            # delayed method that ends in async_payment_succeeded/failed).
+            status = (
+                PaymentStatus.SUCCEEDED
+                if obj.get("payment_status") == "paid"
+                else PaymentStatus.PENDING
+            )
+        return WebhookEvent(
+            **base, payment_id=_id_of(obj), status=status, reference=reference_of(obj)
+        )
+    if event_type == "charge.refunded":
+        refunded = int(obj.get("amount_refunded") or 0)
+        return WebhookEvent(
+            **base,
+            payment_id=_id_of(obj.get("payment_intent")),
+            status=PaymentStatus.REFUNDED
+            if obj.get("refunded")
+            else PaymentStatus.PARTIALLY_REFUNDED,
+            amount_refunded=refunded,
+            reference=reference_of(obj),
+        )
+    # payment_intent.*
+    return WebhookEvent(
+        **base,
+        payment_id=_id_of(obj),
+        status=EVENT_STATUS[event_type],
+        reference=reference_of(obj),
+    )
