@@ -1,0 +1,832 @@
+"""PayPal, through its REST API (Orders v2, Payments v2, Webhooks v1) on the shared
+``httpx.AsyncClient``.
+
+One OAuth2 client-credentials token per provider instance, fetched once, kept until shortly
+before it expires, refreshed once when PayPal answers 401, and fetched by one request at a
+time however many wait for it. Retries happen in ``with_retries``, only for calls that are
+safe to repeat: reads, and writes that carry a ``PayPal-Request-Id`` (every write here does).
+PayPal's errors become the service's errors at this edge; PayPal's debug id is logged with
+each failure, and its raw messages never reach a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from app.errors import (
+    InvalidStateTransition,
+    InvalidWebhookPayload,
+    OperationNotSupported,
+    PaymentDeclined,
+    PaymentNotFound,
+    ProviderError,
+    ProviderMisconfigured,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    ProviderUpstreamError,
+    RefundExceedsBalance,
+    ServiceError,
+)
+from models.payment import PaymentStatus
+
+from ..base import (
+    BasePaymentProvider,
+    Capability,
+    HealthStatus,
+    IntentRequest,
+    IntentResult,
+    PaymentState,
+    ProviderDeps,
+    RefundResult,
+    WebhookEvent,
+)
+from ..resilience import RetryPolicy, with_retries
+from . import transformers as tx
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger("payments.providers.paypal")
+
+API_BASES = {"sandbox": "https://api-m.sandbox.paypal.com", "live": "https://api-m.paypal.com"}
+# A token is renewed this long before PayPal says it expires (at most a tenth of its life).
+TOKEN_RENEW_MARGIN_S = 300.0
+
+# 422 issues that mean the buyer's money was refused: the customer's side, not ours.
+DECLINE_ISSUES = frozenset(
+    {
+        "INSTRUMENT_DECLINED",
+        "PAYER_CANNOT_PAY",
+        "PAYER_ACCOUNT_LOCKED_OR_CLOSED",
+        "PAYER_ACCOUNT_RESTRICTED",
+        "TRANSACTION_REFUSED",
+        "REDIRECT_PAYER_FOR_ALTERNATE_FUNDING",
+        "MAX_NUMBER_OF_PAYMENT_ATTEMPTS_EXCEEDED",
+        "DECLINED_DUE_TO_RELATED_TXN",
+        "COMPLIANCE_VIOLATION",
+        "PAYEE_BLOCKED_TRANSACTION",
+        "TRANSACTION_BLOCKED_BY_PAYEE",
+        "TRANSACTION_LIMIT_EXCEEDED",
+        "CARD_EXPIRED",
+        "PAYMENT_SOURCE_DECLINED_BY_PROCESSOR",
+        "PAYMENT_SOURCE_CANNOT_BE_USED",
+    }
+)
+# 422 issues that mean the payment is not in a state for what was asked.
+STATE_ISSUES = frozenset(
+    {
+        "ORDER_NOT_APPROVED",
+        "ORDER_ALREADY_CAPTURED",
+        "ORDER_ALREADY_AUTHORIZED",
+        "ORDER_COMPLETION_IN_PROGRESS",
+        "ORDER_EXPIRED",
+        "PAYER_ACTION_REQUIRED",
+        "PENDING_CAPTURE",
+        "REFUND_NOT_ALLOWED",
+        "PARTIAL_REFUND_NOT_ALLOWED",
+        "REFUND_TIME_LIMIT_EXCEEDED",
+        "REFUND_NOT_PERMITTED_DUE_TO_CHARGEBACK",
+        "TRANSACTION_DISPUTED",
+    }
+)
+REFUND_TOO_LARGE_ISSUES = frozenset({"REFUND_AMOUNT_EXCEEDED", "CAPTURE_FULLY_REFUNDED"})
+CURRENCY_ISSUES = frozenset(
+    {"INVALID_CURRENCY_CODE", "CURRENCY_NOT_SUPPORTED", "DECIMALS_NOT_SUPPORTED"}
+)
+
+# Header values a genuine delivery can have; anything else is not sent on to PayPal. The
+# limits are those of verify-webhook-signature's request fields.
+_TRANSMISSION_HEADERS = {
+    "transmission_id": ("paypal-transmission-id", re.compile(r"^[\w-]{1,50}$")),
+    "transmission_time": ("paypal-transmission-time", re.compile(r"^[\w:.+-]{1,100}$")),
+    "transmission_sig": ("paypal-transmission-sig", re.compile(r"^[A-Za-z0-9+/]{1,498}={0,2}$")),
+    "cert_url": ("paypal-cert-url", re.compile(r"^https://[^\s\"\\]{1,492}$")),
+    "auth_algo": ("paypal-auth-algo", re.compile(r"^[a-zA-Z0-9]{1,100}$")),
+}
+_WEBHOOK_ID = re.compile(r"^[a-zA-Z0-9]{1,50}$")
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header from any mapping, whatever the case of its keys."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
+    return str(value) if value is not None else None
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None  # an HTTP date: a guess would be worse than our own backoff
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _request_id(idempotency_key: str) -> str:
+    """PayPal-Request-Id: the key itself when it fits PayPal's 108 characters, else a digest
+    of it (stable, so retries still match)."""
+    if 0 < len(idempotency_key) <= tx.REQUEST_ID_MAX and idempotency_key.isascii():
+        return idempotency_key
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    value: str
+    renew_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """What PayPal said when it refused a call."""
+
+    status: int
+    name: str | None
+    issue: str | None
+    debug_id: str | None
+    description: str | None
+    retry_after: float | None
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> _Failure:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        details = body.get("details")
+        first = details[0] if isinstance(details, list) and details else {}
+        first = first if isinstance(first, dict) else {}
+        name = body.get("name") or body.get("error")
+        description = first.get("description") or body.get("error_description")
+        return cls(
+            status=response.status_code,
+            name=str(name) if name else None,
+            issue=str(first["issue"]) if first.get("issue") else None,
+            debug_id=response.headers.get("paypal-debug-id") or body.get("debug_id"),
+            description=str(description)[:300] if description else None,
+            retry_after=_retry_after_seconds(response),
+        )
+
+
+class _OrderAlreadyCaptured(InvalidStateTransition):
+    """PayPal's ORDER_ALREADY_CAPTURED: answered by reading the order, never shown as is."""
+
+
+class PayPalConfig(BaseModel):
+    """What an operator may store for PayPal besides secrets (settings ``paypal_*``). The API
+    base address stays in the environment: whoever could change it could send our client
+    secret to another host."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(min_length=8, max_length=128, description="REST app client ID")
+    mode: Literal["sandbox", "live"] = Field(default="sandbox", description="sandbox or live")
+    webhook_id: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z0-9]{1,50}$",
+        description="The webhook's ID in the PayPal app; events are verified against it",
+    )
+
+
+class PayPalSecrets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    client_secret: SecretStr = Field(min_length=8, description="REST app client secret")
+
+
+class PayPalProvider(BasePaymentProvider):
+    name = "paypal"
+    display_name = "PayPal"
+    id_prefixes = (tx.PREFIX,)
+    settings_prefix = "paypal_"
+    config_model = PayPalConfig
+    secrets_model = PayPalSecrets
+    # No CANCEL: Orders v2 has no call that voids an order made with intent CAPTURE.
+    capabilities = frozenset(
+        {
+            Capability.WALLET,
+            Capability.REDIRECT,
+            Capability.CAPTURE,
+            Capability.REFUND,
+            Capability.PARTIAL_REFUND,
+            Capability.WEBHOOKS,
+        }
+    )
+
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        client_id: str | None,
+        client_secret: str | None,
+        api_base: str,
+        webhook_id: str | None = None,
+        timeout_seconds: float = 10.0,
+        retry_policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = http
+        self._client_id = client_id or None
+        self._client_secret = client_secret or None
+        self._api_base = api_base.rstrip("/")
+        self._webhook_id = webhook_id or None
+        self._timeout = httpx.Timeout(timeout_seconds)
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._clock = clock
+        self._token: _Token | None = None
+        self._token_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        deps: ProviderDeps,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> PayPalProvider:
+        secret = settings.paypal_client_secret
+        return cls(
+            http=deps.http,
+            client_id=settings.paypal_client_id,
+            client_secret=secret.get_secret_value() if secret else None,
+            api_base=settings.paypal_api_base or API_BASES[settings.paypal_mode],
+            webhook_id=settings.paypal_webhook_id,
+            timeout_seconds=settings.provider_timeout_seconds,
+            retry_policy=retry_policy,
+            clock=clock,
+        )
+
+    @property
+    def api_base(self) -> str:
+        """Where this provider sends its calls (sandbox, live, or PAYPAL_API_BASE)."""
+        return self._api_base
+
+    def is_configured(self) -> bool:
+        return self._client_id is not None and self._client_secret is not None
+
+    def _require_configured(self) -> None:
+        if not self.is_configured():
+            raise ProviderNotConfigured(
+                "PayPal is not configured on this service (PAYPAL_CLIENT_ID, PAYPAL_CLIENT_SECRET)",
+                provider=self.name,
+            )
+
+    def _order_id(self, payment_id: str) -> str:
+        self._require_configured()
+        order_id = tx.order_id_of(payment_id)
+        if order_id is None:
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        return order_id
+
+    # -- the token -------------------------------------------------------------------------
+
+    async def _access_token(self) -> str:
+        token = self._token
+        if token is not None and self._clock() < token.renew_at:
+            return token.value
+        async with self._token_lock:
+            # Whoever waited here while another request fetched the token uses that one.
+            token = self._token
+            if token is not None and self._clock() < token.renew_at:
+                return token.value
+            self._token = await self._fetch_token()
+            return self._token.value
+
+    def _forget_token(self, value: str) -> None:
+        # Only the token that was refused: another request may have renewed it already.
+        if self._token is not None and self._token.value == value:
+            self._token = None
+
+    async def _fetch_token(self) -> _Token:
+        assert self._client_id is not None and self._client_secret is not None
+        started = self._clock()
+        try:
+            response = await self._http.post(
+                f"{self._api_base}/v1/oauth2/token",
+                data={"grant_type": "client_credentials"},
+                auth=(self._client_id, self._client_secret),
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+            )
+        except httpx.HTTPError as error:
+            raise self._transport_error(error, "paypal.oauth.token") from error
+        if response.status_code != 200:
+            failure = _Failure.of(response)
+            if response.status_code in (400, 401, 403):
+                # invalid_client: our client ID or secret is wrong. Never log either.
+                log.error(
+                    "paypal.oauth.token_failed",
+                    extra={
+                        **self._log_fields(failure),
+                        "action": "check PAYPAL_CLIENT_ID and PAYPAL_CLIENT_SECRET",
+                    },
+                )
+                raise ProviderMisconfigured(
+                    "PayPal refused our credentials; an operator must check the configuration",
+                    provider=self.name,
+                )
+            raise self._service_error(failure, "paypal.oauth.token", payment_id=None)
+        try:
+            body = response.json()
+            value = str(body["access_token"])
+            expires_in = float(body.get("expires_in", 0))
+        except (ValueError, KeyError, TypeError) as error:
+            log.error("paypal.oauth.token_unreadable", extra={"http_status": 200})
+            raise ProviderUpstreamError(
+                "PayPal answered the token request with something unreadable", provider=self.name
+            ) from error
+        margin = min(TOKEN_RENEW_MARGIN_S, expires_in / 10)
+        log.info("paypal.oauth.token_fetched", extra={"expires_in_s": expires_in})
+        return _Token(value=value, renew_at=started + expires_in - margin)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        log_event: str,
+        payment_id: str | None = None,
+        body: dict[str, Any] | None = None,
+        content: bytes | None = None,
+        request_id: str | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> dict[str, Any]:
+        """One API call, retried while PayPal is unavailable; returns PayPal's JSON object.
+        ``log_event`` names the call in logs: ``paypal.order.create``."""
+        self._require_configured()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":")).encode()
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        if request_id is not None:
+            headers["PayPal-Request-Id"] = request_id
+            # The whole object, not PayPal's minimal id/status/links: the capture's details
+            # and the refunds' running total are in it.
+            headers["Prefer"] = "return=representation"
+        outcome_unknown = False
+
+        async def attempt() -> dict[str, Any]:
+            nonlocal outcome_unknown
+            try:
+                return await self._send_authenticated(
+                    method, path, headers, content, log_event=log_event, payment_id=payment_id
+                )
+            except ProviderUnavailable as error:
+                # Once one attempt may have reached PayPal, the call's outcome stays unknown
+                # even if a later attempt was plainly refused.
+                outcome_unknown = outcome_unknown or error.outcome_unknown
+                error.outcome_unknown = outcome_unknown
+                raise
+
+        return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
+
+    async def _send_authenticated(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | None,
+        *,
+        log_event: str,
+        payment_id: str | None,
+    ) -> dict[str, Any]:
+        token = await self._access_token()
+        response = await self._send(method, path, headers, content, token, log_event=log_event)
+        if response.status_code == 401:
+            # The token expired early or was revoked: one fresh token, one more try.
+            log.info("paypal.oauth.token_refused", extra={"call": log_event})
+            self._forget_token(token)
+            token = await self._access_token()
+            response = await self._send(method, path, headers, content, token, log_event=log_event)
+            if response.status_code == 401:
+                failure = _Failure.of(response)
+                log.error(
+                    f"{log_event}_failed",
+                    extra={
+                        **self._log_fields(failure, payment_id),
+                        "action": "PayPal refused a fresh token: check the REST app",
+                    },
+                )
+                raise ProviderMisconfigured(
+                    "PayPal refused our credentials; an operator must check the configuration",
+                    provider=self.name,
+                )
+        if 200 <= response.status_code < 300:
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                log.error(
+                    f"{log_event}_unreadable",
+                    extra={
+                        "provider": self.name,
+                        "payment_id": payment_id,
+                        "http_status": response.status_code,
+                        "paypal_debug_id": response.headers.get("paypal-debug-id"),
+                    },
+                )
+                raise ProviderUpstreamError(
+                    "PayPal answered with something unreadable", provider=self.name
+                )
+            return data
+        raise self._service_error(_Failure.of(response), log_event, payment_id=payment_id)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | None,
+        token: str,
+        *,
+        log_event: str,
+    ) -> httpx.Response:
+        try:
+            return await self._http.request(
+                method,
+                f"{self._api_base}{path}",
+                headers={**headers, "Authorization": f"Bearer {token}"},
+                content=content,
+                timeout=self._timeout,
+            )
+        except httpx.HTTPError as error:
+            raise self._transport_error(error, log_event) from error
+
+    def _transport_error(self, error: httpx.HTTPError, log_event: str) -> ProviderUnavailable:
+        # A connection that never opened sent nothing; a timeout may have been processed
+        # (safe to retry with the same PayPal-Request-Id, unsafe to go elsewhere).
+        not_sent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+        log.warning(
+            f"{log_event}_failed",
+            extra={"provider": self.name, "transport_error": type(error).__name__},
+        )
+        return ProviderUnavailable(
+            "PayPal could not be reached", provider=self.name, outcome_unknown=not not_sent
+        )
+
+    def _log_fields(self, failure: _Failure, payment_id: str | None = None) -> dict[str, Any]:
+        return {
+            "provider": self.name,
+            "payment_id": payment_id,
+            "http_status": failure.status,
+            "paypal_debug_id": failure.debug_id,
+            "paypal_name": failure.name,
+            "paypal_issue": failure.issue,
+            "paypal_description": failure.description,
+        }
+
+    def _service_error(
+        self, failure: _Failure, log_event: str, *, payment_id: str | None
+    ) -> ServiceError:
+        """Map one refusal from PayPal to the service's error tree, and log it once."""
+        fields = self._log_fields(failure, payment_id)
+        failed = f"{log_event}_failed"
+        status, issue = failure.status, failure.issue
+        if status == 429:
+            hint = failure.retry_after
+            log.warning(failed, extra={**fields, "retry_after_s": hint})
+            return ProviderUnavailable(
+                "PayPal asked us to slow down; try again shortly",
+                provider=self.name,
+                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
+                retry_after_hint=hint,
+                outcome_unknown=False,  # a 429 is answered before anything is done
+            )
+        if status >= 500 or status == 409:
+            # 409 PREVIOUS_REQUEST_IN_PROGRESS: the same PayPal-Request-Id is still running.
+            log.warning(failed, extra=fields)
+            return ProviderUnavailable("PayPal could not be reached", provider=self.name)
+        if status == 403:
+            log.error(failed, extra={**fields, "action": "the REST app lacks a permission"})
+            return ProviderMisconfigured(
+                "PayPal refused the operation for our account; an operator must check it",
+                provider=self.name,
+            )
+        if status == 404 and payment_id is not None:
+            log.info(failed, extra=fields)
+            return PaymentNotFound(f"No payment {payment_id!r}")
+        if status == 422 and issue is not None:
+            if issue in DECLINE_ISSUES:
+                log.info(f"{log_event}_declined", extra=fields)
+                return PaymentDeclined(
+                    f"PayPal declined the payment ({issue.lower()})",
+                    provider=self.name,
+                    decline_code=issue.lower(),
+                )
+            if issue in REFUND_TOO_LARGE_ISSUES:
+                log.info(failed, extra=fields)
+                return RefundExceedsBalance("The refund is larger than what is left to refund")
+            if issue == "ORDER_ALREADY_CAPTURED":
+                log.info(failed, extra=fields)
+                return _OrderAlreadyCaptured("The PayPal order has been captured already")
+            if issue in STATE_ISSUES:
+                log.info(failed, extra=fields)
+                return InvalidStateTransition(_STATE_DETAILS.get(issue, _STATE_DETAIL))
+            if issue in CURRENCY_ISSUES:
+                log.warning(failed, extra=fields)
+                return OperationNotSupported("PayPal does not take payments in this currency")
+        log.warning(failed, extra=fields)
+        return ProviderUpstreamError("PayPal refused the request", provider=self.name)
+
+    # -- create and verify -----------------------------------------------------------------
+
+    async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
+        self._require_configured()
+        try:
+            body = tx.order_request(request)
+        except tx.AmountNotRepresentable as error:
+            raise OperationNotSupported(
+                f"PayPal cannot take {request.plan.currency} amounts with decimals"
+            ) from error
+        order = await self._call(
+            "POST",
+            "/v2/checkout/orders",
+            log_event="paypal.order.create",
+            body=body,
+            request_id=_request_id(request.idempotency_key),
+        )
+        if not tx.is_paypal_id(order.get("id")):
+            log.error("paypal.order.create_unreadable", extra={"reference": request.reference})
+            raise ProviderUpstreamError("PayPal answered without an order ID", provider=self.name)
+        result = tx.intent_result(order)
+        if result.redirect_url is None:
+            log.error(
+                "paypal.order.no_approval_link",
+                extra={"payment_id": result.payment_id, "reference": request.reference},
+            )
+            raise ProviderUpstreamError(
+                "PayPal gave no page for the buyer to approve the payment", provider=self.name
+            )
+        log.info(
+            "paypal.order.created",
+            extra={"payment_id": result.payment_id, "reference": request.reference},
+        )
+        return result
+
+    async def _get_order(self, order_id: str, payment_id: str) -> dict[str, Any]:
+        return await self._call(
+            "GET",
+            f"/v2/checkout/orders/{order_id}",
+            log_event="paypal.order.get",
+            payment_id=payment_id,
+        )
+
+    async def verify_payment(self, payment_id: str) -> PaymentState:
+        order_id = self._order_id(payment_id)
+        return tx.state_from_order(await self._get_order(order_id, payment_id))
+
+    # -- capture, cancel, refund -----------------------------------------------------------
+
+    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        order_id = self._order_id(payment_id)
+        try:
+            order = await self._call(
+                "POST",
+                f"/v2/checkout/orders/{order_id}/capture",
+                log_event="paypal.order.capture",
+                payment_id=payment_id,
+                body={},
+                request_id=_request_id(idempotency_key),
+            )
+        except _OrderAlreadyCaptured:
+            # Captured before, under another PayPal-Request-Id: answer with that result.
+            order = await self._get_order(order_id, payment_id)
+        state = tx.state_from_order(order)
+        if state.status is PaymentStatus.FAILED:
+            # PayPal completed the order but its capture was DECLINED (or FAILED).
+            capture = tx.capture_of(order) or {}
+            log.info(
+                "paypal.order.capture_declined",
+                extra={"payment_id": payment_id, "capture_status": capture.get("status")},
+            )
+            raise PaymentDeclined(
+                "PayPal declined the payment (capture_declined)",
+                provider=self.name,
+                decline_code="capture_declined",
+            )
+        log.info(
+            "paypal.order.captured",
+            extra={"payment_id": payment_id, "capture_id": state.capture_id},
+        )
+        return state
+
+    async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+        self._order_id(payment_id)
+        raise OperationNotSupported(
+            "PayPal orders cannot be canceled through the API: an order the buyer has not "
+            "approved simply lapses, and an approved one is settled by capturing it or not"
+        )
+
+    async def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int,
+        currency: str,
+        capture_id: str | None,
+        idempotency_key: str,
+    ) -> RefundResult:
+        order_id = self._order_id(payment_id)
+        if capture_id is None:
+            state = tx.state_from_order(await self._get_order(order_id, payment_id))
+            if state.capture_id is None or not state.status.is_paid:
+                raise InvalidStateTransition(
+                    "Nothing to refund: the PayPal payment has not been captured"
+                )
+            if state.currency is not None and state.currency != currency.upper():
+                log.error(
+                    "paypal.refund.currency_mismatch",
+                    extra={
+                        "payment_id": payment_id,
+                        "expected": currency,
+                        "paypal": state.currency,
+                    },
+                )
+                raise ProviderUpstreamError(
+                    "PayPal holds this payment in another currency", provider=self.name
+                )
+            capture_id = state.capture_id
+        if not tx.is_paypal_id(capture_id):
+            raise PaymentNotFound(f"No capture {capture_id!r} for payment {payment_id!r}")
+        try:
+            body = tx.refund_request(amount, currency)
+        except tx.AmountNotRepresentable as error:
+            raise OperationNotSupported(
+                f"PayPal cannot refund {currency.upper()} amounts with decimals"
+            ) from error
+        refund = await self._call(
+            "POST",
+            f"/v2/payments/captures/{capture_id}/refund",
+            log_event="paypal.refund.create",
+            payment_id=payment_id,
+            body=body,
+            request_id=_request_id(idempotency_key),
+        )
+        result = tx.refund_result(refund, amount=amount, currency=currency)
+        log.info(
+            "paypal.refund.created",
+            extra={
+                "payment_id": payment_id,
+                "refund_id": result.refund_id,
+                "amount": amount,
+                "currency": currency,
+                "refund_status": result.status,
+            },
+        )
+        return result
+
+    # -- webhooks and health ---------------------------------------------------------------
+
+    async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        self._require_configured()
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InvalidWebhookPayload("The webhook body is not JSON") from error
+        if not tx.is_event(payload):
+            raise InvalidWebhookPayload("The webhook body is not a PayPal event")
+        verified = await self._verify_signature(body, headers, payload)
+        event = tx.webhook_event(payload, verified=verified)
+        if event.event_type == tx.EVENT_CAPTURE_REFUNDED:
+            event = await self._with_refunded_order(event)
+        log.info(
+            "paypal.webhook.received",
+            extra={
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "verified": event.verified,
+                "payment_id": event.payment_id,
+                "status": event.status,
+            },
+        )
+        return event
+
+    async def _verify_signature(
+        self, body: bytes, headers: Mapping[str, str], payload: Mapping[str, Any]
+    ) -> bool:
+        """Ask PayPal whether it sent this delivery. Any doubt is False: an unverified event
+        only makes the service read the payment from PayPal itself."""
+        event_id = payload.get("id")
+        if self._webhook_id is None or not _WEBHOOK_ID.fullmatch(self._webhook_id):
+            log.warning(
+                "paypal.webhook.unverifiable",
+                extra={"event_id": event_id, "action": "set PAYPAL_WEBHOOK_ID"},
+            )
+            return False
+        fields: dict[str, str] = {}
+        for field, (header, shape) in _TRANSMISSION_HEADERS.items():
+            value = _header(headers, header)
+            if value is None or not shape.fullmatch(value):
+                log.warning(
+                    "paypal.webhook.signature_missing",
+                    extra={"event_id": event_id, "header": header, "present": value is not None},
+                )
+                return False
+            fields[field] = value
+        # The event goes back byte for byte as it came: PayPal checks its signature against a
+        # CRC32 of exactly those bytes, and a re-serialized event would not match.
+        request = json.dumps({**fields, "webhook_id": self._webhook_id}, separators=(",", ":"))
+        content = request[:-1].encode() + b',"webhook_event":' + body.strip() + b"}"
+        try:
+            answer = await self._call(
+                "POST",
+                "/v1/notifications/verify-webhook-signature",
+                log_event="paypal.webhook.verify",
+                content=content,
+            )
+        except ProviderError as error:
+            # PayPal could not tell us: the event stays untrusted, never trusted by default.
+            log.warning(
+                "paypal.webhook.verify_unavailable",
+                extra={"event_id": event_id, "error_code": error.code},
+            )
+            return False
+        if answer.get("verification_status") != "SUCCESS":
+            log.warning(
+                "paypal.webhook.signature_invalid",
+                extra={
+                    "event_id": event_id,
+                    "verification_status": answer.get("verification_status"),
+                },
+            )
+            return False
+        return True
+
+    async def _with_refunded_order(self, event: WebhookEvent) -> WebhookEvent:
+        """A refund names its capture, not its order: read the capture for the order (our
+        payment ID) and whether the refunds now add up to all of it."""
+        if event.capture_id is None:
+            return event
+        try:
+            capture = await self._call(
+                "GET",
+                f"/v2/payments/captures/{event.capture_id}",
+                log_event="paypal.capture.get",
+            )
+        except ServiceError as error:
+            if event.verified and isinstance(error, ProviderUnavailable):
+                raise  # PayPal delivers again later, when we can read the capture
+            log.warning(
+                "paypal.webhook.capture_lookup_failed",
+                extra={"event_id": event.event_id, "error_code": error.code},
+            )
+            return event
+        order_id = tx.order_id_of_capture(capture)
+        return dataclasses.replace(
+            event,
+            payment_id=tx.payment_id_of(order_id) if order_id else None,
+            status=tx.refund_event_status(capture),
+            reference=event.reference or tx.reference_of(capture),
+        )
+
+    async def health_check(self) -> HealthStatus:
+        if not self.is_configured():
+            return HealthStatus(
+                healthy=False, message="not configured (PAYPAL_CLIENT_ID, PAYPAL_CLIENT_SECRET)"
+            )
+        started = time.perf_counter()
+        try:
+            # A fresh token proves both that PayPal answers and that it takes our credentials
+            # (one attempt: a health check reports, it does not insist).
+            self._token = await self._fetch_token()
+        except ServiceError as error:
+            latency = (time.perf_counter() - started) * 1000
+            return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
+        latency = (time.perf_counter() - started) * 1000
+        return HealthStatus(healthy=True, message="ok", latency_ms=round(latency, 1))
+
+
+_STATE_DETAIL = "PayPal says the payment is not in a state that allows this"
+_STATE_DETAILS = {
+    "ORDER_NOT_APPROVED": "The buyer has not approved this PayPal payment yet: nothing to capture",
+    "PAYER_ACTION_REQUIRED": "The buyer must return to PayPal before this payment can be captured",
+    "ORDER_COMPLETION_IN_PROGRESS": "PayPal is still completing this payment; verify it shortly",
+    "PENDING_CAPTURE": "The PayPal payment is still pending and cannot be refunded yet",
+    "REFUND_TIME_LIMIT_EXCEEDED": "The PayPal payment is too old to be refunded",
+    "REFUND_NOT_ALLOWED": "PayPal does not allow a refund of this payment",
+    "PARTIAL_REFUND_NOT_ALLOWED": "PayPal allows only a full refund of this payment",
+    "TRANSACTION_DISPUTED": "The PayPal payment is disputed; refund it through the dispute",
+    "REFUND_NOT_PERMITTED_DUE_TO_CHARGEBACK": "The PayPal payment has a chargeback",
+}
