@@ -1,0 +1,147 @@
+"""`payments`, the command line, run as a real process the way an operator runs it:
+``python -m app.cli`` against the suite's Redis, from a directory with no .env file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from jose import jwt
+from redis.asyncio import Redis
+
+from app.errors import InvalidToken
+from app.security import decode_access_token
+from app.settings import Settings
+from services.provider_configs import ProviderConfigStore, SecretBox
+from tests.conftest import JWT_SECRET, RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(redis_server: RedisServer, tmp_path: Path) -> Cli:
+    redis_server.flush()  # no stored configuration or routing left by another test
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=tmp_path,  # no .env here: the developer's own settings stay out
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "REDIS_URL": redis_server.url,
+                "REDIS_KEY_PREFIX": "test:",
+                "JWT_SECRET_KEY": JWT_SECRET,
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return run
+
+
+def _settings(jwt_secret_key: str) -> Settings:
+    return Settings(_env_file=None, jwt_secret_key=jwt_secret_key)
+
+
+class TestProviders:
+    def test_list(self, cli: Cli) -> None:
+        done = cli("providers", "list")
+        assert done.returncode == 0, done.stderr
+        header, *lines = done.stdout.splitlines()
+        assert header.split() == ["provider", "configured", "active", "prefixes", "capabilities"]
+        rows = {line.split()[0]: line.split()[1:] for line in lines}
+        assert rows["sandbox"][:3] == ["true", "true", "sb_"]
+        assert rows["sandbox"][-1] == "(default)"
+        assert rows["stripe"][:2] == ["false", "false"]
+        assert {"paypal", "mobilepay", "googlepay", "applepay"} <= set(rows)
+
+    def test_test_checks_every_active_provider(self, cli: Cli) -> None:
+        done = cli("providers", "test")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("sandbox: ok built-in sandbox (")
+        assert "stripe" not in done.stdout  # not configured, so not active: not checked
+
+    def test_test_of_an_unconfigured_provider_fails(self, cli: Cli) -> None:
+        done = cli("providers", "test", "stripe")
+        assert done.returncode == 1
+        assert done.stdout.strip() == "stripe: FAIL not configured or deactivated"
+
+    def test_test_of_an_unknown_provider_is_a_usage_error(self, cli: Cli) -> None:
+        done = cli("providers", "test", "nope")
+        assert done.returncode == 2
+        assert done.stderr.startswith("payments: unknown_provider: No provider named 'nope'")
+        assert "Traceback" not in done.stderr
+
+
+class TestSecrets:
+    def test_secrets_key_prints_a_fernet_key(self, cli: Cli) -> None:
+        done = cli("secrets-key")
+        assert done.returncode == 0, done.stderr
+        key = done.stdout.strip()
+        assert Fernet(key.encode()).decrypt(Fernet(key.encode()).encrypt(b"x")) == b"x"
+        assert cli("secrets-key").stdout.strip() != key
+
+    async def test_rotate_re_encrypts_stored_secrets_under_the_newest_key(
+        self, cli: Cli, redis_server: RedisServer
+    ) -> None:
+        old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            stored = await ProviderConfigStore(redis, prefix="test:", box=SecretBox(old)).create(
+                provider_key="sandbox",
+                service_type="payment",
+                config={},
+                secrets_={"webhook_secret": "sandbox-secret-0123456789"},
+                capabilities=None,
+            )
+            done = cli("secrets", "rotate", PROVIDER_SECRETS_KEY=f"{new},{old}")
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == "re-encrypted 1 stored configuration(s)"
+            only_new = ProviderConfigStore(redis, prefix="test:", box=SecretBox(new))
+            assert await only_new.current_secrets(stored.id) == {
+                "webhook_secret": "sandbox-secret-0123456789"
+            }
+        finally:
+            await redis.aclose()
+
+
+class TestToken:
+    def test_admin_token_decodes_with_the_same_secret(self, cli: Cli) -> None:
+        done = cli("token", "--sub", "alice", "--admin", "--expires-minutes", "5")
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip()
+        user = decode_access_token(_settings(jwt_secret_key=JWT_SECRET), token)
+        assert (user.sub, user.is_admin) == ("alice", True)
+        claims = jwt.get_unverified_claims(token)
+        assert claims["exp"] - claims["iat"] == 5 * 60
+        with pytest.raises(InvalidToken):
+            decode_access_token(_settings(jwt_secret_key="another-secret-" + "x" * 32), token)
+
+    def test_plain_token_is_not_admin(self, cli: Cli) -> None:
+        done = cli("token", "--sub", "bob")
+        user = decode_access_token(_settings(jwt_secret_key=JWT_SECRET), done.stdout.strip())
+        assert (user.sub, user.is_admin) == ("bob", False)
+
+
+class TestBadSettings:
+    @pytest.mark.parametrize(
+        "args", [("token", "--sub", "alice"), ("providers", "list")], ids=["token", "providers"]
+    )
+    def test_exit_2_with_a_message_not_a_traceback(self, cli: Cli, args: tuple[str, ...]) -> None:
+        done = cli(*args, PAYMENT_PLANS="not json")
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert done.stderr.startswith("payments: invalid settings:")
+        assert "payment_plans" in done.stderr
+        assert "Traceback" not in done.stderr
