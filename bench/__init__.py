@@ -1,0 +1,4 @@
+"""Benchmarks for the payment service: `python -m bench` (see bench/harness.py).
+
+Benchmarks are not tests: they print figures and targets, and never fail on a missed target.
+"""

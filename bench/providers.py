@@ -1,0 +1,441 @@
+"""Provider benchmarks (issue 6, parts 2 and 4), against the fake Stripe in tests/fakes/.
+
+Part 2, provider latency: the fake answers every call after ``latency_ms`` and wrk keeps
+``in_flight`` create-intents (provider stripe, hosted Checkout) in flight. The service's rate is
+read against the ideal (in_flight / latency) and against the floor app doing the same Redis work
+after awaiting the same sleep; the fake's own rate under that load is shown for reference, since
+it bounds what the service can reach.
+
+Part 4, webhooks: signed ``checkout.session.expired`` events, each for a distinct pending
+Stripe payment (applied: pending -> expired), then the same deliveries replayed (each answered
+``duplicate``). Expired, not completed: a completed session makes the service queue a receipt
+render per event in the background, and thousands of queued renders would compete for the CPU
+with every later measurement (see the notes in the report).
+
+The payments for part 4 are written with the service's own ``PaymentStore`` (what create-intent
+stores), so that thousands can be made in seconds. The fake runs in a thread of this process
+(the bench process is otherwise idle while wrk runs).
+
+Only used when the Stripe provider and its fake exist: ``available()`` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from .procs import ROOT, BenchError
+from .report import Row
+from .wrk import Load, WrkResult, run_wrk
+
+STRIPE_SECRET_KEY = "sk_test_bench_0123456789abcdefghijklmnop"
+STRIPE_PUBLISHABLE_KEY = "pk_test_bench0123456789abcdefghijklmnop"
+STRIPE_WEBHOOK_SECRET = "whsec_bench_0123456789abcdefghijklmnop"
+API = "/api/v1/payment"
+
+
+@dataclass(frozen=True)
+class StripeConfig:
+    latency_ms: int  # how long the fake Stripe takes to answer each call
+    in_flight: int  # wrk connections for the provider-latency runs
+    duration_s: int
+    warmup_s: int  # 0: no warm-up runs
+    webhook_payments: int  # pending Stripe payments made for the webhook runs
+    webhook_warmup_payments: int  # of which this many are spent on the warm-up run
+
+
+def available() -> str | None:
+    """None when the Stripe provider and its fake are there and import; else why not."""
+    needed = (
+        ROOT / "tests" / "fakes" / "stripe_server.py",
+        ROOT / "services" / "payment_providers" / "stripe" / "__init__.py",
+    )
+    missing = [str(path.relative_to(ROOT)) for path in needed if not path.exists()]
+    if missing:
+        return "not there yet: " + ", ".join(missing)
+    try:
+        import services.payment_providers.stripe  # noqa: F401
+        import tests.fakes.stripe_server  # noqa: F401
+    except Exception as error:  # any failure to import means: cannot run
+        return f"does not import: {error!r}"
+    return None
+
+
+class _Slow:
+    """ASGI wrapper: answer every request ``latency_s`` later; keep the first raw body of a
+    Checkout Session create, to load the fake directly with the same request."""
+
+    def __init__(self, app: Any, latency_s: float) -> None:
+        self.app = app
+        self.latency_s = latency_s
+        self.session_body: bytes | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await asyncio.sleep(self.latency_s)
+        if self.session_body is None and scope["path"] == "/v1/checkout/sessions":
+            message = await receive()
+            self.session_body = message.get("body", b"")
+            replay = [message]
+
+            async def replayed() -> Any:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, replayed, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class FakeStripeServer:
+    url: str
+    slow: _Slow
+    fake: Any
+
+
+@contextmanager
+def fake_stripe(latency_ms: int) -> Iterator[FakeStripeServer]:
+    from tests.fakes.server import serve_in_thread
+    from tests.fakes.stripe_server import FakeStripe
+
+    fake = FakeStripe(api_key=STRIPE_SECRET_KEY)
+    slow = _Slow(fake.app, latency_ms / 1000)
+    with serve_in_thread(slow) as url:
+        # wrk drops its connections when a run ends: the fake's server would log a traceback
+        # for every request cut short that way (set after uvicorn configured its logging).
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+        fake.url = url
+        try:
+            yield FakeStripeServer(url=url, slow=slow, fake=fake)
+        finally:
+            fake.release_hangs()
+
+
+def service_environment(server: FakeStripeServer) -> dict[str, str]:
+    return {
+        "STRIPE_SECRET_KEY": STRIPE_SECRET_KEY,
+        "STRIPE_PUBLISHABLE_KEY": STRIPE_PUBLISHABLE_KEY,
+        "STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": server.url,
+    }
+
+
+# -- part 4: payments and signed events ------------------------------------------------------
+
+
+async def _seed_pending(redis_url: str, prefix: str, count: int) -> list[tuple[str, str]]:
+    """``count`` pending Stripe Checkout payments in the service's store: (id, reference)."""
+    from models.payment import PaymentRecord, PaymentStatus
+    from services.payment_store import PaymentStore
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store = PaymentStore(redis, prefix=prefix)
+        made: list[tuple[str, str]] = []
+        now = datetime.now(UTC)
+
+        async def one() -> None:
+            payment_id = f"cs_test_{secrets.token_hex(28)}"
+            reference = f"ord_{secrets.token_hex(12)}"
+            record = PaymentRecord(
+                payment_id=payment_id,
+                provider="stripe",
+                reference=reference,
+                plan="pro",
+                amount=2900,
+                currency="EUR",
+                status=PaymentStatus.PENDING,
+                owner="bench-user",
+                redirect_url=f"https://checkout.stripe.com/c/pay/{payment_id}",
+                created_at=now,
+                updated_at=now,
+            )
+            if not await store.create(record, cause="bench:seed"):
+                raise BenchError(f"payment {payment_id} existed already")
+            made.append((payment_id, reference))
+
+        # 50 at a time: redis-py's pool refuses more than 100 connections by default.
+        for start in range(0, count, 50):
+            await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+        return made
+    finally:
+        await redis.aclose()
+
+
+async def _count_status(redis_url: str, prefix: str, payment_ids: list[str], status: str) -> int:
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        found = 0
+        for start in range(0, len(payment_ids), 1000):
+            async with redis.pipeline(transaction=False) as pipe:
+                for payment_id in payment_ids[start : start + 1000]:
+                    pipe.hget(f"{prefix}pay:{{{payment_id}}}", "status")
+                values = await pipe.execute()
+            found += sum(1 for value in values if value == status)
+        return found
+    finally:
+        await redis.aclose()
+
+
+def _session_object(template: dict[str, Any], payment_id: str, reference: str) -> dict[str, Any]:
+    session = dict(template)
+    session.update(
+        {
+            "id": payment_id,
+            "amount_subtotal": 2900,
+            "amount_total": 2900,
+            "currency": "eur",
+            "client_reference_id": reference,
+            "metadata": {"reference": reference},
+            "payment_intent": None,
+            "payment_status": "unpaid",
+            "status": "expired",
+            "expires_at": int(time.time()),
+        }
+    )
+    return session
+
+
+def write_events(payments: list[tuple[str, str]], path: Path) -> None:
+    """One signed delivery a line: ``<Stripe-Signature>\\t<body>``, as Stripe would POST it
+    (bodies compact, so that one fits on a line; the signature covers the bytes sent)."""
+    import stripe
+
+    from tests.fakes.stripe_server import new_id
+    from tests.fakes.stripe_spec import load_fixtures
+
+    template = load_fixtures()["checkout.session"]
+    lines = []
+    for payment_id, reference in payments:
+        event = {
+            "id": new_id("evt_"),
+            "object": "event",
+            "api_version": stripe.api_version,
+            "created": int(time.time()),
+            "data": {"object": _session_object(template, payment_id, reference)},
+            "livemode": False,
+            "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": "checkout.session.expired",
+        }
+        body = json.dumps(event, separators=(",", ":"))
+        header = stripe.WebhookSignature.generate_signature_header(body, STRIPE_WEBHOOK_SECRET)
+        lines.append(f"{header}\t{body}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -- the suite --------------------------------------------------------------------------------
+
+
+@dataclass
+class StripeSuite:
+    """Runs while the service (configured for the fake) and the floor app are up."""
+
+    config: StripeConfig
+    server: FakeStripeServer
+    redis_url: str
+    key_prefix: str
+    token: str
+    workdir: Path
+    threads: int
+    log: Callable[[str], None]
+
+    def _load(self, seconds: int) -> Load:
+        return Load(self.threads, self.config.in_flight, seconds)
+
+    def _warm(self, url: str, script: str, args: list[str]) -> None:
+        if self.config.warmup_s:
+            run_wrk(url, script, args, self._load(self.config.warmup_s), workdir=self.workdir)
+
+    def _wrk(self, url: str, script: str, args: list[str]) -> WrkResult:
+        self._warm(url, script, args)
+        result = run_wrk(
+            url, script, args, self._load(self.config.duration_s), workdir=self.workdir
+        )
+        self.log(f"  {script} @ {url}: {result.describe()}")
+        return result
+
+    def run(self, service_url: str, floor_url: str, workers: int) -> list[Row]:
+        rows = self.provider_latency(service_url, floor_url, workers)
+        rows += self.webhooks(service_url, workers)
+        violations = list(self.server.fake.violations)
+        if violations:
+            # The service sent requests Stripe's API description does not allow.
+            self.log(f"the fake Stripe saw {len(violations)} invalid request(s): {violations[:3]}")
+        return rows
+
+    def provider_latency(self, service_url: str, floor_url: str, workers: int) -> list[Row]:
+        cfg = self.config
+        with httpx.Client(base_url=service_url, timeout=30) as client:
+            answer = client.post(
+                f"{API}/create-intent",
+                json={"plan": "pro", "provider": "stripe"},
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Idempotency-Key": f"check-{secrets.token_hex(8)}",
+                },
+            )
+        if answer.status_code != 201 or not answer.json()["payment_id"].startswith("cs_"):
+            raise BenchError(f"Stripe create-intent answered {answer.status_code}: {answer.text}")
+        if self.server.slow.session_body is None:
+            raise BenchError("the fake Stripe saw no Checkout Session request")
+        self.log(
+            f"provider latency: fake Stripe answers in {cfg.latency_ms} ms, "
+            f"{cfg.in_flight} requests in flight"
+        )
+        tag = secrets.token_hex(6)
+        service = self._wrk(
+            f"{service_url}{API}/create-intent",
+            "create_intent",
+            [self.token, f"stripe{tag}", '{"plan": "pro", "provider": "stripe"}'],
+        )
+        floor = self._wrk(
+            f"{floor_url}{API}/create-intent-sleep",
+            "create_intent",
+            [self.token, f"floor{tag}", '{"plan": "pro"}'],
+        )
+        fake = self._wrk(
+            f"{self.server.url}/v1/checkout/sessions",
+            "create_intent",
+            [
+                STRIPE_SECRET_KEY,
+                f"fake{tag}",
+                self.server.slow.session_body.decode(),
+                "application/x-www-form-urlencoded",
+            ],
+        )
+        ideal = cfg.in_flight / (cfg.latency_ms / 1000)
+        label = (
+            f"Stripe create-intent, fake answering in {cfg.latency_ms} ms, "
+            f"{cfg.in_flight} in flight"
+        )
+        invalid = _invalid(service, floor, fake)
+        return [
+            Row(
+                measure=f"{label}: req/s",
+                workers=str(workers),
+                service=service.describe(),
+                baseline=f"ideal {cfg.in_flight}/{cfg.latency_ms / 1000:g} s: {ideal:,.0f} req/s",
+                ratio=service.rps / ideal,
+                invalid=invalid,
+            ),
+            Row(
+                measure=f"{label}: req/s",
+                workers=str(workers),
+                service=service.describe(),
+                baseline=f"floor awaiting {cfg.latency_ms} ms, then its Redis work: "
+                + floor.describe(),
+                ratio=service.rps / floor.rps if floor.rps else None,
+                invalid=invalid,
+            ),
+            Row(
+                measure=f"{label}: the fake Stripe alone (its ceiling)",
+                workers="1 thread",
+                service=fake.describe(),
+                baseline=f"ideal: {ideal:,.0f} req/s",
+                ratio=fake.rps / ideal,
+                invalid=_invalid(fake),
+            ),
+        ]
+
+    def webhooks(self, service_url: str, workers: int) -> list[Row]:
+        cfg = self.config
+        self.log(f"webhooks: {cfg.webhook_payments} pending Stripe payments, signed events")
+        payments = asyncio.run(
+            _seed_pending(self.redis_url, self.key_prefix, cfg.webhook_payments + 1)
+        )
+        check, payments = payments[0], payments[1:]
+        warm, measured = (
+            payments[: cfg.webhook_warmup_payments],
+            payments[cfg.webhook_warmup_payments :],
+        )
+        files = {}
+        for name, chunk in (("check", [check]), ("warm", warm), ("events", measured)):
+            files[name] = self.workdir / f"stripe-{name}.txt"
+            if chunk:
+                write_events(chunk, files[name])
+        signature, body = files["check"].read_text().rstrip("\n").split("\t", 1)
+        with httpx.Client(base_url=service_url, timeout=30) as client:
+            answer = client.post(
+                f"{API}/webhook/stripe",
+                content=body.encode(),
+                headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+            )
+        if answer.status_code != 200 or answer.json().get("outcome") != "applied":
+            raise BenchError(f"Stripe webhook answered {answer.status_code}: {answer.text}")
+
+        url = f"{service_url}{API}/webhook/stripe"
+        threads = str(self.threads)
+        if warm:
+            self._warm(url, "webhooks", [str(files["warm"]), threads])
+        applied = run_wrk(
+            url,
+            "webhooks",
+            [str(files["events"]), threads],
+            self._load(cfg.duration_s),
+            workdir=self.workdir,
+        )
+        self.log(f"  webhooks (first deliveries) @ {url}: {applied.describe()}")
+        ids = [payment_id for payment_id, _ in measured]
+        moved = asyncio.run(_count_status(self.redis_url, self.key_prefix, ids, "expired"))
+        # Replay only deliveries that surely arrived before (the last ones sent may not have):
+        # each one is then a duplicate, however often the run goes round.
+        sent = files["events"].read_text().splitlines()
+        replay = files["events"].with_name("stripe-replay.txt")
+        replay.write_text("\n".join(sent[: max(1, min(moved, len(sent)) - cfg.in_flight)]) + "\n")
+        if warm:
+            self._warm(url, "webhooks", [str(replay), threads])
+        replayed = run_wrk(
+            url,
+            "webhooks",
+            [str(replay), threads],
+            self._load(cfg.duration_s),
+            workdir=self.workdir,
+        )
+        self.log(f"  webhooks (replayed) @ {url}: {replayed.describe()}")
+
+        note = ""
+        if applied.requests > moved:
+            note = (
+                f"; {applied.requests - moved:,} of {applied.requests:,} were re-deliveries: "
+                f"only {len(measured):,} events were prepared"
+            )
+        return [
+            Row(
+                measure="Stripe webhooks, signed, first delivery (applied): events/s",
+                workers=str(workers),
+                service=f"{applied.describe()}; {moved:,} payments moved{note}",
+                baseline="",
+                ratio=None,
+                invalid=_invalid(applied),
+            ),
+            Row(
+                measure="Stripe webhooks, the same deliveries replayed (duplicates): events/s",
+                workers=str(workers),
+                service=replayed.describe(),
+                baseline=f"first deliveries: {applied.rps:,.0f} events/s",
+                ratio=replayed.rps / applied.rps if applied.rps else None,
+                invalid=_invalid(replayed),
+            ),
+        ]
+
+
+def _invalid(*results: WrkResult) -> str | None:
+    bad = [r for r in results if r.errors]
+    if not bad:
+        return None
+    return ", ".join(f"{r.non_2xx} non-2xx/{r.socket_errors} socket errors" for r in bad)
