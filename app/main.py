@@ -24,6 +24,7 @@ from services.payment_store import PaymentStore
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import ProviderManager
 from services.receipt_service import ReceiptService
+from services.reconciler import Reconciler
 
 log = logging.getLogger("payments.app")
 
@@ -63,9 +64,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         deadline_s=settings.provider_deadline_seconds,
     )
     service = PaymentService(settings, store, manager, receipts, guard)
+    reconciler = Reconciler(
+        service,
+        store,
+        redis,
+        schedule_s=settings.reconcile_schedule,
+        interval_s=settings.reconcile_interval_seconds,
+        batch=settings.reconcile_batch,
+    )
     app.state.store = store
     app.state.provider_configs = configs
     app.state.service = service
+    app.state.reconciler = reconciler
     if settings.receipt_warm_up:
         await receipts.warm_up()
     log.info(
@@ -76,9 +86,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "configured": [p.name for p in manager.current.providers() if p.is_configured()],
         },
     )
+    if settings.reconcile_enabled:
+        reconciler.start()
     try:
         yield
     finally:
+        await reconciler.aclose()
         await service.drain()
         receipts.close()
         await manager.aclose()

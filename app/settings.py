@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     breaker_window_seconds: float = Field(default=30.0, gt=0)
     breaker_cooldown_seconds: float = Field(default=15.0, gt=0)
 
+    # Reconciliation: one worker (the leader, by a Redis lock) re-verifies payments that are
+    # still open, or whose last operation's outcome is unknown, after each of these delays
+    # (seconds; 1 min, 10 min, 1 h, 1 day by default), then gives up and logs it.
+    reconcile_enabled: bool = True
+    reconcile_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [60.0, 600.0, 3600.0, 86400.0], min_length=1
+    )
+    reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    reconcile_batch: int = Field(default=50, ge=1, le=1000)
+
     # Signs the sandbox's own webhooks. The sandbox never runs in production.
     sandbox_webhook_secret: SecretStr = SecretStr("sandbox-webhook-secret")
 
@@ -89,6 +99,22 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("reconcile_schedule", mode="before")
+    @classmethod
+    def _schedule_list(cls, value: object) -> object:
+        # RECONCILE_SCHEDULE=60,600,3600 as well as a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.split(",")
+        return value
+
+    @field_validator("reconcile_schedule")
+    @classmethod
+    def _schedule_positive(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("RECONCILE_SCHEDULE delays must be positive seconds")
         return value
 
     @field_validator("payment_plans")

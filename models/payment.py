@@ -6,7 +6,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 # Payment IDs are opaque to clients; this charset covers every provider's IDs and keeps them
 # safe in Redis keys, file names and URLs.
@@ -102,6 +110,35 @@ class PaymentRecord(BaseModel):
 # -- requests ------------------------------------------------------------------------------
 
 
+def _also_boolean(schema: dict[str, Any]) -> None:
+    """Document that a field taking an object or null also takes a boolean."""
+    schema.setdefault("anyOf", []).insert(0, {"type": "boolean"})
+
+
+class SandboxWebhooks(BaseModel):
+    """How the sandbox delivers one payment's webhooks: each option is a fault to inject."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    duplicate: int = Field(
+        default=1, ge=1, le=10, description="Deliver each event this many times, same event id"
+    )
+    delay_ms: int = Field(
+        default=0, ge=0, le=60_000, description="Wait this long before delivering each event"
+    )
+    reorder: bool = Field(
+        default=False,
+        description=(
+            "Hold each event until the payment's next one, then deliver the newer one first "
+            "(an event with no successor goes out alone after a few seconds)"
+        ),
+    )
+    bad_signature: bool = Field(
+        default=False,
+        description="Sign with a wrong key: the service must refuse it (400) and change nothing",
+    )
+
+
 class SandboxBehaviour(BaseModel):
     """Fault injection for the sandbox provider (ignored by every other provider)."""
 
@@ -116,6 +153,25 @@ class SandboxBehaviour(BaseModel):
         ),
     )
     delay_ms: int = Field(default=0, ge=0, le=60_000, description="Answer this much later")
+    webhooks: SandboxWebhooks | None = Field(
+        default=None,
+        description=(
+            "Push this payment's events as signed webhooks to the service's own "
+            "`/api/v1/payment/webhook/sandbox` (`true`, or an object to add delivery faults); "
+            "the checkout page then no longer tells the service directly"
+        ),
+        json_schema_extra=_also_boolean,
+    )
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks_flag(cls, value: object) -> object:
+        # `true` asks for plain deliveries, `false` for none; an object picks delivery faults.
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
 
 
 class CreateIntentRequest(BaseModel):
@@ -141,7 +197,11 @@ class CreateIntentRequest(BaseModel):
         default=None, description="Providers with capture: authorize now, capture later"
     )
     sandbox: SandboxBehaviour | None = Field(
-        default=None, description="Sandbox only: make this payment fail or answer slowly"
+        default=None,
+        description=(
+            "Sandbox only: make this payment fail or answer slowly, or push its webhooks "
+            "with delivery faults"
+        ),
     )
 
     @property
@@ -196,6 +256,18 @@ class PaymentResponse(BaseModel):
     provider: str
     amount_refunded: int = 0
     receipt_url: str | None = None
+
+
+class PaymentHistoryResponse(BaseModel):
+    """A payment's provider attempts (where it was tried, how each went) and every change
+    of its status, oldest first."""
+
+    payment_id: str
+    status: PaymentStatus
+    provider: str
+    reference: str
+    attempts: list[ProviderAttempt]
+    transitions: list[HistoryEntry]
 
 
 class ReceiptResponse(BaseModel):

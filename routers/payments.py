@@ -14,6 +14,7 @@ from models.payment import (
     PAYMENT_ID_PATTERN,
     CreateIntentRequest,
     IntentResponse,
+    PaymentHistoryResponse,
     PaymentResponse,
     ReceiptResponse,
     RefundRequest,
@@ -146,6 +147,19 @@ async def capture_paypal(
     payment_id: PaymentIdPath, user: OptionalUser, service: PaymentServiceDep
 ) -> PaymentResponse:
     return await service.capture(_checked_id(payment_id), user, provider_name="paypal")
+
+
+@router.get(
+    "/{payment_id}/history",
+    response_model=PaymentHistoryResponse,
+    dependencies=[Depends(RateLimit("receipt", 30))],
+    responses=problems(401, 404, 429, 503),
+    summary="A payment's provider attempts and status changes (owner or admin)",
+)
+async def history(
+    payment_id: PaymentIdPath, user: CurrentUser, service: PaymentServiceDep
+) -> PaymentHistoryResponse:
+    return await service.history(_checked_id(payment_id), user)
 
 
 @router.post(

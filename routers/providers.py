@@ -228,6 +228,32 @@ async def mappings(
     )
 
 
+class ReconciliationStats(BaseModel):
+    runs: int
+    checked: int
+    changed: int
+    settled: int
+    gave_up: int
+    errors: int
+    queued: int = Field(description="Payments waiting to be verified again")
+    due: int = Field(description="Of those, the ones whose time has come")
+    schedule_seconds: list[float]
+    last_run_at: str | None
+    last_run_ms: float | None
+    leader: str | None = Field(description="The worker doing reconciliation now")
+    this_worker: str
+
+
+@router.get(
+    "/reconciliation",
+    response_model=ReconciliationStats,
+    responses=problems(401, 403, 503),
+    summary="What the reconciliation job has done, and what it still has to do",
+)
+async def reconciliation(_admin: AdminUser, request: Request) -> ReconciliationStats:
+    return ReconciliationStats.model_validate(await request.app.state.reconciler.stats())
+
+
 @router.get("/configs", response_model=list[StoredProviderConfig], responses=problems(401, 403))
 async def list_configs(_admin: AdminUser, configs: ConfigStoreDep) -> list[StoredProviderConfig]:
     return await configs.all()

@@ -11,11 +11,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.errors import (
     IdempotencyKeyReused,
@@ -35,6 +35,7 @@ from app.errors import (
 from models.payment import (
     CreateIntentRequest,
     IntentResponse,
+    PaymentHistoryResponse,
     PaymentRecord,
     PaymentResponse,
     PaymentStatus,
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
     from services.receipt_service import ReceiptService
 
 log = logging.getLogger("payments.service")
+
+T = TypeVar("T")
 
 API_PREFIX = "/api/v1/payment"
 IDEMPOTENCY_WAIT_S = 10.0
@@ -237,7 +240,12 @@ class PaymentService:
             if idempotency
             else None
         )
-        if not await self._store.create(record, cause="api:create-intent", idempotency=answer):
+        if not await self._store.create(
+            record,
+            cause="api:create-intent",
+            idempotency=answer,
+            reconcile_after_s=self._reconcile_after_s,
+        ):
             # The vendor replayed an earlier object for this key (our first attempt stored it
             # but could not record its answer): answer with what we stored then.
             stored = await self._store.get(result.payment_id)
@@ -405,6 +413,41 @@ class PaymentService:
             self._render_receipt_soon(updated)
         return updated, result.outcome
 
+    @property
+    def _reconcile_after_s(self) -> float | None:
+        settings = self._settings
+        return settings.reconcile_schedule[0] if settings.reconcile_enabled else None
+
+    async def reconcile_payment(self, record: PaymentRecord) -> PaymentRecord:
+        """What the reconciler does for one payment: ask its provider and apply the answer."""
+        if record.status is PaymentStatus.REFUNDED:
+            return record
+        provider = self.providers.for_payment_id(record.payment_id)
+        state = await self._guard.run(provider, partial(provider.verify_payment, record.payment_id))
+        return await self._apply(record, state, cause="reconcile")
+
+    async def _operate(
+        self,
+        provider: BasePaymentProvider,
+        call: Callable[[], Awaitable[T]],
+        record: PaymentRecord,
+    ) -> T:
+        """Run a money-moving call. When its outcome is unknown (the request may have reached
+        the provider), the payment is queued to be verified again soon: the caller's retry
+        or the reconciler, whichever comes first, brings our record in line."""
+        try:
+            return await self._guard.run(provider, call)
+        except ProviderUnavailable as error:
+            if error.outcome_unknown and self._reconcile_after_s is not None:
+                await self._store.schedule_reconcile(
+                    record.payment_id, after_s=self._reconcile_after_s
+                )
+                log.warning(
+                    "payment.outcome_unknown",
+                    extra={"payment_id": record.payment_id, "code": error.code},
+                )
+            raise
+
     def _response(self, record: PaymentRecord) -> PaymentResponse:
         return PaymentResponse(
             payment_id=record.payment_id,
@@ -417,6 +460,21 @@ class PaymentService:
             receipt_url=(
                 f"{API_PREFIX}/receipt/{record.payment_id}/pdf" if record.status.is_paid else None
             ),
+        )
+
+    async def history(self, payment_id: str, user: User) -> PaymentHistoryResponse:
+        """Attempts and transitions, for the payment's owner or an admin."""
+        self.providers.for_payment_id(payment_id)
+        record = await self._store.get(payment_id)
+        if record is None or not (user.is_admin or record.owner == user.sub):
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        return PaymentHistoryResponse(
+            payment_id=record.payment_id,
+            status=record.status,
+            provider=record.provider,
+            reference=record.reference,
+            attempts=record.attempts,
+            transitions=await self._store.history(payment_id),
         )
 
     # -- capture, cancel, refund -----------------------------------------------------------
@@ -435,8 +493,10 @@ class PaymentService:
             return self._response(record)
         if record.status in _FINAL_UNPAID:
             raise InvalidStateTransition(f"A {record.status} payment cannot be captured")
-        state = await self._guard.run(
-            provider, partial(provider.capture, payment_id, idempotency_key=f"capture-{payment_id}")
+        state = await self._operate(
+            provider,
+            partial(provider.capture, payment_id, idempotency_key=f"capture-{payment_id}"),
+            record,
         )
         return self._response(await self._apply(record, state, cause="api:capture"))
 
@@ -447,8 +507,10 @@ class PaymentService:
             return self._response(record)
         if record.status.is_paid or record.status in _FINAL_UNPAID:
             raise InvalidStateTransition(f"A {record.status} payment cannot be canceled")
-        state = await self._guard.run(
-            provider, partial(provider.cancel, payment_id, idempotency_key=f"cancel-{payment_id}")
+        state = await self._operate(
+            provider,
+            partial(provider.cancel, payment_id, idempotency_key=f"cancel-{payment_id}"),
+            record,
         )
         return self._response(await self._apply(record, state, cause="api:cancel"))
 
@@ -473,7 +535,7 @@ class PaymentService:
             # Same refund asked again (a retry) reaches the vendor with the same key.
             idempotency_key=f"refund-{payment_id}-{record.amount_refunded}-{amount}",
         )
-        result = await self._guard.run(provider, refund_call)
+        result = await self._operate(provider, refund_call, record)
         if result.status == "failed":
             raise ProviderUpstreamError("The provider refused the refund", provider=provider.name)
         total = result.amount_refunded_total or record.amount_refunded + amount

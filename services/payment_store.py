@@ -133,6 +133,29 @@ if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1])
 return {hits, ttl}
 """
 
+# KEYS: reconciliation queue (zset), steps (hash). ARGV: now, lease seconds, batch size.
+# Takes the payments that are due and pushes each one lease ahead, so that a leader that dies
+# mid-batch leaves them to be taken again after the lease, not lost.
+_RECONCILE_CLAIM_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local claimed = {}
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+  claimed[#claimed + 1] = id
+  claimed[#claimed + 1] = redis.call('HGET', KEYS[2], id) or '0'
+end
+return claimed
+"""
+
+OPEN_STATUSES = frozenset(
+    {
+        PaymentStatus.CREATED,
+        PaymentStatus.PENDING,
+        PaymentStatus.PROCESSING,
+        PaymentStatus.REQUIRES_CAPTURE,
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Mapping_:
@@ -205,6 +228,11 @@ class PaymentStore:
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._idempotency_begin = redis.register_script(_IDEMPOTENCY_BEGIN_LUA)
         self._rate_limit = redis.register_script(_RATE_LIMIT_LUA)
+        self._reconcile_claim = redis.register_script(_RECONCILE_CLAIM_LUA)
+        recon = f"{prefix}{{recon}}"
+        self._recon_queue, self._recon_steps = f"{recon}:queue", f"{recon}:steps"
+        self.reconcile_stats_key = f"{recon}:stats"
+        self.reconcile_leader_key = f"{recon}:leader"
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -275,9 +303,13 @@ class PaymentStore:
         *,
         cause: str = "api",
         idempotency: IdempotencyAnswer | None = None,
+        reconcile_after_s: float | None = None,
     ) -> bool:
         """Store a new payment, its reference index and, when given, the idempotency answer,
         in one round trip. False when a payment with that ID exists already.
+
+        With ``reconcile_after_s``, an open payment is also queued for reconciliation then,
+        so that a lost webhook cannot leave it open for good.
 
         The commands run in order on one connection, so the answer is never stored before the
         payment exists. The script goes as EVAL, not EVALSHA: redis-py would otherwise check
@@ -295,6 +327,9 @@ class PaymentStore:
             )
             if idempotency is not None:
                 self._queue_idempotency_answer(pipe, idempotency)
+            if reconcile_after_s is not None and record.status in OPEN_STATUSES:
+                due = record.created_at.timestamp() + reconcile_after_s
+                pipe.zadd(self._recon_queue, {record.payment_id: due}, nx=True)
             created, *_ = await pipe.execute()
         return bool(created)
 
@@ -382,6 +417,38 @@ class PaymentStore:
                 keys=[f"{self._prefix}rl:{{{bucket}}}"], args=[window_s * 1000]
             )
         return int(hits), int(ttl_ms) / 1000
+
+    # -- reconciliation queue --------------------------------------------------------------
+
+    async def schedule_reconcile(self, payment_id: str, *, after_s: float, step: int = 0) -> None:
+        """Queue ``payment_id`` to be re-verified in ``after_s`` (sooner if already due)."""
+        async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self._recon_queue, {payment_id: _now().timestamp() + after_s}, lt=True)
+            pipe.hset(self._recon_steps, payment_id, str(step))
+            await pipe.execute()
+
+    async def claim_due_reconciles(self, *, lease_s: float, limit: int) -> list[tuple[str, int]]:
+        """The payments due for reconciliation with the step each is at, leased to us."""
+        async with store_errors():
+            flat = await self._reconcile_claim(
+                keys=[self._recon_queue, self._recon_steps],
+                args=[_now().timestamp(), lease_s, limit],
+            )
+        return [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def finish_reconcile(self, payment_id: str) -> None:
+        async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._recon_queue, payment_id)
+            pipe.hdel(self._recon_steps, payment_id)
+            await pipe.execute()
+
+    async def reconcile_queue_size(self) -> tuple[int, int]:
+        """(queued, due now)."""
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._recon_queue)
+            pipe.zcount(self._recon_queue, "-inf", _now().timestamp())
+            queued, due = await pipe.execute()
+        return int(queued), int(due)
 
 
 class store_errors:

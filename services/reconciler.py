@@ -1,0 +1,232 @@
+"""Reconciliation: payments left open, or after an operation whose outcome is unknown, are
+verified again with the provider on a growing schedule, so that a lost webhook or a crashed
+request never leaves a payment wrong for long.
+
+Every worker runs a ``Reconciler``; only the one holding the leader lock (a Redis key with a
+short expiry that its holder keeps renewing) does the work, so the providers see one
+verification per payment and step, however many workers there are. Due payments are leased,
+not removed, while they are checked: a leader that dies mid-batch leaves them to its successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+
+from app.errors import ServiceError
+from services.payment_store import OPEN_STATUSES, store_errors
+
+if TYPE_CHECKING:
+    from services.payment_service import PaymentService
+    from services.payment_store import PaymentStore
+
+log = logging.getLogger("payments.reconcile")
+
+# KEYS: leader key. ARGV: our token, lease in ms. Take the lock, or keep it if it is ours.
+_LEAD_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: leader key. ARGV: our token. Let go of the lock only if it is still ours.
+_RESIGN_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class ReconcileRun:
+    """What one pass did; also logged as ``reconcile.run``."""
+
+    leader: bool
+    checked: int = 0
+    changed: int = 0
+    settled: int = 0
+    gave_up: int = 0
+    errors: int = 0
+    payments: dict[str, str] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        service: PaymentService,
+        store: PaymentStore,
+        redis: Redis,
+        *,
+        schedule_s: list[float],
+        interval_s: float,
+        batch: int,
+    ) -> None:
+        self._service = service
+        self._store = store
+        self._redis = redis
+        self._schedule = schedule_s
+        self._interval_s = interval_s
+        self._batch = batch
+        # The lock outlives a few missed ticks, not a dead worker: another takes over soon.
+        self._lease_ms = int(max(interval_s * 3, 2.0) * 1000)
+        self._token = secrets.token_hex(8)
+        self._lead = redis.register_script(_LEAD_LUA)
+        self._resign = redis.register_script(_RESIGN_LUA)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def worker_id(self) -> str:
+        return self._token
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=2.0)
+        try:
+            async with store_errors():
+                await self._resign(keys=[self._store.reconcile_leader_key], args=[self._token])
+        except ServiceError:
+            pass  # Redis away: the lock expires by itself
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            try:
+                await self.run_once()
+            except ServiceError:
+                pass  # Redis away: try again next tick
+            except Exception:
+                log.exception("reconcile.failed")
+            await asyncio.sleep(self._interval_s)
+
+    async def is_leader(self) -> bool:
+        """Take or renew the leader lock; True while this worker holds it."""
+        async with store_errors():
+            held = await self._lead(
+                keys=[self._store.reconcile_leader_key], args=[self._token, self._lease_ms]
+            )
+        return bool(held)
+
+    async def run_once(self) -> ReconcileRun:
+        """One pass: if this worker leads, verify every payment that is due."""
+        if not await self.is_leader():
+            return ReconcileRun(leader=False)
+        run = ReconcileRun(leader=True)
+        started = time.perf_counter()
+        # A lease long enough for the batch's provider calls, each bounded by its deadline.
+        lease_s = max(self._interval_s * 4, 60.0)
+        due = await self._store.claim_due_reconciles(lease_s=lease_s, limit=self._batch)
+        for payment_id, step in due:
+            await self._reconcile(payment_id, step, run)
+        if due:
+            await self._record(run, time.perf_counter() - started)
+        return run
+
+    async def _reconcile(self, payment_id: str, step: int, run: ReconcileRun) -> None:
+        run.checked += 1
+        try:
+            before = await self._store.get(payment_id)
+            if before is None:
+                await self._store.finish_reconcile(payment_id)
+                return
+            after = await self._service.reconcile_payment(before)
+        except ServiceError as error:
+            # The provider (or Redis) is away: same step again after the first delay.
+            run.errors += 1
+            run.payments[payment_id] = f"error:{error.code}"
+            log.warning(
+                "reconcile.error",
+                extra={"payment_id": payment_id, "code": error.code, "step": step},
+            )
+            await self._store.schedule_reconcile(payment_id, after_s=self._schedule[0], step=step)
+            return
+        if after.status != before.status:
+            run.changed += 1
+            log.info(
+                "reconcile.changed",
+                extra={
+                    "payment_id": payment_id,
+                    "from": str(before.status),
+                    "to": str(after.status),
+                },
+            )
+        run.payments[payment_id] = str(after.status)
+        if after.status not in OPEN_STATUSES:
+            run.settled += 1
+            await self._store.finish_reconcile(payment_id)
+        elif step + 1 < len(self._schedule):
+            await self._store.schedule_reconcile(
+                payment_id, after_s=self._schedule[step + 1], step=step + 1
+            )
+        else:
+            run.gave_up += 1
+            log.warning(
+                "reconcile.gave_up",
+                extra={"payment_id": payment_id, "status": str(after.status), "steps": step + 1},
+            )
+            await self._store.finish_reconcile(payment_id)
+
+    async def _record(self, run: ReconcileRun, elapsed_s: float) -> None:
+        stats = self._store.reconcile_stats_key
+        async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(stats, "runs", 1)
+            for name in ("checked", "changed", "settled", "gave_up", "errors"):
+                pipe.hincrby(stats, name, getattr(run, name))
+            pipe.hset(
+                stats,
+                mapping={
+                    "last_run_at": datetime.now(UTC).isoformat(),
+                    "last_run_ms": str(round(elapsed_s * 1000, 1)),
+                    "last_leader": self._token,
+                },
+            )
+            await pipe.execute()
+        log.info(
+            "reconcile.run",
+            extra={
+                "checked": run.checked,
+                "changed": run.changed,
+                "settled": run.settled,
+                "gave_up": run.gave_up,
+                "errors": run.errors,
+                "ms": round(elapsed_s * 1000, 1),
+            },
+        )
+
+    async def stats(self) -> dict[str, object]:
+        """Totals since the stats were last cleared, the queue, and who leads now."""
+        async with store_errors():
+            raw = await self._redis.hgetall(self._store.reconcile_stats_key)
+            leader = await self._redis.get(self._store.reconcile_leader_key)
+        queued, due = await self._store.reconcile_queue_size()
+        totals = {
+            name: int(raw.get(name, 0))
+            for name in ("runs", "checked", "changed", "settled", "gave_up", "errors")
+        }
+        return {
+            **totals,
+            "queued": queued,
+            "due": due,
+            "schedule_seconds": self._schedule,
+            "last_run_at": raw.get("last_run_at"),
+            "last_run_ms": float(raw["last_run_ms"]) if "last_run_ms" in raw else None,
+            "leader": leader,
+            "this_worker": self._token,
+        }
