@@ -1,0 +1,700 @@
+"""The Stripe flow through the service's HTTP API, against the fake Stripe over real HTTP.
+
+Create in both modes, pay, verify or webhook, receipt, capture, cancel, partial and full
+refund, and the failures a client sees. Only the service's endpoints are called; the fake
+stands in for Stripe and, through ``FakeStripe.pay``, for the customer on Stripe's page.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pypdf import PdfReader
+
+from tests.conftest import assert_problem, bearer, create_payment
+from tests.fakes.stripe_server import FakeStripe, FaultKind, running_fake_stripe
+from tests.providers.stripe.conftest import (
+    PUBLISHABLE_KEY,
+    SECRET_KEY,
+    WEBHOOK_SECRET,
+    assert_no_violations,
+)
+
+API = "/api/v1/payment"
+WEBHOOK = f"{API}/webhook/stripe"
+SESSIONS = "/v1/checkout/sessions"
+INTENTS = "/v1/payment_intents"
+WRONG_KEY = "sk_test_51WrongKeyNobodyIssued0000000000000"
+# Stripe answers within milliseconds here; a short timeout keeps the hang cases quick.
+TIMEOUT_S = 0.5
+PRO_PRICE = 2900
+
+
+@pytest.fixture(scope="session")
+def stripe_server() -> Iterator[FakeStripe]:
+    with running_fake_stripe(api_key=SECRET_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_stripe(stripe_server: FakeStripe) -> Iterator[FakeStripe]:
+    stripe_server.reset()
+    yield stripe_server
+    try:
+        assert_no_violations(stripe_server)
+    finally:
+        stripe_server.reset()
+
+
+def stripe_overrides(fake: FakeStripe, **extra: Any) -> dict[str, Any]:
+    return {
+        "stripe_secret_key": SECRET_KEY,
+        "stripe_publishable_key": PUBLISHABLE_KEY,
+        "stripe_webhook_secret": WEBHOOK_SECRET,
+        "stripe_api_base": fake.url,
+        "provider_timeout_seconds": TIMEOUT_S,
+        **extra,
+    }
+
+
+@pytest.fixture
+def settings_overrides(fake_stripe: FakeStripe) -> dict[str, Any]:
+    return stripe_overrides(fake_stripe)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_any_response(client: httpx.AsyncClient) -> None:
+    """Whatever a test does, no answer of the service carries a Stripe secret."""
+
+    async def check(response: httpx.Response) -> None:
+        await response.aread()
+        for secret in (SECRET_KEY, WRONG_KEY, WEBHOOK_SECRET):
+            assert secret.encode() not in response.content, f"{response.url} leaked a secret"
+
+    client.event_hooks["response"].append(check)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+async def create_stripe(
+    client: httpx.AsyncClient, *, token: str | None = None, **body: Any
+) -> dict[str, Any]:
+    return await create_payment(client, token=token, provider="stripe", **body)
+
+
+async def verify(
+    client: httpx.AsyncClient, payment_id: str, *, token: str | None = None
+) -> httpx.Response:
+    return await client.post(
+        f"{API}/verify", json={"payment_id": payment_id}, headers=bearer(token) if token else {}
+    )
+
+
+async def deliver(
+    client: httpx.AsyncClient,
+    event: dict[str, Any],
+    *,
+    secret: str = WEBHOOK_SECRET,
+    timestamp: int | None = None,
+) -> httpx.Response:
+    body, headers = FakeStripe.signed_delivery(event, secret, timestamp=timestamp)
+    return await client.post(WEBHOOK, content=body, headers=headers)
+
+
+async def stored_status(app: Any, payment_id: str) -> str:
+    """What the service holds now, read without asking Stripe (verify would)."""
+    record = await app.state.store.get(payment_id)
+    return str(record.status)
+
+
+async def paid_by_verify(
+    client: httpx.AsyncClient, fake: FakeStripe, token: str, **body: Any
+) -> str:
+    payment = await create_stripe(client, token=token, **body)
+    fake.pay(payment["payment_id"])
+    response = await verify(client, payment["payment_id"], token=token)
+    assert response.json()["status"] == "succeeded", response.text
+    return str(payment["payment_id"])
+
+
+async def refund(
+    client: httpx.AsyncClient, payment_id: str, token: str, amount: int | None = None
+) -> httpx.Response:
+    return await client.post(
+        f"{API}/{payment_id}/refund",
+        json={"amount": amount} if amount is not None else None,
+        headers=bearer(token),
+    )
+
+
+async def refund_in_dashboard(fake: FakeStripe, intent_id: str, amount: int) -> None:
+    """Someone refunds in Stripe's dashboard: the service learns of it by webhook only."""
+    async with httpx.AsyncClient(base_url=fake.url) as stripe_api:
+        response = await stripe_api.post(
+            "/v1/refunds",
+            data={"payment_intent": intent_id, "amount": str(amount)},
+            headers={"Authorization": f"Bearer {SECRET_KEY}"},
+        )
+    assert response.status_code == 200, response.text
+
+
+# -- create ---------------------------------------------------------------------------------
+
+
+class TestCreateIntent:
+    async def test_hosted_is_a_checkout_session_at_the_catalogue_price(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        body = await create_stripe(
+            client,
+            token=token("alice"),
+            amount=1,
+            currency="USD",
+            customer_email="alice@example.com",
+        )
+        assert body["payment_id"].startswith("cs_")
+        assert (body["amount"], body["currency"], body["plan"]) == (PRO_PRICE, "EUR", "pro")
+        assert (body["status"], body["provider"]) == ("pending", "stripe")
+        session = fake_stripe.sessions[body["payment_id"]]
+        assert body["redirect_url"] == session["url"]
+        assert body["client_secret"] is None
+        assert (session["amount_total"], session["currency"]) == (PRO_PRICE, "eur")
+        assert session["customer_email"] == "alice@example.com"
+        assert session["metadata"]["plan"] == "pro"
+        assert session["metadata"]["user_id"] == "alice"
+
+    async def test_embedded_is_a_payment_intent_with_client_secret_and_publishable_key(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        body = await create_stripe(client, ui_mode="embedded", amount=1, currency="USD")
+        assert body["payment_id"].startswith("pi_")
+        intent = fake_stripe.payment_intents[body["payment_id"]]
+        assert body["client_secret"] == intent["client_secret"]
+        assert body["publishable_key"] == PUBLISHABLE_KEY
+        assert body["redirect_url"] is None
+        assert (body["amount"], body["currency"]) == (PRO_PRICE, "EUR")
+        assert (intent["amount"], intent["currency"]) == (PRO_PRICE, "eur")
+
+    @pytest.mark.parametrize(("ui_mode", "path"), [("hosted", SESSIONS), ("embedded", INTENTS)])
+    async def test_idempotency_key_replays_without_a_second_creation(
+        self,
+        client: httpx.AsyncClient,
+        fake_stripe: FakeStripe,
+        token: Any,
+        ui_mode: str,
+        path: str,
+    ) -> None:
+        headers = {**bearer(token("alice")), "Idempotency-Key": "order-42"}
+        body = {"plan": "pro", "provider": "stripe", "ui_mode": ui_mode}
+        first = await client.post(f"{API}/create-intent", json=body, headers=headers)
+        again = await client.post(f"{API}/create-intent", json=body, headers=headers)
+        assert first.status_code == again.status_code == 201, again.text
+        assert again.json() == first.json()
+        assert len(fake_stripe.calls("POST", path)) == 1
+
+        other = await client.post(
+            f"{API}/create-intent", json={**body, "plan": "basic"}, headers=headers
+        )
+        assert_problem(other, 422, "idempotency_key_reused")
+        assert len(fake_stripe.calls("POST", path)) == 1
+
+
+# -- pay, verify, receipt --------------------------------------------------------------------
+
+
+class TestPayVerifyAndReceipt:
+    @pytest.mark.parametrize("ui_mode", ["hosted", "embedded"])
+    async def test_paid_payment_has_a_receipt_for_its_owner_only(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any, ui_mode: str
+    ) -> None:
+        alice = token("alice")
+        payment = await create_stripe(client, token=alice, ui_mode=ui_mode)
+        payment_id = payment["payment_id"]
+        fake_stripe.pay(payment_id)
+
+        verified = await verify(client, payment_id, token=alice)
+        assert verified.status_code == 200, verified.text
+        body = verified.json()
+        assert (body["status"], body["amount"], body["currency"]) == ("succeeded", PRO_PRICE, "EUR")
+        assert body["receipt_url"] == f"{API}/receipt/{payment_id}/pdf"
+
+        meta = await client.get(f"{API}/receipt/{payment_id}", headers=bearer(alice))
+        assert meta.status_code == 200, meta.text
+        receipt = meta.json()
+        assert (receipt["plan"], receipt["plan_name"]) == ("pro", "Pro")
+        assert (receipt["amount_formatted"], receipt["status"]) == ("€29.00", "succeeded")
+        assert receipt["pdf_url"] == body["receipt_url"]
+
+        pdf = await client.get(body["receipt_url"], headers=bearer(alice))
+        assert pdf.status_code == 200, pdf.text
+        assert pdf.headers["content-type"] == "application/pdf"
+        text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
+        for expected in ("Pro", "€29.00", receipt["receipt_number"]):
+            assert expected in text, f"{expected!r} missing from the receipt"
+
+        for url in (f"{API}/receipt/{payment_id}", body["receipt_url"]):
+            assert_problem(
+                await client.get(url, headers=bearer(token("bob"))), 404, "payment_not_found"
+            )
+            assert_problem(await client.get(url), 401, "not_authenticated")
+        admin = await client.get(
+            f"{API}/receipt/{payment_id}", headers=bearer(token("ops", admin=True))
+        )
+        assert admin.status_code == 200
+
+    async def test_unpaid_is_pending_without_receipt(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        alice = token("alice")
+        payment = await create_stripe(client, token=alice)
+        body = (await verify(client, payment["payment_id"], token=alice)).json()
+        assert (body["status"], body["receipt_url"]) == ("pending", None)
+        response = await client.get(f"{API}/receipt/{payment['payment_id']}", headers=bearer(alice))
+        assert_problem(response, 409, "receipt_not_available")
+
+    async def test_a_declined_card_leaves_it_pending_for_another_try(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded")
+        fake_stripe.pay(payment["payment_id"], "pm_card_chargeDeclined")
+        assert (await verify(client, payment["payment_id"])).json()["status"] == "pending"
+        fake_stripe.pay(payment["payment_id"])
+        assert (await verify(client, payment["payment_id"])).json()["status"] == "succeeded"
+
+
+# -- webhooks -------------------------------------------------------------------------------
+
+
+class TestWebhooks:
+    async def test_checkout_session_completed_pays_and_renders_the_receipt(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        alice = token("alice")
+        payment = await create_stripe(client, token=alice)
+        payment_id = payment["payment_id"]
+        fake_stripe.pay(payment_id)
+        event = fake_stripe.last_event("checkout.session.completed")
+        reads_before = len(fake_stripe.requests)
+
+        response = await deliver(client, event)
+
+        assert response.status_code == 200, response.text
+        assert response.json() == {"received": True, "event_id": event["id"], "outcome": "applied"}
+        assert await stored_status(app, payment_id) == "succeeded"
+        assert len(fake_stripe.requests) == reads_before  # a verified event is taken as is
+        await app.state.service.drain()
+        assert app.state.service._receipts.path_for(payment_id).exists()
+        meta = await client.get(f"{API}/receipt/{payment_id}", headers=bearer(alice))
+        assert meta.status_code == 200, meta.text
+        history = await app.state.store.history(payment_id)
+        assert history[-1].cause == f"webhook:{event['id']}"
+
+    async def test_payment_intent_succeeded_pays_an_embedded_payment(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded")
+        fake_stripe.pay(payment["payment_id"])
+        response = await deliver(client, fake_stripe.last_event("payment_intent.succeeded"))
+        assert response.json()["outcome"] == "applied"
+        assert await stored_status(app, payment["payment_id"]) == "succeeded"
+
+    async def test_authorization_by_webhook_then_capture(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client, capture_method="manual")
+        payment_id = payment["payment_id"]
+        fake_stripe.pay(payment_id)
+        completed = fake_stripe.last_event("checkout.session.completed")  # paid: not yet
+        authorized = fake_stripe.last_event("payment_intent.amount_capturable_updated")
+
+        assert (await deliver(client, authorized)).json()["outcome"] == "applied"
+        assert await stored_status(app, payment_id) == "requires_capture"
+        assert (await deliver(client, completed)).json()["outcome"] == "rejected"
+        assert await stored_status(app, payment_id) == "requires_capture"
+
+        captured = await client.post(f"{API}/{payment_id}/capture")
+        assert captured.json()["status"] == "succeeded", captured.text
+
+    async def test_checkout_session_expired(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.expire_session(payment["payment_id"])
+        response = await deliver(client, fake_stripe.last_event("checkout.session.expired"))
+        assert response.json()["outcome"] == "applied"
+        assert await stored_status(app, payment["payment_id"]) == "expired"
+        assert (await verify(client, payment["payment_id"])).json()["status"] == "expired"
+
+    async def test_a_refund_made_in_stripe_reaches_a_hosted_payment(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        intent_id = fake_stripe.sessions[payment_id]["payment_intent"]
+        await refund_in_dashboard(fake_stripe, intent_id, 500)
+
+        # The charge names only the intent; the service finds its session by our reference.
+        response = await deliver(client, fake_stripe.last_event("charge.refunded"))
+
+        assert response.json()["outcome"] == "applied", response.text
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_refunded) == ("partially_refunded", 500)
+
+    async def test_a_duplicate_delivery_applies_once(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.pay(payment["payment_id"])
+        event = fake_stripe.last_event("checkout.session.completed")
+        outcomes = [(await deliver(client, event)).json()["outcome"] for _ in range(3)]
+        assert outcomes == ["applied", "duplicate", "duplicate"]
+        assert len(await app.state.store.history(payment["payment_id"])) == 2
+
+    async def test_a_late_failure_does_not_move_a_paid_payment_back(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        payment_id = payment["payment_id"]
+        fake_stripe.pay(payment_id, "pm_card_chargeDeclined")  # first try on Stripe's page
+        failed = fake_stripe.last_event("payment_intent.payment_failed")
+        fake_stripe.pay(payment_id)  # second try
+        completed = fake_stripe.last_event("checkout.session.completed")
+
+        assert (await deliver(client, completed)).json()["outcome"] == "applied"
+        late = await deliver(client, failed)
+
+        assert late.status_code == 200, late.text
+        assert late.json()["outcome"] == "rejected"
+        assert await stored_status(app, payment_id) == "succeeded"
+
+    async def test_an_expiry_after_our_cancel_keeps_it_canceled(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        canceled = await client.post(f"{API}/{payment['payment_id']}/cancel")
+        assert canceled.json()["status"] == "canceled", canceled.text
+        expired = await deliver(client, fake_stripe.last_event("checkout.session.expired"))
+        assert expired.json()["outcome"] == "rejected"
+        assert await stored_status(app, payment["payment_id"]) == "canceled"
+
+    async def test_unhandled_types_are_acknowledged(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded")
+        response = await deliver(client, fake_stripe.last_event("payment_intent.created"))
+        assert response.json()["outcome"] == "ignored"
+        assert await stored_status(app, payment["payment_id"]) == "pending"
+
+    @pytest.mark.parametrize(
+        "forgery", ["wrong_secret", "stale", "missing", "garbage", "body_changed"]
+    )
+    async def test_a_forged_delivery_is_400_and_changes_nothing(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, forgery: str
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.pay(payment["payment_id"])
+        event = fake_stripe.last_event("checkout.session.completed")
+        now = int(time.time())
+        body, headers = FakeStripe.signed_delivery(
+            event,
+            "whsec_guessed_0123456789" if forgery == "wrong_secret" else WEBHOOK_SECRET,
+            timestamp=now - 301 if forgery == "stale" else None,
+        )
+        if forgery == "garbage":
+            headers["Stripe-Signature"] = "t=abc,v1=zz"
+        if forgery == "missing":
+            del headers["Stripe-Signature"]
+        if forgery == "body_changed":
+            body = body.replace(b'"livemode": false', b'"livemode": true')
+            assert b'"livemode": true' in body
+
+        response = await client.post(WEBHOOK, content=body, headers=headers)
+
+        assert_problem(response, 400, "invalid_signature")
+        assert await stored_status(app, payment["payment_id"]) == "pending"
+        # The forgery did not use up the event id: the genuine delivery still applies.
+        assert (await deliver(client, event)).json()["outcome"] == "applied"
+
+
+# -- refunds --------------------------------------------------------------------------------
+
+
+class TestRefunds:
+    async def test_partial_then_the_rest(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        alice, admin = token("alice"), token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, alice)
+
+        partial = await refund(client, payment_id, admin, 900)
+        assert partial.status_code == 200, partial.text
+        assert (partial.json()["status"], partial.json()["amount_refunded"]) == (
+            "partially_refunded",
+            900,
+        )
+        # Stripe agrees when asked again.
+        again = (await verify(client, payment_id, token=alice)).json()
+        assert (again["status"], again["amount_refunded"]) == ("partially_refunded", 900)
+
+        rest = await refund(client, payment_id, admin)
+        assert rest.status_code == 200, rest.text
+        assert (rest.json()["status"], rest.json()["amount_refunded"]) == ("refunded", PRO_PRICE)
+        assert sorted(r["amount"] for r in fake_stripe.refunds.values()) == [900, 2000]
+        (charge,) = fake_stripe.charges.values()
+        assert (charge["amount_refunded"], charge["refunded"]) == (PRO_PRICE, True)
+
+    async def test_more_than_is_left_is_422(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        admin = token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        assert (await refund(client, payment_id, admin, 900)).status_code == 200
+        too_much = await refund(client, payment_id, admin, PRO_PRICE - 900 + 1)
+        assert_problem(too_much, 422, "refund_exceeds_balance")
+        assert len(fake_stripe.refunds) == 1
+        assert (await refund(client, payment_id, admin)).json()["status"] == "refunded"
+        assert_problem(await refund(client, payment_id, admin, 1), 422, "refund_exceeds_balance")
+        assert len(fake_stripe.refunds) == 2
+
+    async def test_only_admins_refund(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        alice = token("alice")
+        payment_id = await paid_by_verify(client, fake_stripe, alice)
+        assert_problem(await refund(client, payment_id, alice, 900), 403, "forbidden")
+        no_token = await client.post(f"{API}/{payment_id}/refund", json={"amount": 900})
+        assert_problem(no_token, 401, "not_authenticated")
+        assert fake_stripe.refunds == {}
+
+    async def test_refund_events_out_of_order_never_undo_the_full_refund(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        admin = token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        await refund(client, payment_id, admin, 900)
+        await refund(client, payment_id, admin)
+        partial_event, full_event = fake_stripe.events_of("charge.refunded")
+
+        assert (await deliver(client, full_event)).status_code == 200
+        late = await deliver(client, partial_event)
+
+        assert late.json()["outcome"] == "rejected"
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_refunded) == ("refunded", PRO_PRICE)
+
+    async def test_an_older_partial_refund_event_never_lowers_the_refunded_sum(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        admin = token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        await refund(client, payment_id, admin, 500)
+        await refund(client, payment_id, admin, 900)
+        older, _ = fake_stripe.events_of("charge.refunded")
+
+        late = await deliver(client, older)
+
+        assert late.status_code == 200, late.text
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_refunded) == ("partially_refunded", 1400)
+
+    async def test_a_webhook_paid_payment_is_refunded_in_full(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded")
+        fake_stripe.pay(payment["payment_id"])
+        await deliver(client, fake_stripe.last_event("payment_intent.succeeded"))
+        response = await refund(client, payment["payment_id"], token("ops", admin=True))
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["amount_refunded"]) == (
+            "refunded",
+            PRO_PRICE,
+        )
+
+
+# -- capture and cancel ---------------------------------------------------------------------
+
+
+class TestCaptureAndCancel:
+    @pytest.mark.parametrize("ui_mode", ["hosted", "embedded"])
+    async def test_manual_capture(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any, ui_mode: str
+    ) -> None:
+        alice = token("alice")
+        payment = await create_stripe(client, token=alice, ui_mode=ui_mode, capture_method="manual")
+        payment_id = payment["payment_id"]
+        intent = fake_stripe.pay(payment_id)
+        assert intent["capture_method"] == "manual"
+
+        authorized = (await verify(client, payment_id, token=alice)).json()
+        assert (authorized["status"], authorized["receipt_url"]) == ("requires_capture", None)
+
+        captured = await client.post(f"{API}/{payment_id}/capture", headers=bearer(alice))
+        assert captured.status_code == 200, captured.text
+        assert captured.json()["status"] == "succeeded"
+        assert captured.json()["receipt_url"] == f"{API}/receipt/{payment_id}/pdf"
+        held = fake_stripe.payment_intents[intent["id"]]
+        assert (held["status"], held["amount_received"]) == ("succeeded", PRO_PRICE)
+
+        twice = await client.post(f"{API}/{payment_id}/capture", headers=bearer(alice))
+        assert twice.json()["status"] == "succeeded"
+        assert len(fake_stripe.calls("POST", f"{INTENTS}/{intent['id']}/capture")) == 1
+
+    async def test_capture_before_the_customer_paid_is_409(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded", capture_method="manual")
+        response = await client.post(f"{API}/{payment['payment_id']}/capture")
+        assert_problem(response, 409, "invalid_payment_state")
+
+    @pytest.mark.parametrize("ui_mode", ["hosted", "embedded"])
+    async def test_cancel_an_unpaid_payment(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, ui_mode: str
+    ) -> None:
+        payment = await create_stripe(client, ui_mode=ui_mode)
+        payment_id = payment["payment_id"]
+
+        response = await client.post(f"{API}/{payment_id}/cancel")
+
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["receipt_url"]) == ("canceled", None)
+        if ui_mode == "hosted":
+            assert fake_stripe.sessions[payment_id]["status"] == "expired"
+        else:
+            assert fake_stripe.payment_intents[payment_id]["status"] == "canceled"
+        # Asking Stripe again, or cancelling again, leaves it canceled.
+        assert (await verify(client, payment_id)).json()["status"] == "canceled"
+        assert (await client.post(f"{API}/{payment_id}/cancel")).json()["status"] == "canceled"
+
+    async def test_cancel_releases_an_authorization(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        payment = await create_stripe(client, ui_mode="embedded", capture_method="manual")
+        payment_id = payment["payment_id"]
+        fake_stripe.pay(payment_id)
+        assert (await verify(client, payment_id)).json()["status"] == "requires_capture"
+        response = await client.post(f"{API}/{payment_id}/cancel")
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["amount_refunded"]) == ("canceled", 0)
+        assert fake_stripe.payment_intents[payment_id]["status"] == "canceled"
+
+    async def test_a_paid_payment_cannot_be_canceled(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.pay(payment["payment_id"])  # paid on Stripe; the service has not heard yet
+        response = await client.post(f"{API}/{payment['payment_id']}/cancel")
+        assert_problem(response, 409, "invalid_payment_state")
+        assert await stored_status(app, payment["payment_id"]) == "pending"
+        assert fake_stripe.sessions[payment["payment_id"]]["status"] == "complete"
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+class TestProviderFailures:
+    async def test_decline_is_402_with_the_decline_code_only(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        fake_stripe.fail_next("decline", decline_code="insufficient_funds", path_prefix=INTENTS)
+        response = await client.post(
+            f"{API}/create-intent",
+            json={"plan": "pro", "provider": "stripe", "ui_mode": "embedded"},
+        )
+        body = assert_problem(response, 402, "payment_declined")
+        assert (body["decline_code"], body["provider"]) == ("insufficient_funds", "stripe")
+        assert "insufficient funds" not in response.text.lower()  # Stripe's own message
+        assert "req_" not in response.text
+        assert len(fake_stripe.calls("POST", INTENTS)) == 1  # an answer: never retried
+
+    @pytest.mark.parametrize("kind", ["server_error", "hang", "rate_limit"])
+    async def test_outage_is_503_with_retry_after_and_a_retry_is_safe(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, kind: FaultKind
+    ) -> None:
+        fake_stripe.fail_next(kind, times=3, path_prefix=SESSIONS)
+        headers = {"Idempotency-Key": f"outage-{kind}"}
+        body = {"plan": "pro", "provider": "stripe"}
+
+        response = await client.post(f"{API}/create-intent", json=body, headers=headers)
+
+        assert_problem(response, 503, "provider_unavailable")
+        assert int(response.headers["Retry-After"]) >= 1
+        attempts = fake_stripe.calls("POST", SESSIONS)
+        assert len(attempts) == 3
+        assert len({a.idempotency_key for a in attempts}) == 1
+        assert fake_stripe.sessions == {}
+
+        fake_stripe.release_hangs()
+        retried = await client.post(f"{API}/create-intent", json=body, headers=headers)
+        assert retried.status_code == 201, retried.text
+        assert list(fake_stripe.sessions) == [retried.json()["payment_id"]]
+
+    async def test_a_short_rate_limit_is_waited_out(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        fake_stripe.fail_next("rate_limit", retry_after=0, path_prefix=SESSIONS)
+        payment = await create_stripe(client)
+        assert [c.status for c in fake_stripe.calls("POST", SESSIONS)] == [429, 200]
+        assert list(fake_stripe.sessions) == [payment["payment_id"]]
+
+    async def test_a_long_retry_after_is_passed_on_to_the_client(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        fake_stripe.fail_next("rate_limit", retry_after=30, path_prefix=SESSIONS)
+        response = await client.post(
+            f"{API}/create-intent", json={"plan": "pro", "provider": "stripe"}
+        )
+        assert_problem(response, 503, "provider_unavailable")
+        assert response.headers["Retry-After"] == "30"
+        assert len(fake_stripe.calls("POST", SESSIONS)) == 1  # not waited out here
+
+    async def test_verify_during_an_outage_is_503_and_changes_nothing(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.pay(payment["payment_id"])
+        fake_stripe.fail_next("server_error", times=3)
+        response = await verify(client, payment["payment_id"])
+        assert_problem(response, 503, "provider_unavailable")
+        assert "Retry-After" in response.headers
+        assert await stored_status(app, payment["payment_id"]) == "pending"
+
+
+class TestWrongKey:
+    @pytest.fixture
+    def settings_overrides(self, fake_stripe: FakeStripe) -> dict[str, Any]:
+        return stripe_overrides(fake_stripe, stripe_secret_key=WRONG_KEY)
+
+    async def test_refused_credentials_are_503_misconfigured_without_the_key(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        response = await client.post(
+            f"{API}/create-intent", json={"plan": "pro", "provider": "stripe"}
+        )
+        assert_problem(response, 503, "provider_misconfigured")
+        assert len(fake_stripe.calls("POST", SESSIONS)) == 1  # not retried: it cannot help
+        assert fake_stripe.calls("POST", SESSIONS)[0].status == 401
+        for leaked in (WRONG_KEY, WRONG_KEY[-4:], "Invalid API Key", "sk_test_"):
+            assert leaked not in response.text
+
+
+class TestNoWebhookSecret:
+    @pytest.fixture
+    def settings_overrides(self, fake_stripe: FakeStripe) -> dict[str, Any]:
+        return stripe_overrides(fake_stripe, stripe_webhook_secret=None)
+
+    async def test_every_event_is_refused(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment = await create_stripe(client)
+        fake_stripe.pay(payment["payment_id"])
+        event = fake_stripe.last_event("checkout.session.completed")
+        for secret in (WEBHOOK_SECRET, ""):
+            body, headers = FakeStripe.signed_delivery(event, secret)
+            response = await client.post(WEBHOOK, content=body, headers=headers)
+            assert_problem(response, 400, "invalid_signature")
+        assert await stored_status(app, payment["payment_id"]) == "pending"
