@@ -94,6 +94,15 @@ def _retry_after_seconds(headers: Any) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+def _signed_at(header: str | None) -> int:
+    """The ``t=`` of a Stripe-Signature header (verified before this is asked)."""
+    for part in (header or "").split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "t" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 class _HTTPXClient(stripe.HTTPXClient):
     """The SDK's async HTTPX transport, sending form bodies as httpx asks.
 
@@ -532,6 +541,12 @@ class StripeProvider(BasePaymentProvider):
             stripe.WebhookSignature.verify_header(
                 payload, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_S
             )
+            # The SDK refuses only old timestamps; a signature dated ahead would stay
+            # replayable for as long as it is ahead, so the window holds both ways.
+            if _signed_at(signature) > time.time() + WEBHOOK_TOLERANCE_S:
+                raise stripe.SignatureVerificationError(
+                    "Timestamp is in the future", signature, payload
+                )
         except stripe.SignatureVerificationError as error:
             log.warning(
                 "stripe.webhook.signature_invalid",

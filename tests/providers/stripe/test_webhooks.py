@@ -254,6 +254,20 @@ class TestSignature:
         )
         assert (await provider.parse_webhook(body, headers)).verified
 
+    async def test_a_signature_dated_ahead_is_refused(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        event = await self._event(provider, fake_stripe)
+        body, headers = FakeStripe.signed_delivery(
+            event, WEBHOOK_SECRET, timestamp=int(time.time()) + 301
+        )
+        with pytest.raises(InvalidWebhookSignature):
+            await provider.parse_webhook(body, headers)
+        body, headers = FakeStripe.signed_delivery(
+            event, WEBHOOK_SECRET, timestamp=int(time.time()) + 60
+        )
+        assert (await provider.parse_webhook(body, headers)).verified
+
     async def test_header_names_in_any_case(
         self, provider: StripeProvider, fake_stripe: FakeStripe
     ) -> None:
