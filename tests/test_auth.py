@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -10,7 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from jose import jwt
+from pydantic import SecretStr
 
+from app.errors import InvalidToken
+from app.security import create_access_token, decode_access_token
+from app.settings import Settings
 from tests.conftest import JWT_SECRET, assert_problem, bearer, create_payment, pay_in_sandbox
 
 
@@ -114,3 +119,38 @@ class TestOwnership:
             409,
             "receipt_not_available",
         )
+
+
+class TestVerifiedTokens:
+    """Verified tokens are remembered until they expire, and only under their own secret."""
+
+    async def test_a_remembered_token_still_expires(
+        self, client: httpx.AsyncClient, settings: Settings
+    ) -> None:
+        payment = await create_payment(client, token=create_access_token(settings, "alice"))
+        short = jwt.encode({"sub": "alice", "exp": int(time.time()) + 1}, JWT_SECRET)
+        url = f"/api/v1/payment/{payment['payment_id']}/history"
+        assert (await client.get(url, headers=bearer(short))).status_code == 200
+        await asyncio.sleep(max(0.0, 1.05 - (time.time() % 1)) + 1)
+        assert_problem(await client.get(url, headers=bearer(short)), 401, "invalid_token")
+
+    def test_a_token_checked_under_one_secret_is_checked_again_under_another(
+        self, settings: Settings
+    ) -> None:
+        token = create_access_token(settings, "alice")
+        assert decode_access_token(settings, token).sub == "alice"
+        rotated = settings.model_copy(
+            update={"jwt_secret_key": SecretStr("another-secret-0123456789-abcdefghijklmnop")}
+        )
+        with pytest.raises(InvalidToken):
+            decode_access_token(rotated, token)
+
+    def test_a_tampered_copy_of_a_remembered_token_is_refused(self, settings: Settings) -> None:
+        token = create_access_token(settings, "alice")
+        assert decode_access_token(settings, token).sub == "alice"
+        header, _claims, signature = token.split(".")
+        forged_claims = base64.urlsafe_b64encode(
+            json.dumps({"sub": "mallory", "exp": int(time.time()) + 600}).encode()
+        ).rstrip(b"=")
+        with pytest.raises(InvalidToken):
+            decode_access_token(settings, f"{header}.{forged_claims.decode()}.{signature}")
