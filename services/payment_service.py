@@ -624,8 +624,12 @@ class PaymentService:
 
     async def settle_sandbox(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
         """The customer clicked Pay, Decline or Cancel on the sandbox's checkout page. The
-        sandbox tells the service at once, as a provider's webhook would."""
+        sandbox tells the service at once, as a provider's webhook would, unless the payment
+        asked for pushed webhooks: then, as with a real vendor's page, the service hears of
+        it only through them."""
         sandbox = self.sandbox()
+        if await sandbox.pushes_webhooks(payment_id):
+            return await sandbox.settle(payment_id, outcome)
         session = await sandbox.settle(payment_id, outcome)
         record = await self._store.get(payment_id)
         if record is not None:

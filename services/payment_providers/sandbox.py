@@ -4,6 +4,10 @@ It behaves like an external provider that happens to live in this service. It ke
 records (the "provider side") in Redis apart from the service's payments, serves its own hosted
 checkout page (``routers/sandbox.py``), and answers verify from those records. The customer
 settles a payment on that page with Pay, Decline or Cancel.
+
+Asked per payment, it also pushes its own signed webhooks to the service over real HTTP, with
+delivery faults on demand (duplicated, delayed, reordered, badly signed), so that the service's
+webhook handling can be proven against a vendor that misbehaves the way real ones do.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.errors import (
@@ -31,7 +37,7 @@ from app.errors import (
     ProviderUpstreamError,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus
+from models.payment import PaymentStatus, SandboxWebhooks
 
 from .base import (
     BasePaymentProvider,
@@ -49,6 +55,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from app.settings import Settings
+
+log = logging.getLogger("payments.sandbox")
 
 Outcome = Literal["succeeded", "failed", "canceled"]
 OUTCOMES: tuple[Outcome, ...] = ("succeeded", "failed", "canceled")
@@ -108,7 +116,31 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return {'ok', refunded + amount}
 """
 
+# KEYS: held-events list. ARGV: event body, TTL. With `reorder`, a payment's events wait here:
+# when none is waiting, this one is held (answers {}); otherwise the waiting ones are taken
+# (and answered), to go out after this newer one.
+_HOLD_LUA = """
+local held = redis.call('LRANGE', KEYS[1], 0, -1)
+if #held == 0 then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {}
+end
+redis.call('DEL', KEYS[1])
+return held
+"""
+
 SESSION_TTL_S = 30 * 24 * 3600
+
+WEBHOOK_PATH = "/api/v1/payment/webhook/sandbox"
+# A delivery is tried this many times while the endpoint is unreachable or answers 408, 429 or
+# 5xx, waiting RETRY_BASE_S, then 3x longer each time. Any other 4xx is the receiver's final word
+# (a refused signature stays refused), so it is not retried.
+WEBHOOK_ATTEMPTS = 4
+WEBHOOK_RETRY_BASE_S = 0.25
+# With `reorder`, an event that no later one overtakes goes out alone after this long.
+REORDER_HOLD_S = 3.0
+DELIVERY_LOG_LENGTH = 100
 
 SIGNATURE_HEADER = "Sandbox-Signature"
 SIGNATURE_TOLERANCE_S = 300
@@ -175,9 +207,16 @@ class SandboxProvider(BasePaymentProvider):
     )
 
     def __init__(
-        self, redis: Redis, *, key_prefix: str, enabled: bool, webhook_secret: str = ""
+        self,
+        redis: Redis,
+        *,
+        key_prefix: str,
+        enabled: bool,
+        webhook_secret: str = "",
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self._redis = redis
+        self._http = http  # pushes webhooks; without it the sandbox sends none
         self._webhook_secret = webhook_secret
         self._prefix = f"{key_prefix}sandbox:"
         self._enabled = enabled
@@ -185,6 +224,9 @@ class SandboxProvider(BasePaymentProvider):
         self._settle = redis.register_script(_SETTLE_LUA)
         self._move = redis.register_script(_MOVE_LUA)
         self._refund = redis.register_script(_REFUND_LUA)
+        self._hold = redis.register_script(_HOLD_LUA)
+        # Deliveries run in the background; the provider keeps them to cancel them on close.
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings, deps: ProviderDeps) -> SandboxProvider:
@@ -194,6 +236,7 @@ class SandboxProvider(BasePaymentProvider):
             key_prefix=deps.key_prefix,
             enabled=settings.environment != "production",
             webhook_secret=settings.sandbox_webhook_secret.get_secret_value(),
+            http=deps.http,
         )
 
     def is_configured(self) -> bool:
@@ -234,6 +277,11 @@ class SandboxProvider(BasePaymentProvider):
             "refunded": 0,
             "created_at": int(time.time()),
         }
+        if behaviour.get("webhooks") is not None:
+            # Where a vendor would have the merchant's endpoint: the service's own, at the base
+            # URL it was reached at (or PUBLIC_BASE_URL). Never a URL from the request body.
+            session["webhooks"] = json.dumps(behaviour["webhooks"])
+            session["webhook_url"] = request.base_url.rstrip("/") + WEBHOOK_PATH
         await self._open(
             keys=[self._key(payment_id)],
             args=[SESSION_TTL_S, *(str(item) for pair in session.items() for item in pair)],
@@ -281,7 +329,20 @@ class SandboxProvider(BasePaymentProvider):
             raise PaymentNotFound(f"No payment {payment_id!r}")
         if result == "settled":
             raise InvalidStateTransition(f"This payment was already settled ({status})")
+        await self._emit(payment_id, f"payment.{status}")
         return await self.session(payment_id)
+
+    async def pushes_webhooks(self, payment_id: str) -> bool:
+        """Whether this payment's events reach the service only through pushed webhooks."""
+        self._require_enabled()
+        return bool(await self._redis.hexists(self._key(payment_id), "webhooks"))
+
+    async def webhook_deliveries(self, payment_id: str) -> list[dict[str, Any]]:
+        """Every delivery attempt of this payment's webhooks, oldest first: event id and type,
+        attempt number, the HTTP status (None when unreachable), and the service's outcome."""
+        self._require_enabled()
+        entries = await self._redis.lrange(f"{self._key(payment_id)}:deliveries", 0, -1)
+        return [json.loads(entry) for entry in entries]
 
     async def verify_payment(self, payment_id: str) -> PaymentState:
         fields = await self.session(payment_id)
@@ -311,6 +372,8 @@ class SandboxProvider(BasePaymentProvider):
             raise PaymentNotFound(f"No payment {payment_id!r}")
         if result == "refused" and status != "succeeded":  # capturing twice is fine
             raise InvalidStateTransition(f"Only an authorized payment can be captured ({status})")
+        if result == "ok":
+            await self._emit(payment_id, "payment.succeeded")
         return await self.verify_payment(payment_id)
 
     async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
@@ -321,6 +384,8 @@ class SandboxProvider(BasePaymentProvider):
             )
             if result == "missing":
                 raise PaymentNotFound(f"No payment {payment_id!r}")
+            if result == "ok":
+                await self._emit(payment_id, "payment.canceled")
             if result == "ok" or status == "canceled":
                 return await self.verify_payment(payment_id)
         raise InvalidStateTransition(f"This payment can no longer be canceled ({status})")
@@ -343,6 +408,10 @@ class SandboxProvider(BasePaymentProvider):
             raise InvalidStateTransition("Only a paid payment can be refunded")
         if result == "exceeds":
             raise RefundExceedsBalance(f"At most {int(total)} minor units were left to refund")
+        if result == "ok":
+            paid = int(await self._redis.hget(self._key(payment_id), "amount") or 0)
+            kind = "refunded" if int(total) >= paid else "partially_refunded"
+            await self._emit(payment_id, f"payment.{kind}", amount_refunded=int(total))
         return RefundResult(
             refund_id=f"sbre_{secrets.token_hex(8)}",
             amount=amount,
@@ -381,6 +450,143 @@ class SandboxProvider(BasePaymentProvider):
             amount_refunded=refunded if isinstance(refunded, int) else None,
         )
 
+    # -- pushed webhooks -------------------------------------------------------------------
+
+    async def _emit(self, payment_id: str, event_type: str, *, amount_refunded: int = 0) -> None:
+        """Queue one event for delivery, if this payment asked for webhooks.
+
+        The event is put in order here, in the request that changed the sandbox's record, so
+        that events leave in the order things happened (unless `reorder` says otherwise). The
+        delivery itself runs in the background: nothing about it can slow down or fail the
+        change that caused it, which has already happened.
+        """
+        try:
+            raw, url = cast(
+                list[str | None],
+                await self._redis.hmget(self._key(payment_id), ["webhooks", "webhook_url"]),
+            )
+            if not raw or not url or self._http is None:
+                return
+            plan = SandboxWebhooks.model_validate_json(raw)
+            event = {
+                "id": f"evt_sb_{secrets.token_hex(12)}",
+                "type": event_type,
+                "created": int(time.time()),
+                "data": {"payment_id": payment_id, "amount_refunded": amount_refunded},
+            }
+            body = json.dumps(event, separators=(",", ":"))
+            batch = [body]
+            if plan.reorder:
+                held = cast(
+                    list[str],
+                    await self._hold(
+                        keys=[f"{self._key(payment_id)}:held"], args=[body, SESSION_TTL_S]
+                    ),
+                )
+                if not held:
+                    self._spawn(self._release_held(payment_id, url, body, plan))
+                    return
+                batch.extend(held)  # the newer event overtakes the ones that were waiting
+        except Exception:  # the change has happened; only its webhook is lost, and logged
+            log.exception("sandbox.webhook.enqueue_failed", extra={"payment_id": payment_id})
+            return
+        self._spawn(self._deliver(payment_id, url, batch, plan))
+
+    def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
+        if not self._enabled:  # never reached in production; a second lock on the door
+            delivery.close()
+            return
+        task = asyncio.create_task(delivery)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _release_held(
+        self, payment_id: str, url: str, body: str, plan: SandboxWebhooks
+    ) -> None:
+        await asyncio.sleep(REORDER_HOLD_S)
+        # Whoever removes the held event sends it: a newer event may have taken it meanwhile.
+        try:
+            taken = await self._redis.lrem(f"{self._key(payment_id)}:held", 1, body)
+        except Exception:
+            log.exception("sandbox.webhook.release_failed", extra={"payment_id": payment_id})
+            return
+        if taken:
+            await self._deliver(payment_id, url, [body], plan)
+
+    async def _deliver(
+        self, payment_id: str, url: str, bodies: list[str], plan: SandboxWebhooks
+    ) -> None:
+        try:
+            if plan.delay_ms:
+                await asyncio.sleep(plan.delay_ms / 1000)
+            for body in bodies:
+                for _ in range(plan.duplicate):
+                    await self._post(payment_id, url, body, plan)
+        except Exception:
+            log.exception("sandbox.webhook.delivery_failed", extra={"payment_id": payment_id})
+
+    async def _post(self, payment_id: str, url: str, body: str, plan: SandboxWebhooks) -> None:
+        """One delivery of one event, retried while the endpoint is away or failing."""
+        assert self._http is not None
+        event = json.loads(body)
+        content = body.encode()
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            # Signed afresh on each attempt, as vendors do; with bad_signature, by a stranger.
+            key = secrets.token_hex(16) if plan.bad_signature else self._webhook_secret
+            headers = {
+                SIGNATURE_HEADER: sign_webhook(key, content),
+                "Content-Type": "application/json",
+            }
+            status: int | None = None
+            outcome: str | None = None
+            try:
+                response = await self._http.post(url, content=content, headers=headers)
+            except httpx.HTTPError as error:
+                outcome = type(error).__name__
+            else:
+                status = response.status_code
+                outcome = _delivery_outcome(response)
+            entry = {
+                "event_id": event["id"],
+                "type": event["type"],
+                "attempt": attempt,
+                "status": status,
+                "outcome": outcome,
+            }
+            log.info("sandbox.webhook.delivered", extra={"payment_id": payment_id, **entry})
+            await self._record_delivery(payment_id, entry)
+            if status is not None and status < 500 and status not in _RETRYABLE:
+                return
+            if attempt < WEBHOOK_ATTEMPTS:
+                await asyncio.sleep(WEBHOOK_RETRY_BASE_S * 3 ** (attempt - 1))
+
+    async def _record_delivery(self, payment_id: str, entry: dict[str, Any]) -> None:
+        key = f"{self._key(payment_id)}:deliveries"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(entry))
+            pipe.ltrim(key, -DELIVERY_LOG_LENGTH, -1)
+            pipe.expire(key, SESSION_TTL_S)
+            await pipe.execute()
+
+    async def wait_for_deliveries(self, grace_s: float) -> bool:
+        """Wait until no delivery is under way here (held events included), for at most
+        ``grace_s`` seconds; True when none is left."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._deliveries:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            await asyncio.wait(list(self._deliveries), timeout=left)
+        return True
+
+    async def aclose(self) -> None:
+        """Drop deliveries still under way: a vendor going away loses its retries too."""
+        tasks = list(self._deliveries)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
     async def health_check(self) -> HealthStatus:
         if not self._enabled:
             return HealthStatus(healthy=False, message="disabled in production")
@@ -391,3 +597,18 @@ class SandboxProvider(BasePaymentProvider):
             message="built-in sandbox",
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+
+_RETRYABLE = frozenset({408, 429})
+
+
+def _delivery_outcome(response: httpx.Response) -> str | None:
+    """The service's word on a delivery: its ack's ``outcome``, or its problem ``code``."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    if isinstance(answer, dict):
+        word = answer.get("outcome") or answer.get("code")
+        return str(word) if word is not None else None
+    return None
