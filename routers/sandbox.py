@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, Form, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -71,8 +72,15 @@ async def settle(
     target = session.get("cancel_url") if outcome == "canceled" else session.get("return_url")
     target = target or session.get("return_url")
     if target:
-        separator = "&" if "?" in target else "?"
         return RedirectResponse(
-            f"{target}{separator}payment_id={payment_id}&status={outcome}", status_code=303
+            _with_query(target, payment_id=payment_id, status=outcome), status_code=303
         )
     return _page(request, session, payment_id)
+
+
+def _with_query(url: str, **params: str) -> str:
+    """``url`` with ``params`` added to its query, before any #fragment (which the browser
+    keeps to itself)."""
+    parts = urlsplit(url)
+    query = "&".join(filter(None, [parts.query, urlencode(params)]))
+    return urlunsplit(parts._replace(query=query))

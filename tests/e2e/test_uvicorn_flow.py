@@ -172,14 +172,6 @@ def test_bad_checkout_outcome_over_http(service: ServiceProcess) -> None:
     assert response.json()["code"] == "validation_error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "service bug: routers/sandbox.py appends ?payment_id=..&status=.. to the end of "
-        "return_url as text, so with a #fragment they land inside the fragment, which the "
-        "browser never sends to the shop"
-    ),
-)
 def test_return_url_with_fragment_keeps_the_query_before_it(
     service: ServiceProcess, alice_token: str
 ) -> None:
