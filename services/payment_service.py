@@ -383,6 +383,16 @@ class PaymentService:
                 "The provider reports a different amount for this payment",
                 provider=record.provider,
             )
+        if state.status in _REFUND_STATES and not record.status.is_paid:
+            # The money was taken and (some) given back before we heard of the capture (a lost
+            # answer, events out of order): record the payment as paid first, so that the
+            # refund has a paid payment to apply to and the history says what happened.
+            await self._store.transition(
+                record.payment_id,
+                PaymentStatus.SUCCEEDED,
+                cause=cause,
+                fields={"capture_id": state.capture_id, "payment_method": state.payment_method},
+            )
         fields: dict[str, str | int | None] = {
             "capture_id": state.capture_id,
             "payment_method": state.payment_method,
@@ -696,6 +706,7 @@ class PaymentService:
 
 
 _FINAL_UNPAID = frozenset({PaymentStatus.FAILED, PaymentStatus.CANCELED, PaymentStatus.EXPIRED})
+_REFUND_STATES = frozenset({PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED})
 
 
 def _may_see(record: PaymentRecord, user: User | None) -> bool:
