@@ -8,7 +8,7 @@ per-payment hash tag (``pay:{id}``) so that a payment's keys live in one Redis C
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -304,10 +304,12 @@ class PaymentStore:
         cause: str = "api",
         idempotency: IdempotencyAnswer | None = None,
         reconcile_after_s: float | None = None,
+        write_with: Callable[[Pipeline], None] | None = None,
     ) -> bool:
         """Store a new payment, its reference index and, when given, the idempotency answer,
         in one round trip. False when a payment with that ID exists already.
 
+        ``write_with`` queues a built-in provider's own writes first in the same round trip.
         With ``reconcile_after_s``, an open payment is also queued for reconciliation then,
         so that a lost webhook cannot leave it open for good.
 
@@ -319,6 +321,8 @@ class PaymentStore:
         entry = _history_entry(record.status, None, cause, record.created_at)
         keys = self._keys(record.payment_id)
         async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            if write_with is not None:
+                write_with(pipe)  # the built-in provider's own record, first
             pipe.eval(_CREATE_LUA, 2, keys[0], keys[1], entry, *fields)
             # Our order reference <-> the provider's ID: how events that name only our
             # reference (or another vendor object of the same payment) find the payment.
@@ -330,8 +334,8 @@ class PaymentStore:
             if reconcile_after_s is not None and record.status in OPEN_STATUSES:
                 due = record.created_at.timestamp() + reconcile_after_s
                 pipe.zadd(self._recon_queue, {record.payment_id: due}, nx=True)
-            created, *_ = await pipe.execute()
-        return bool(created)
+            results = await pipe.execute()
+        return bool(results[1 if write_with is not None else 0])
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         async with store_errors():

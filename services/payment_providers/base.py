@@ -9,7 +9,7 @@ and maps vendor exceptions to ``app.errors`` (declined, unavailable, misconfigur
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -78,6 +78,12 @@ class IntentResult:
     redirect_url: str | None = None
     client_secret: str | None = None
     publishable_key: str | None = None
+    # For a provider that keeps its records in the service's own Redis (the built-in sandbox):
+    # its writes, queued on the pipeline that stores the payment, so that both are made in one
+    # round trip and neither exists without the other. Other providers leave it None.
+    write_with_payment: Callable[[Any], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

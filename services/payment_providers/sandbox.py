@@ -53,6 +53,7 @@ from .base import (
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from app.settings import Settings
 
@@ -282,18 +283,23 @@ class SandboxProvider(BasePaymentProvider):
             # URL it was reached at (or PUBLIC_BASE_URL). Never a URL from the request body.
             session["webhooks"] = json.dumps(behaviour["webhooks"])
             session["webhook_url"] = request.base_url.rstrip("/") + WEBHOOK_PATH
-        await self._open(
-            keys=[self._key(payment_id)],
-            args=[SESSION_TTL_S, *(str(item) for pair in session.items() for item in pair)],
-        )
+        key = self._key(payment_id)
+        args = [str(SESSION_TTL_S), *(str(item) for pair in session.items() for item in pair)]
         if behaviour.get("fail") == "lost_answer":
+            await self._open(keys=[key], args=args)
             raise ProviderUnavailable(
                 "sandbox: the payment was created but the answer was lost", provider=self.name
             )
+
+        def write_with_payment(pipe: Pipeline) -> None:
+            # EVAL, not EVALSHA: in a pipeline redis-py would check for the script first.
+            pipe.eval(_OPEN_LUA, 1, key, *args)
+
         return IntentResult(
             payment_id=payment_id,
             status=PaymentStatus.PENDING,
             redirect_url=request.base_url.rstrip("/") + self.checkout_path(payment_id),
+            write_with_payment=write_with_payment,
         )
 
     def _inject_fault_before(self, fault: str | None) -> None:
