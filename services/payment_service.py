@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +71,8 @@ log = logging.getLogger("payments.service")
 
 T = TypeVar("T")
 
+SERVED_RECEIPTS_MAX = 10_000
+
 API_PREFIX = "/api/v1/payment"
 IDEMPOTENCY_WAIT_S = 10.0
 IDEMPOTENCY_POLL_S = 0.05
@@ -96,6 +99,10 @@ class PaymentService:
         self._receipts = receipts
         self._guard = guard
         self._background: set[asyncio.Task[None]] = set()
+        # Receipts already served: payment -> (owner, file name). A receipt is issued once, for
+        # a payment that stays paid, to an owner who never changes, so a repeat download is
+        # answered from memory without asking Redis again.
+        self._served_receipts: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
 
     @property
     def providers(self) -> PaymentProviderFactory:
@@ -677,10 +684,19 @@ class PaymentService:
         )
 
     async def receipt_pdf(self, payment_id: str, user: User) -> tuple[str, bytes]:
+        served = self._served_receipts.get(payment_id)
+        if served is not None and (user.is_admin or served[0] == user.sub):
+            data = self._receipts.in_memory(payment_id)
+            if data is not None:
+                return served[1], data
         record = await self._receipt_record(payment_id, user)
         info = self._receipts.info(record, self._plan_of(record))
         data = await self._receipts.pdf(record, info.plan)
-        return f"receipt-{info.receipt_number}.pdf", data
+        filename = f"receipt-{info.receipt_number}.pdf"
+        self._served_receipts[payment_id] = (record.owner, filename)
+        if len(self._served_receipts) > SERVED_RECEIPTS_MAX:
+            self._served_receipts.popitem(last=False)
+        return filename, data
 
     def _plan_of(self, record: PaymentRecord) -> Plan:
         # A plan removed from the catalogue after the sale still gets a receipt.

@@ -161,6 +161,10 @@ class ReceiptService:
             "customer_email": record.customer_email,
         }
 
+    def in_memory(self, payment_id: str) -> bytes | None:
+        """The receipt's bytes if this process holds them, else None (no I/O)."""
+        return self._cache.get(payment_id)
+
     async def pdf(self, record: PaymentRecord, plan: Plan) -> bytes:
         """The receipt's bytes: from memory, from disk, or rendered now (once)."""
         key = record.payment_id

@@ -81,6 +81,23 @@ class TestOwnership:
         pdf = await client.get(f"{url}/pdf", headers=bearer(token("bob")))
         assert_problem(pdf, 404, "payment_not_found")
 
+    async def test_a_receipt_served_from_memory_is_still_only_the_owners(
+        self, client: httpx.AsyncClient, token: Any
+    ) -> None:
+        payment_id = await _paid_payment(client, token("alice"))
+        url = f"/api/v1/payment/receipt/{payment_id}/pdf"
+        first = await client.get(url, headers=bearer(token("alice")))
+        assert first.status_code == 200
+        again = await client.get(url, headers=bearer(token("alice")))
+        assert again.content == first.content
+        assert again.headers["content-disposition"] == first.headers["content-disposition"]
+        assert_problem(
+            await client.get(url, headers=bearer(token("bob"))), 404, "payment_not_found"
+        )
+        assert_problem(await client.get(url), 401, "not_authenticated")
+        admin = await client.get(url, headers=bearer(token("root", admin=True)))
+        assert admin.content == first.content
+
     async def test_an_owned_payment_is_invisible_to_others(
         self, client: httpx.AsyncClient, token: Any
     ) -> None:
