@@ -391,6 +391,9 @@ class PaymentService:
                 "The provider reports a different amount for this payment",
                 provider=record.provider,
             )
+        if event_id is None and _says_nothing_new(record, state):
+            # A verify of a payment already as the provider says: no write, no round trip.
+            return record, TransitionOutcome.UNCHANGED
         if state.status in _REFUND_STATES and not record.status.is_paid:
             # The money was taken and (some) given back before we heard of the capture (a lost
             # answer, events out of order): record the payment as paid first, so that the
@@ -724,6 +727,15 @@ class PaymentService:
 
 _FINAL_UNPAID = frozenset({PaymentStatus.FAILED, PaymentStatus.CANCELED, PaymentStatus.EXPIRED})
 _REFUND_STATES = frozenset({PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED})
+
+
+def _says_nothing_new(record: PaymentRecord, state: PaymentState) -> bool:
+    return (
+        state.status is record.status
+        and state.capture_id in (None, record.capture_id)
+        and state.payment_method in (None, record.payment_method)
+        and state.amount_refunded <= record.amount_refunded
+    )
 
 
 def _may_see(record: PaymentRecord, user: User | None) -> bool:
