@@ -6,6 +6,7 @@ same process and checks that the server logged no unhandled error while the test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -124,28 +125,29 @@ def _wait_until_healthy(service: ServiceProcess) -> None:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def uvicorn_service(redis_server: RedisServer) -> Iterator[ServiceProcess]:
-    """`uvicorn app.main:app` on a free loopback port, configured only by its environment."""
+@contextlib.contextmanager
+def running_service(
+    redis_server: RedisServer, *, workers: int = 1, key_prefix: str = "e2e:"
+) -> Iterator[ServiceProcess]:
+    """`uvicorn app.main:app` with ``workers`` processes on a free loopback port, configured
+    only by its environment; stopped with SIGTERM, and failed if it did not stop cleanly."""
     directory = Path(tempfile.mkdtemp(prefix="payments-e2e-"))
     port = free_port()
     service = ServiceProcess(
         base_url=f"http://127.0.0.1:{port}",
-        env=service_env(redis_server.url, directory / "receipts"),
+        env={
+            **service_env(redis_server.url, directory / "receipts"),
+            "REDIS_KEY_PREFIX": key_prefix,
+        },
         log_path=directory / "uvicorn.log",
     )
+    command = [sys.executable, "-m", "uvicorn", "app.main:app"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     with service.log_path.open("wb") as log_file:
         service.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            command,
             cwd=REPO_ROOT,
             env=service.env,
             stdin=subprocess.DEVNULL,
@@ -164,6 +166,12 @@ def uvicorn_service(redis_server: RedisServer) -> Iterator[ServiceProcess]:
     clean = code in {0, -signal.SIGTERM} and "Application shutdown complete." in log
     if not clean or any(marker in log for marker in _UNHANDLED_MARKERS):
         pytest.fail(f"uvicorn did not shut down cleanly (exit {code}):\n{log}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def uvicorn_service(redis_server: RedisServer) -> Iterator[ServiceProcess]:
+    with running_service(redis_server) as service:
+        yield service
 
 
 @pytest.fixture

@@ -1,0 +1,104 @@
+"""Promises about workers, kept by `uvicorn --workers 2`: a provider change reaches every worker
+within a second, rate limits are counted across them, and one of them reconciles."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RedisServer
+from tests.e2e.conftest import ServiceProcess, bearer, running_service
+
+pytestmark = pytest.mark.e2e
+
+# A fresh connection for every request: the kernel hands each new connection to either worker.
+FRESH = httpx.Limits(max_keepalive_connections=0)
+REQUESTS = 24
+
+
+@pytest.fixture(scope="module")
+def two_workers(redis_server: RedisServer) -> Iterator[ServiceProcess]:
+    with running_service(redis_server, workers=2, key_prefix="e2e2:") as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def admin(two_workers: ServiceProcess) -> dict[str, str]:
+    made = two_workers.cli("token", "--sub", "ops", "--admin")
+    assert made.returncode == 0, made.stderr
+    return bearer(made.stdout.strip())
+
+
+def _client(service: ServiceProcess) -> httpx.Client:
+    return httpx.Client(base_url=service.base_url, timeout=15, trust_env=False, limits=FRESH)
+
+
+def _workers_seen(http: httpx.Client, admin: dict[str, str], *, at_most: int = 200) -> set[str]:
+    """Which worker processes answer (each reports its own reconciler's ID); asks until two
+    have, or ``at_most`` times."""
+    seen = set()
+    for _ in range(at_most):
+        answer = http.get("/api/v1/providers/reconciliation", headers=admin)
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.json()["this_worker"])
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def _defaults(http: httpx.Client, admin: dict[str, str]) -> list[Any]:
+    return [
+        http.get("/api/v1/providers/routing", headers=admin).json()["default"]
+        for _ in range(REQUESTS)
+    ]
+
+
+def test_both_workers_answer(two_workers: ServiceProcess, admin: dict[str, str]) -> None:
+    with _client(two_workers) as http:
+        assert len(_workers_seen(http, admin)) == 2
+
+
+def test_a_routing_change_reaches_every_worker_within_a_second(
+    two_workers: ServiceProcess, admin: dict[str, str]
+) -> None:
+    with _client(two_workers) as http:
+        assert set(_defaults(http, admin)) == {"sandbox"}
+        changed = http.put("/api/v1/providers/routing", headers=admin, json={"default": "stripe"})
+        assert changed.status_code == 200, changed.text
+        time.sleep(1.0)
+        assert set(_defaults(http, admin)) == {"stripe"}
+        # Stripe has no key here: every worker now refuses new payments the same way...
+        for _ in range(6):
+            refused = http.post("/api/v1/payment/create-intent", json={"plan": "basic"})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "provider_not_configured"
+        # ...until the default goes back, again everywhere within a second.
+        restored = http.put("/api/v1/providers/routing", headers=admin, json={"default": "sandbox"})
+        assert restored.status_code == 200, restored.text
+        time.sleep(1.0)
+        assert set(_defaults(http, admin)) == {"sandbox"}
+
+
+def test_rate_limits_are_counted_across_workers(two_workers: ServiceProcess) -> None:
+    made = two_workers.cli("token", "--sub", "limited-user")
+    user = bearer(made.stdout.strip())
+    with _client(two_workers) as http:
+        codes = [
+            http.post("/api/v1/payment/create-intent", json={"plan": "basic"}, headers=user)
+            for _ in range(12)
+        ]
+    assert [c.status_code for c in codes] == [201] * 10 + [429] * 2
+    assert int(codes[-1].headers["Retry-After"]) >= 1
+
+
+def test_one_worker_reconciles(two_workers: ServiceProcess, admin: dict[str, str]) -> None:
+    with _client(two_workers) as http:
+        leaders = set()
+        for _ in range(REQUESTS):
+            stats = http.get("/api/v1/providers/reconciliation", headers=admin).json()
+            leaders.add(stats["leader"])
+    assert len(leaders) == 1 and None not in leaders
