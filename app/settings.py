@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.payment import Plan
+from models.payment import Plan, SandboxBehaviour
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - refused in production
 
@@ -89,6 +89,9 @@ class Settings(BaseSettings):
 
     # Signs the sandbox's own webhooks. The sandbox never runs in production.
     sandbox_webhook_secret: SecretStr = SecretStr("sandbox-webhook-secret")
+    # Faults for every sandbox payment that brings none of its own (JSON, as create-intent's
+    # `sandbox` object), e.g. {"fail": "unavailable"} to rehearse a provider outage.
+    sandbox_behaviour: dict[str, Any] | None = None
 
     @field_validator("payment_fallback", mode="before")
     @classmethod
@@ -116,6 +119,11 @@ class Settings(BaseSettings):
         if any(delay <= 0 for delay in value):
             raise ValueError("RECONCILE_SCHEDULE delays must be positive seconds")
         return value
+
+    @field_validator("sandbox_behaviour")
+    @classmethod
+    def _sandbox_behaviour(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else SandboxBehaviour.model_validate(value).model_dump()
 
     @field_validator("payment_plans")
     @classmethod

@@ -357,3 +357,71 @@ class TestNoSecretsKey:
         )
         assert_problem(response, 503, "secrets_key_missing")
         assert NEW_SECRET not in response.text
+
+
+class TestSandboxFaultsByConfig:
+    """An operator rehearses a provider outage without touching any client: the sandbox's
+    stored config gives every payment that brings no `sandbox` object of its own a fault."""
+
+    async def test_stored_behaviour_reaches_every_worker_and_goes_again(
+        self,
+        client: httpx.AsyncClient,
+        second_worker: httpx.AsyncClient,
+        admin: dict[str, str],
+    ) -> None:
+        url = "/api/v1/payment/create-intent"
+        stored = await client.post(
+            "/api/v1/providers/configs",
+            headers=admin,
+            json={"provider_key": "sandbox", "config": {"behaviour": {"fail": "decline"}}},
+        )
+        assert stored.status_code == 201, stored.text
+        assert stored.json()["config"]["behaviour"]["fail"] == "decline"
+
+        async def declined_everywhere() -> bool:
+            answers = [await c.post(url, json={"plan": "pro"}) for c in (client, second_worker)]
+            return all(a.status_code == 402 for a in answers)
+
+        await _eventually(declined_everywhere)
+        assert_problem(await second_worker.post(url, json={"plan": "pro"}), 402, "payment_declined")
+        # A payment that asks for its own behaviour keeps it.
+        own = await client.post(url, json={"plan": "pro", "sandbox": {"delay_ms": 0}})
+        assert own.status_code == 201, own.text
+
+        cleared = await client.patch(
+            f"/api/v1/providers/configs/{stored.json()['id']}",
+            headers=admin,
+            json={"config": {}},
+        )
+        assert cleared.status_code == 200, cleared.text
+
+        async def accepted_everywhere() -> bool:
+            answers = [await c.post(url, json={"plan": "pro"}) for c in (client, second_worker)]
+            return all(a.status_code == 201 for a in answers)
+
+        await _eventually(accepted_everywhere)
+
+    async def test_a_bad_behaviour_is_refused_naming_the_field(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        refused = await client.post(
+            "/api/v1/providers/configs",
+            headers=admin,
+            json={"provider_key": "sandbox", "config": {"behaviour": {"fail": "explode"}}},
+        )
+        body = assert_problem(refused, 422, "invalid_provider_config")
+        assert "behaviour" in json.dumps(body)
+
+    @pytest.mark.parametrize("raw", ['{"fail": "explode"}', '{"delay_ms": -1}', "[1]"])
+    def test_a_bad_environment_value_is_refused_at_start(
+        self, raw: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SANDBOX_BEHAVIOUR", raw)
+        with pytest.raises(ValueError, match="sandbox_behaviour"):
+            Settings(_env_file=None)  # type: ignore[call-arg]
+
+    def test_the_environment_can_set_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SANDBOX_BEHAVIOUR", '{"fail": "unavailable", "delay_ms": 5}')
+        behaviour = Settings(_env_file=None).sandbox_behaviour  # type: ignore[call-arg]
+        assert behaviour is not None
+        assert (behaviour["fail"], behaviour["delay_ms"]) == ("unavailable", 5)

@@ -37,7 +37,7 @@ from app.errors import (
     ProviderUpstreamError,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, SandboxWebhooks
+from models.payment import PaymentStatus, SandboxBehaviour, SandboxWebhooks
 
 from .base import (
     BasePaymentProvider,
@@ -183,10 +183,26 @@ def verify_webhook_signature(secret: str, body: bytes, header: str | None, *, no
         raise InvalidWebhookSignature("Signature does not match")
 
 
+class SandboxConfig(BaseModel):
+    """What an operator may store for the sandbox (settings ``sandbox_*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    behaviour: SandboxBehaviour | None = Field(
+        default=None,
+        description=(
+            "Faults for every payment that brings no `sandbox` object of its own: decline, "
+            "answer slowly, fail, lose the answer, push webhooks"
+        ),
+    )
+
+
 class SandboxSecrets(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    webhook_secret: SecretStr = Field(min_length=16, description="Signs the sandbox's webhooks")
+    webhook_secret: SecretStr | None = Field(
+        default=None, min_length=16, description="Signs the sandbox's webhooks"
+    )
 
 
 class SandboxProvider(BasePaymentProvider):
@@ -194,6 +210,7 @@ class SandboxProvider(BasePaymentProvider):
     display_name = "Sandbox"
     id_prefixes = ("sb_",)
     settings_prefix = "sandbox_"
+    config_model = SandboxConfig
     secrets_model = SandboxSecrets
     capabilities = frozenset(
         {
@@ -215,8 +232,10 @@ class SandboxProvider(BasePaymentProvider):
         enabled: bool,
         webhook_secret: str = "",
         http: httpx.AsyncClient | None = None,
+        behaviour: Mapping[str, Any] | None = None,
     ) -> None:
         self._redis = redis
+        self._behaviour = dict(behaviour or {})  # for payments that bring none of their own
         self._http = http  # pushes webhooks; without it the sandbox sends none
         self._webhook_secret = webhook_secret
         self._prefix = f"{key_prefix}sandbox:"
@@ -238,6 +257,7 @@ class SandboxProvider(BasePaymentProvider):
             enabled=settings.environment != "production",
             webhook_secret=settings.sandbox_webhook_secret.get_secret_value(),
             http=deps.http,
+            behaviour=settings.sandbox_behaviour,
         )
 
     def is_configured(self) -> bool:
@@ -257,7 +277,7 @@ class SandboxProvider(BasePaymentProvider):
 
     async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
         self._require_enabled()
-        behaviour: Mapping[str, Any] = request.options.get("sandbox") or {}
+        behaviour: Mapping[str, Any] = request.options.get("sandbox") or self._behaviour
         if behaviour.get("delay_ms"):
             await asyncio.sleep(behaviour["delay_ms"] / 1000)
         self._inject_fault_before(behaviour.get("fail"))
