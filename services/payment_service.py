@@ -485,10 +485,7 @@ class PaymentService:
 
     async def history(self, payment_id: str, user: User) -> PaymentHistoryResponse:
         """Attempts and transitions, for the payment's owner or an admin."""
-        self.providers.for_payment_id(payment_id)
-        record = await self._store.get(payment_id)
-        if record is None or not (user.is_admin or record.owner == user.sub):
-            raise PaymentNotFound(f"No payment {payment_id!r}")
+        record = await self._owned(payment_id, user)
         return PaymentHistoryResponse(
             payment_id=record.payment_id,
             status=record.status,
@@ -660,11 +657,17 @@ class PaymentService:
 
     # -- receipts --------------------------------------------------------------------------
 
-    async def _receipt_record(self, payment_id: str, user: User) -> PaymentRecord:
+    async def _owned(self, payment_id: str, user: User) -> PaymentRecord:
+        """The payment, if ``user`` owns it or is an admin; to anyone else it does not exist
+        (an anonymous payment is an admin's only)."""
         self.providers.for_payment_id(payment_id)
         record = await self._store.get(payment_id)
         if record is None or not (user.is_admin or record.owner == user.sub):
             raise PaymentNotFound(f"No payment {payment_id!r}")
+        return record
+
+    async def _receipt_record(self, payment_id: str, user: User) -> PaymentRecord:
+        record = await self._owned(payment_id, user)
         if not record.status.is_paid:
             raise ReceiptNotAvailable(f"A {record.status} payment has no receipt")
         return record

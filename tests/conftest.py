@@ -23,6 +23,7 @@ from app.security import create_access_token
 from app.settings import Settings
 from services.receipt_service import new_render_pool
 from tests.fakes.server import free_port
+from tests.fakes.stripe_server import FakeStripe, running_fake_stripe
 
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
@@ -194,3 +195,33 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["code"] == code, body
     assert body["title"] and body["detail"] and body["type"]
     return body
+
+
+# -- one fake Stripe for the whole session -----------------------------------------------
+
+STRIPE_SECRET_KEY = "sk_test_51FakeKeyForTheFakeStripe0123456789"
+
+
+@pytest.fixture(scope="session")
+def stripe_server() -> Iterator[FakeStripe]:
+    with running_fake_stripe(api_key=STRIPE_SECRET_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_stripe(stripe_server: FakeStripe) -> Iterator[FakeStripe]:
+    """The session's fake Stripe, reset before the test and checked after it for requests
+    that Stripe's API description does not allow."""
+    stripe_server.reset()
+    yield stripe_server
+    try:
+        assert_no_violations(stripe_server)
+    finally:
+        stripe_server.reset()
+
+
+def assert_no_violations(fake: FakeStripe) -> None:
+    violations = list(fake.violations)
+    assert not violations, "requests Stripe's API description does not allow:\n" + "\n".join(
+        str(v) for v in violations
+    )

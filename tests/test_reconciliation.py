@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,15 @@ from pypdf import PdfReader
 from app.main import create_app
 from services.reconciler import ReconcileRun
 from tests.conftest import (
+    STRIPE_SECRET_KEY,
     RedisServer,
     assert_problem,
     bearer,
     create_payment,
     make_settings,
 )
-from tests.fakes.stripe_server import FakeStripe, running_fake_stripe
+from tests.fakes.stripe_server import FakeStripe
 
-SECRET_KEY = "sk_test_51ReconcileKeyForTheFakeStripe0123"
 # Short delays, so that each step comes due within a test; a long interval, so that only the
 # test's own calls to run_once do the work and each can be asserted on.
 FAST = {"reconcile_schedule": [0.05, 0.1], "reconcile_interval_seconds": 3600}
@@ -188,19 +187,13 @@ class TestLeader:
             assert await redis.get(leader_key) == app.state.reconciler.worker_id
 
 
-@pytest.fixture(scope="module")
-def stripe_server() -> Iterator[FakeStripe]:
-    with running_fake_stripe(api_key=SECRET_KEY) as fake:
-        yield fake
-
-
 class TestUnknownOutcome:
     @pytest.fixture
     def settings_overrides(self, stripe_server: FakeStripe) -> dict[str, Any]:
         stripe_server.reset()
         return {
             **FAST,
-            "stripe_secret_key": SECRET_KEY,
+            "stripe_secret_key": STRIPE_SECRET_KEY,
             "stripe_publishable_key": "pk_test_reconcile",
             "stripe_api_base": stripe_server.url,
             "provider_timeout_seconds": 0.3,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,12 +16,11 @@ import pytest
 from pypdf import PdfReader
 
 from tests.conftest import assert_problem, bearer, create_payment
-from tests.fakes.stripe_server import FakeStripe, FaultKind, running_fake_stripe
+from tests.fakes.stripe_server import FakeStripe, FaultKind
 from tests.providers.stripe.conftest import (
     PUBLISHABLE_KEY,
     SECRET_KEY,
     WEBHOOK_SECRET,
-    assert_no_violations,
 )
 
 API = "/api/v1/payment"
@@ -33,22 +31,6 @@ WRONG_KEY = "sk_test_51WrongKeyNobodyIssued0000000000000"
 # Stripe answers within milliseconds here; a short timeout keeps the hang cases quick.
 TIMEOUT_S = 0.5
 PRO_PRICE = 2900
-
-
-@pytest.fixture(scope="session")
-def stripe_server() -> Iterator[FakeStripe]:
-    with running_fake_stripe(api_key=SECRET_KEY) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_stripe(stripe_server: FakeStripe) -> Iterator[FakeStripe]:
-    stripe_server.reset()
-    yield stripe_server
-    try:
-        assert_no_violations(stripe_server)
-    finally:
-        stripe_server.reset()
 
 
 def stripe_overrides(fake: FakeStripe, **extra: Any) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from models.payment import Plan
 from services.payment_providers.base import IntentRequest, ProviderDeps
 from services.payment_providers.resilience import RetryPolicy
 from services.payment_providers.stripe import StripeProvider
-from tests.fakes.stripe_server import FakeStripe, running_fake_stripe
+from tests.conftest import STRIPE_SECRET_KEY
+from tests.fakes.stripe_server import FakeStripe
 
-SECRET_KEY = "sk_test_51FakeKeyForTheFakeStripe0123456789"
+SECRET_KEY = STRIPE_SECRET_KEY
 PUBLISHABLE_KEY = "pk_test_51FakeKeyForTheFakeStripe0123456789"
 WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
 # Short waits keep the suite fast; attempts stay at 3 so that retries are exercised.
@@ -31,29 +32,6 @@ BASIC = Plan(code="basic", name="Basic", amount=1900, currency="EUR")
 PRO = Plan(code="pro", name="Pro", amount=2900, currency="EUR")
 
 MakeProvider = Callable[..., StripeProvider]
-
-
-@pytest.fixture(scope="session")
-def stripe_server() -> Iterator[FakeStripe]:
-    with running_fake_stripe(api_key=SECRET_KEY) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_stripe(stripe_server: FakeStripe) -> Iterator[FakeStripe]:
-    stripe_server.reset()
-    yield stripe_server
-    try:
-        assert_no_violations(stripe_server)
-    finally:
-        stripe_server.reset()
-
-
-def assert_no_violations(fake: FakeStripe) -> None:
-    violations = list(fake.violations)
-    assert not violations, "requests Stripe's API description does not allow:\n" + "\n".join(
-        str(v) for v in violations
-    )
 
 
 def stripe_settings(fake: FakeStripe, **overrides: Any) -> Settings:

@@ -7,10 +7,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import assert_no_violations
 from tests.fakes import stripe_spec
 from tests.fakes.stripe_server import FakeStripe
 from tests.fakes.stripe_spec import StripeSpec, coerce, decode_brackets, specs_dir
-from tests.providers.stripe.conftest import SECRET_KEY, assert_no_violations
+from tests.providers.stripe.conftest import SECRET_KEY
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
