@@ -424,12 +424,23 @@ class PaymentStore:
 
     # -- reconciliation queue --------------------------------------------------------------
 
-    async def schedule_reconcile(self, payment_id: str, *, after_s: float, step: int = 0) -> None:
-        """Queue ``payment_id`` to be re-verified in ``after_s`` (sooner if already due)."""
+    async def schedule_reconcile(
+        self, payment_id: str, *, after_s: float, step: int = 0, sooner_only: bool = True
+    ) -> None:
+        """Queue ``payment_id`` to be re-verified in ``after_s``. With ``sooner_only`` an
+        earlier time already queued stays; the reconciler, which holds a lease on the
+        payments it checks, sets the next step's time whatever the lease said."""
         async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._recon_queue, {payment_id: _now().timestamp() + after_s}, lt=True)
+            due = {payment_id: _now().timestamp() + after_s}
+            pipe.zadd(self._recon_queue, due, lt=sooner_only)
             pipe.hset(self._recon_steps, payment_id, str(step))
             await pipe.execute()
+
+    async def reconcile_due_at(self, payment_id: str) -> float | None:
+        """When ``payment_id`` is next to be re-verified (epoch seconds), if it is queued."""
+        async with store_errors():
+            due = await self._redis.zscore(self._recon_queue, payment_id)
+        return None if due is None else float(due)
 
     async def claim_due_reconciles(self, *, lease_s: float, limit: int) -> list[tuple[str, int]]:
         """The payments due for reconciliation with the step each is at, leased to us."""

@@ -155,7 +155,9 @@ class Reconciler:
                 "reconcile.error",
                 extra={"payment_id": payment_id, "code": error.code, "step": step},
             )
-            await self._store.schedule_reconcile(payment_id, after_s=self._schedule[0], step=step)
+            await self._store.schedule_reconcile(
+                payment_id, after_s=self._schedule[0], step=step, sooner_only=False
+            )
             return
         if after.status != before.status:
             run.changed += 1
@@ -173,7 +175,7 @@ class Reconciler:
             await self._store.finish_reconcile(payment_id)
         elif step + 1 < len(self._schedule):
             await self._store.schedule_reconcile(
-                payment_id, after_s=self._schedule[step + 1], step=step + 1
+                payment_id, after_s=self._schedule[step + 1], step=step + 1, sooner_only=False
             )
         else:
             run.gave_up += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,22 @@ class TestNotYetDue:
         run = await app.state.reconciler.run_once()
         assert run.leader and payment_id not in run.payments
         assert (await app.state.reconciler.stats())["queued"] == 1
+
+
+class TestLongSteps:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        # The second step is longer than the lease a checked payment is held under (four
+        # intervals, at least 60 s: 4 h with FAST's interval).
+        return {**FAST, "reconcile_schedule": [0.05, 20_000]}
+
+    async def test_the_next_step_waits_its_own_delay_not_the_lease(
+        self, client: httpx.AsyncClient, app: Any
+    ) -> None:
+        payment_id = (await create_payment(client))["payment_id"]
+        await run_until(app, payment_id)
+        due = await app.state.store.reconcile_due_at(payment_id)
+        assert due is not None and due - time.time() > 19_990
 
 
 class TestSettledMeanwhile:
