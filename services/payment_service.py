@@ -646,12 +646,12 @@ class PaymentService:
         asked for pushed webhooks: then, as with a real vendor's page, the service hears of
         it only through them."""
         sandbox = self.sandbox()
-        if await sandbox.pushes_webhooks(payment_id):
-            return await sandbox.settle(payment_id, outcome)
         session = await sandbox.settle(payment_id, outcome)
+        if sandbox.pushes_webhooks(session):
+            return session
         record = await self._store.get(payment_id)
         if record is not None:
-            state = await sandbox.verify_payment(payment_id)
+            state = sandbox.state_of(payment_id, session)
             await self._apply(record, state, cause="sandbox:checkout")
         return session
 

@@ -355,13 +355,14 @@ class SandboxProvider(BasePaymentProvider):
             raise PaymentNotFound(f"No payment {payment_id!r}")
         if result == "settled":
             raise InvalidStateTransition(f"This payment was already settled ({status})")
-        await self._emit(payment_id, f"payment.{status}")
-        return await self.session(payment_id)
+        session = await self.session(payment_id)
+        await self._emit(payment_id, f"payment.{status}", fields=session)
+        return session
 
-    async def pushes_webhooks(self, payment_id: str) -> bool:
+    @staticmethod
+    def pushes_webhooks(session: Mapping[str, str]) -> bool:
         """Whether this payment's events reach the service only through pushed webhooks."""
-        self._require_enabled()
-        return bool(await self._redis.hexists(self._key(payment_id), "webhooks"))
+        return "webhooks" in session
 
     async def webhook_deliveries(self, payment_id: str) -> list[dict[str, Any]]:
         """Every delivery attempt of this payment's webhooks, oldest first: event id and type,
@@ -371,7 +372,11 @@ class SandboxProvider(BasePaymentProvider):
         return [json.loads(entry) for entry in entries]
 
     async def verify_payment(self, payment_id: str) -> PaymentState:
-        fields = await self.session(payment_id)
+        return self.state_of(payment_id, await self.session(payment_id))
+
+    @staticmethod
+    def state_of(payment_id: str, fields: Mapping[str, str]) -> PaymentState:
+        """The sandbox's truth about a payment, from its record as ``session`` reads it."""
         amount = int(fields["amount"])
         refunded = int(fields.get("refunded", 0))
         status = _STATUS_MAP.get(fields["status"], PaymentStatus.PENDING)
@@ -478,19 +483,30 @@ class SandboxProvider(BasePaymentProvider):
 
     # -- pushed webhooks -------------------------------------------------------------------
 
-    async def _emit(self, payment_id: str, event_type: str, *, amount_refunded: int = 0) -> None:
+    async def _emit(
+        self,
+        payment_id: str,
+        event_type: str,
+        *,
+        amount_refunded: int = 0,
+        fields: Mapping[str, str] | None = None,
+    ) -> None:
         """Queue one event for delivery, if this payment asked for webhooks.
 
+        ``fields``: the payment's record, when the caller has just read it (saves a read).
         The event is put in order here, in the request that changed the sandbox's record, so
         that events leave in the order things happened (unless `reorder` says otherwise). The
         delivery itself runs in the background: nothing about it can slow down or fail the
         change that caused it, which has already happened.
         """
         try:
-            raw, url = cast(
-                list[str | None],
-                await self._redis.hmget(self._key(payment_id), ["webhooks", "webhook_url"]),
-            )
+            if fields is not None:  # the caller has just read the record
+                raw, url = fields.get("webhooks"), fields.get("webhook_url")
+            else:
+                raw, url = cast(
+                    list[str | None],
+                    await self._redis.hmget(self._key(payment_id), ["webhooks", "webhook_url"]),
+                )
             if not raw or not url or self._http is None:
                 return
             plan = SandboxWebhooks.model_validate_json(raw)
