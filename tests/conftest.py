@@ -23,15 +23,36 @@ from app.security import create_access_token
 from app.settings import Settings
 from services.receipt_service import new_render_pool
 from tests.fakes.server import free_port
+from tests.fakes.specs import specs_dir
 from tests.fakes.stripe_server import FakeStripe, running_fake_stripe
 
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 # Settings come only from what each test says, never from the machine's environment.
-_ENV_PREFIXES = ("STRIPE_", "PAYPAL_", "PAYMENT_", "REDIS_", "JWT_", "RECEIPT", "MERCHANT_")
+# PAYMENT_SPECS_DIR is the suite's own setting (where the API descriptions are), so it stays.
+_ENV_PREFIXES = (
+    *("STRIPE_", "PAYPAL_", "PAYMENT_", "REDIS_", "JWT_", "RECEIPT", "MERCHANT_"),
+    *("SANDBOX_", "RECONCILE_", "PROVIDER_", "BREAKER_", "RATE_LIMITS"),
+)
+_ENV_KEPT = {"PAYMENT_SPECS_DIR"}
+_ENV_NAMES = {"ENVIRONMENT", "PUBLIC_BASE_URL", "PORT"}
 for _name in list(os.environ):
-    if _name.startswith(_ENV_PREFIXES) or _name in {"ENVIRONMENT", "PUBLIC_BASE_URL", "PORT"}:
+    if _name in _ENV_KEPT:
+        continue
+    if _name.startswith(_ENV_PREFIXES) or _name in _ENV_NAMES:
         del os.environ[_name]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The provider fakes check every request against the published API descriptions; without
+    them, say so once instead of failing every provider test on its own."""
+    where = specs_dir()
+    if not (where / "stripe" / "spec3.json").is_file() or not (where / "paypal").is_dir():
+        pytest.exit(
+            f"The providers' API descriptions are not at {where}: check out the team's shared/ "
+            "beside this repository (as CI does), or set PAYMENT_SPECS_DIR to its specs/.",
+            returncode=4,
+        )
 
 
 @dataclass

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+
+from tests.fakes.specs import specs_dir
 
 SPEC_FILES = (
     "checkout_orders_v2.json",
@@ -52,15 +52,6 @@ SPEC_HOST = "https://api-m.sandbox.paypal.com"
 # Statuses PayPal really answers that the descriptions do not declare (quirk 6).
 UNDECLARED_STATUSES = frozenset({429})
 BASE64_PATTERN = r"^[A-Za-z0-9+/]+={0,2}$"
-
-
-def specs_dir() -> Path:
-    """Where the shared specs live: $PAYMENT_SPECS_DIR, else <repo>/../shared/specs."""
-    configured = os.environ.get("PAYMENT_SPECS_DIR")
-    if configured:
-        return Path(configured)
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "specs"
 
 
 def _load(name: str) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from urllib.parse import parse_qsl
 
 from openapi_schema_validator import OAS30Validator
 
+from tests.fakes.specs import specs_dir
+
 # (method, path template, parameter path): parameters the SDK may send that the 2022
 # description lacks. Keep it short; each entry needs a reason.
 ALLOWED_UNDOCUMENTED: frozenset[tuple[str, str, str]] = frozenset(
@@ -38,15 +39,6 @@ ALLOWED_UNDOCUMENTED: frozenset[tuple[str, str, str]] = frozenset(
     # 2022 description. Add entries like ("POST", "/v1/checkout/sessions", "ui_mode") with a
     # comment naming the API version that introduced the parameter.
 )
-
-
-def specs_dir() -> Path:
-    """Where the shared specs live: $PAYMENT_SPECS_DIR, else <repo>/../shared/specs."""
-    configured = os.environ.get("PAYMENT_SPECS_DIR")
-    if configured:
-        return Path(configured)
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "specs"
 
 
 def stripe_spec_path() -> Path:
