@@ -8,7 +8,7 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import AdminUser, PaymentServiceDep
+from app.deps import Admin, PaymentServiceDep
 from app.errors import StoreUnavailable
 from models.payment import ProviderHealth, ServiceHealth
 from routers.docs import problems
@@ -71,7 +71,7 @@ async def _provider_health(
     responses=problems(401, 403),
     summary="Overall status, Redis and each provider (admins)",
 )
-async def admin_health(_admin: AdminUser, service: PaymentServiceDep) -> JSONResponse:
+async def admin_health(_admin: Admin, service: PaymentServiceDep) -> JSONResponse:
     started = time.perf_counter()
     try:
         await service.store.ping()

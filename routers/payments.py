@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 
-from app.deps import AdminUser, CurrentUser, OptionalUser, PaymentServiceDep, client_address
+from app.deps import Access, Caller, Need, RateLimit
 from app.errors import PaymentNotFound
-from app.ratelimit import RateLimit
 from models.payment import (
     PAYMENT_ID_PATTERN,
     CreateIntentRequest,
@@ -39,6 +38,18 @@ IdempotencyKey = Annotated[
 
 _COMMON = (401, 404, 413, 422, 429, 503)
 
+# One dependency a route (see app.deps): the token, the rate limit and the service.
+CreateIntentCaller = Annotated[Caller, Depends(Access(RateLimit("create-intent", 10)))]
+VerifyCaller = Annotated[Caller, Depends(Access(RateLimit("verify", 30)))]
+ReceiptUserCaller = Annotated[Caller, Depends(Access(RateLimit("receipt", 30), need=Need.USER))]
+ReceiptPdfUserCaller = Annotated[
+    Caller, Depends(Access(RateLimit("receipt-pdf", 10), need=Need.USER))
+]
+WebhookCaller = Annotated[Caller, Depends(Access(RateLimit("webhook", 100)))]
+CaptureCaller = Annotated[Caller, Depends(Access(RateLimit("capture", 10)))]
+CancelCaller = Annotated[Caller, Depends(Access(RateLimit("cancel", 10)))]
+RefundAdminCaller = Annotated[Caller, Depends(Access(RateLimit("refund", 10), need=Need.ADMIN))]
+
 
 def _checked_id(payment_id: str) -> str:
     if not re.fullmatch(PAYMENT_ID_PATTERN, payment_id):
@@ -50,21 +61,19 @@ def _checked_id(payment_id: str) -> str:
     "/create-intent",
     response_model=IntentResponse,
     status_code=201,
-    dependencies=[Depends(RateLimit("create-intent", 10))],
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Create a payment for a catalogue plan",
 )
 async def create_intent(
     body: CreateIntentRequest,
     request: Request,
-    user: OptionalUser,
-    service: PaymentServiceDep,
+    caller: CreateIntentCaller,
     idempotency_key: IdempotencyKey = None,
 ) -> IntentResponse:
-    return await service.create_intent(
+    return await caller.service.create_intent(
         body,
-        user=user,
-        caller=f"ip:{client_address(request)}",
+        user=caller.user,
+        caller=caller.address,
         idempotency_key=idempotency_key,
         base_url=str(request.base_url),
     )
@@ -73,43 +82,34 @@ async def create_intent(
 @router.post(
     "/verify",
     response_model=PaymentResponse,
-    dependencies=[Depends(RateLimit("verify", 30))],
     responses=problems(*_COMMON, 502),
     summary="Ask the provider for the payment's state and apply it",
 )
-async def verify(
-    body: VerifyRequest, user: OptionalUser, service: PaymentServiceDep
-) -> PaymentResponse:
-    return await service.verify(body.payment_id, user)
+async def verify(body: VerifyRequest, caller: VerifyCaller) -> PaymentResponse:
+    return await caller.service.verify(body.payment_id, caller.user)
 
 
 @router.get(
     "/receipt/{payment_id}",
     response_model=ReceiptResponse,
-    dependencies=[Depends(RateLimit("receipt", 30))],
     responses=problems(*_COMMON, 409),
     summary="Receipt details (owner or admin)",
 )
-async def receipt(
-    payment_id: PaymentIdPath, user: CurrentUser, service: PaymentServiceDep
-) -> ReceiptResponse:
-    return await service.receipt(_checked_id(payment_id), user)
+async def receipt(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> ReceiptResponse:
+    return await caller.service.receipt(_checked_id(payment_id), caller.signed_in)
 
 
 @router.get(
     "/receipt/{payment_id}/pdf",
     response_class=Response,
-    dependencies=[Depends(RateLimit("receipt-pdf", 10))],
     responses={
         200: {"content": {"application/pdf": {}}, "description": "The receipt PDF"},
         **problems(*_COMMON, 409),
     },
     summary="Download the receipt PDF (owner or admin)",
 )
-async def receipt_pdf(
-    payment_id: PaymentIdPath, user: CurrentUser, service: PaymentServiceDep
-) -> Response:
-    filename, data = await service.receipt_pdf(_checked_id(payment_id), user)
+async def receipt_pdf(payment_id: PaymentIdPath, caller: ReceiptPdfUserCaller) -> Response:
+    filename, data = await caller.service.receipt_pdf(_checked_id(payment_id), caller.signed_in)
     return Response(
         data,
         media_type="application/pdf",
@@ -122,83 +122,70 @@ async def receipt_pdf(
 
 @router.post(
     "/webhook/{provider}",
-    dependencies=[Depends(RateLimit("webhook", 100))],
     responses=problems(400, 404, 413, 422, 429, 503),
     summary="Provider webhooks (stripe, paypal); the signature is the authentication",
 )
 async def webhook(
     provider: Annotated[str, Path(pattern=r"^[a-z0-9_\-]{1,64}$")],
     request: Request,
-    service: PaymentServiceDep,
+    caller: WebhookCaller,
 ) -> dict[str, Any]:
     body = await request.body()
-    ack = await service.handle_webhook(provider, body, request.headers)
+    ack = await caller.service.handle_webhook(provider, body, request.headers)
     return {"received": True, "event_id": ack.event_id, "outcome": ack.outcome}
 
 
 @router.post(
     "/capture/paypal/{payment_id}",
     response_model=PaymentResponse,
-    dependencies=[Depends(RateLimit("capture", 10))],
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an approved PayPal order",
 )
-async def capture_paypal(
-    payment_id: PaymentIdPath, user: OptionalUser, service: PaymentServiceDep
-) -> PaymentResponse:
-    return await service.capture(_checked_id(payment_id), user, provider_name="paypal")
+async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> PaymentResponse:
+    return await caller.service.capture(
+        _checked_id(payment_id), caller.user, provider_name="paypal"
+    )
 
 
 @router.get(
     "/{payment_id}/history",
     response_model=PaymentHistoryResponse,
-    dependencies=[Depends(RateLimit("receipt", 30))],
     responses=problems(401, 404, 429, 503),
     summary="A payment's provider attempts and status changes (owner or admin)",
 )
-async def history(
-    payment_id: PaymentIdPath, user: CurrentUser, service: PaymentServiceDep
-) -> PaymentHistoryResponse:
-    return await service.history(_checked_id(payment_id), user)
+async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> PaymentHistoryResponse:
+    return await caller.service.history(_checked_id(payment_id), caller.signed_in)
 
 
 @router.post(
     "/{payment_id}/capture",
     response_model=PaymentResponse,
-    dependencies=[Depends(RateLimit("capture", 10))],
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an authorized payment",
 )
-async def capture(
-    payment_id: PaymentIdPath, user: OptionalUser, service: PaymentServiceDep
-) -> PaymentResponse:
-    return await service.capture(_checked_id(payment_id), user)
+async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> PaymentResponse:
+    return await caller.service.capture(_checked_id(payment_id), caller.user)
 
 
 @router.post(
     "/{payment_id}/cancel",
     response_model=PaymentResponse,
-    dependencies=[Depends(RateLimit("cancel", 10))],
     responses=problems(*_COMMON, 409, 502),
     summary="Cancel a payment that has not been captured",
 )
-async def cancel(
-    payment_id: PaymentIdPath, user: OptionalUser, service: PaymentServiceDep
-) -> PaymentResponse:
-    return await service.cancel(_checked_id(payment_id), user)
+async def cancel(payment_id: PaymentIdPath, caller: CancelCaller) -> PaymentResponse:
+    return await caller.service.cancel(_checked_id(payment_id), caller.user)
 
 
 @router.post(
     "/{payment_id}/refund",
     response_model=PaymentResponse,
-    dependencies=[Depends(RateLimit("refund", 10))],
     responses=problems(*_COMMON, 403, 409, 502),
     summary="Refund a paid payment, fully or in part (admins)",
 )
 async def refund(
     payment_id: PaymentIdPath,
-    _admin: AdminUser,
-    service: PaymentServiceDep,
+    caller: RefundAdminCaller,
     body: RefundRequest | None = None,
 ) -> PaymentResponse:
-    return await service.refund(_checked_id(payment_id), body.amount if body else None)
+    return await caller.service.refund(_checked_id(payment_id), body.amount if body else None)

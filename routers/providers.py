@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.deps import AdminUser, PaymentServiceDep
+from app.deps import Admin, PaymentServiceDep
 from app.errors import NotFound, ServiceError, UnknownProvider
 from models.payment import ProviderName
 from routers.docs import problems
@@ -137,7 +137,7 @@ def _validated(
     responses=problems(401, 403),
     summary="Every provider: prefixes, capabilities, configured, active, breaker",
 )
-async def list_providers(_admin: AdminUser, service: PaymentServiceDep) -> list[ProviderInfo]:
+async def list_providers(_admin: Admin, service: PaymentServiceDep) -> list[ProviderInfo]:
     factory = service.providers
     result = []
     for provider in factory.providers():
@@ -158,7 +158,7 @@ async def list_providers(_admin: AdminUser, service: PaymentServiceDep) -> list[
 
 
 @router.get("/routing", response_model=RoutingConfig, responses=problems(401, 403))
-async def get_routing(_admin: AdminUser, service: PaymentServiceDep) -> RoutingConfig:
+async def get_routing(_admin: Admin, service: PaymentServiceDep) -> RoutingConfig:
     factory = service.providers
     return RoutingConfig(
         default=factory.default, fallback=list(factory.fallback), weights=factory.weights or None
@@ -172,7 +172,7 @@ async def get_routing(_admin: AdminUser, service: PaymentServiceDep) -> RoutingC
     summary="Switch the default provider, the fallback order or a weighted split",
 )
 async def put_routing(
-    body: RoutingConfig, _admin: AdminUser, service: PaymentServiceDep, configs: ConfigStoreDep
+    body: RoutingConfig, _admin: Admin, service: PaymentServiceDep, configs: ConfigStoreDep
 ) -> RoutingConfig:
     names = [body.default] if body.default else []
     names += list(body.fallback or []) + list(body.weights or {})
@@ -206,7 +206,7 @@ class MappingPage(BaseModel):
     summary="Our IDs and the providers' IDs for the same things, looked up either way",
 )
 async def mappings(
-    _admin: AdminUser,
+    _admin: Admin,
     service: PaymentServiceDep,
     provider: Annotated[str, Query(pattern=r"^[a-z0-9_\-]{1,64}$")],
     entity: Annotated[str, Query(pattern=r"^[a-z_]{1,32}$")] = "payment",
@@ -250,12 +250,12 @@ class ReconciliationStats(BaseModel):
     responses=problems(401, 403, 503),
     summary="What the reconciliation job has done, and what it still has to do",
 )
-async def reconciliation(_admin: AdminUser, request: Request) -> ReconciliationStats:
+async def reconciliation(_admin: Admin, request: Request) -> ReconciliationStats:
     return ReconciliationStats.model_validate(await request.app.state.reconciler.stats())
 
 
 @router.get("/configs", response_model=list[StoredProviderConfig], responses=problems(401, 403))
-async def list_configs(_admin: AdminUser, configs: ConfigStoreDep) -> list[StoredProviderConfig]:
+async def list_configs(_admin: Admin, configs: ConfigStoreDep) -> list[StoredProviderConfig]:
     return await configs.all()
 
 
@@ -267,7 +267,7 @@ async def list_configs(_admin: AdminUser, configs: ConfigStoreDep) -> list[Store
     summary="Store a provider's configuration (secrets encrypted at rest)",
 )
 async def create_config(
-    body: ProviderConfigIn, _admin: AdminUser, service: PaymentServiceDep, configs: ConfigStoreDep
+    body: ProviderConfigIn, _admin: Admin, service: PaymentServiceDep, configs: ConfigStoreDep
 ) -> StoredProviderConfig:
     cls = _provider_class(service, body.provider_key)
     public, private = _validated(cls, body.config, body.config_secret, body.capabilities)
@@ -287,7 +287,7 @@ async def create_config(
     "/configs/{config_id}", response_model=StoredProviderConfig, responses=problems(401, 403, 404)
 )
 async def get_config(
-    config_id: ConfigId, _admin: AdminUser, configs: ConfigStoreDep
+    config_id: ConfigId, _admin: Admin, configs: ConfigStoreDep
 ) -> StoredProviderConfig:
     return await configs.get(config_id)
 
@@ -301,7 +301,7 @@ async def get_config(
 async def patch_config(
     config_id: ConfigId,
     body: ProviderConfigPatch,
-    _admin: AdminUser,
+    _admin: Admin,
     service: PaymentServiceDep,
     configs: ConfigStoreDep,
 ) -> StoredProviderConfig:
@@ -325,7 +325,7 @@ async def patch_config(
 
 @router.delete("/configs/{config_id}", status_code=204, responses=problems(401, 403, 404))
 async def delete_config(
-    config_id: ConfigId, _admin: AdminUser, service: PaymentServiceDep, configs: ConfigStoreDep
+    config_id: ConfigId, _admin: Admin, service: PaymentServiceDep, configs: ConfigStoreDep
 ) -> Response:
     await configs.delete(config_id)
     await service.manager.refresh()
@@ -337,7 +337,7 @@ async def delete_config(
 )
 async def provider_schema(
     provider_key: Annotated[str, Path(max_length=64)],
-    _admin: AdminUser,
+    _admin: Admin,
     service: PaymentServiceDep,
 ) -> ProviderSchema:
     cls = _provider_class(service, provider_key)
