@@ -252,7 +252,7 @@ class PaymentService:
             cause="api:create-intent",
             idempotency=answer,
             reconcile_after_s=self._reconcile_after_s,
-            write_with=result.write_with_payment,
+            local_record=result.local_record,
         ):
             # The vendor replayed an earlier object for this key (our first attempt stored it
             # but could not record its answer): answer with what we stored then.

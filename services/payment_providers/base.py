@@ -9,7 +9,7 @@ and maps vendor exceptions to ``app.errors`` (declined, unavailable, misconfigur
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -72,6 +72,17 @@ class IntentRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalRecord:
+    """A hash a built-in provider keeps in the service's Redis, written only if ``key`` does not
+    exist yet, with an expiry. ``key`` must carry the payment's hash tag (``{payment_id}``), so
+    that it lives in the payment's Redis Cluster slot and one script can write both."""
+
+    key: str
+    fields: Mapping[str, str]
+    ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
 class IntentResult:
     payment_id: str  # carries the provider's prefix, so the factory can route it back
     status: PaymentStatus
@@ -79,11 +90,9 @@ class IntentResult:
     client_secret: str | None = None
     publishable_key: str | None = None
     # For a provider that keeps its records in the service's own Redis (the built-in sandbox):
-    # its writes, queued on the pipeline that stores the payment, so that both are made in one
-    # round trip and neither exists without the other. Other providers leave it None.
-    write_with_payment: Callable[[Any], None] | None = field(
-        default=None, repr=False, compare=False
-    )
+    # its record of the payment, which the store writes in the same atomic step as the payment
+    # itself, so that neither exists without the other. Other providers leave it None.
+    local_record: LocalRecord | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from .base import (
     HealthStatus,
     IntentRequest,
     IntentResult,
+    LocalRecord,
     PaymentState,
     ProviderDeps,
     RefundResult,
@@ -53,7 +54,6 @@ from .base import (
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from app.settings import Settings
 
@@ -304,22 +304,19 @@ class SandboxProvider(BasePaymentProvider):
             session["webhooks"] = json.dumps(behaviour["webhooks"])
             session["webhook_url"] = request.base_url.rstrip("/") + WEBHOOK_PATH
         key = self._key(payment_id)
-        args = [str(SESSION_TTL_S), *(str(item) for pair in session.items() for item in pair)]
+        fields = {name: str(value) for name, value in session.items()}
         if behaviour.get("fail") == "lost_answer":
+            args = [str(SESSION_TTL_S), *(item for pair in fields.items() for item in pair)]
             await self._open(keys=[key], args=args)
             raise ProviderUnavailable(
                 "sandbox: the payment was created but the answer was lost", provider=self.name
             )
-
-        def write_with_payment(pipe: Pipeline) -> None:
-            # EVAL, not EVALSHA: in a pipeline redis-py would check for the script first.
-            pipe.eval(_OPEN_LUA, 1, key, *args)
-
         return IntentResult(
             payment_id=payment_id,
             status=PaymentStatus.PENDING,
             redirect_url=request.base_url.rstrip("/") + self.checkout_path(payment_id),
-            write_with_payment=write_with_payment,
+            # The store writes the session with the payment, in one script.
+            local_record=LocalRecord(key=key, fields=fields, ttl_s=SESSION_TTL_S),
         )
 
     def _inject_fault_before(self, fault: str | None) -> None:
