@@ -335,18 +335,25 @@ class PaymentService:
 
     async def _visible(self, payment_id: str, user: User | None) -> PaymentRecord:
         """The payment, if ``user`` may see it. To anyone else it does not exist."""
-        record = await self._store.get(payment_id)
-        if record is None or not _may_see(record, user):
-            raise PaymentNotFound(f"No payment {payment_id!r}")
-        return record
+        return _seen_by(await self._store.get(payment_id), payment_id, user)
 
     async def verify(self, payment_id: str, user: User | None) -> PaymentResponse:
         """Ask the payment's provider for the truth and apply it."""
         provider = self.providers.for_payment_id(payment_id)
-        record = await self._visible(payment_id, user)
-        if record.status is PaymentStatus.REFUNDED:
-            return self._response(record)  # nothing can change any more
-        state = await self._guard.run(provider, partial(provider.verify_payment, payment_id))
+        local_key = provider.local_record_key(payment_id)
+        if local_key is None:
+            record = await self._visible(payment_id, user)
+            if record.status is PaymentStatus.REFUNDED:
+                return self._response(record)  # nothing can change any more
+            state = await self._guard.run(provider, partial(provider.verify_payment, payment_id))
+        else:
+            # The provider's record lives beside the payment: both in one round trip, and
+            # nothing to time out or trip a breaker over.
+            found, fields = await self._store.get_with_local_record(payment_id, local_key)
+            record = _seen_by(found, payment_id, user)
+            if record.status is PaymentStatus.REFUNDED:
+                return self._response(record)
+            state = provider.state_from_local_record(payment_id, fields)
         record = await self._apply(record, state, cause="verify")
         return self._response(record)
 
@@ -739,6 +746,13 @@ def _says_nothing_new(record: PaymentRecord, state: PaymentState) -> bool:
         and state.payment_method in (None, record.payment_method)
         and state.amount_refunded <= record.amount_refunded
     )
+
+
+def _seen_by(record: PaymentRecord | None, payment_id: str, user: User | None) -> PaymentRecord:
+    """``record`` if ``user`` may see it. To anyone else it does not exist."""
+    if record is None or not _may_see(record, user):
+        raise PaymentNotFound(f"No payment {payment_id!r}")
+    return record
 
 
 def _may_see(record: PaymentRecord, user: User | None) -> bool:

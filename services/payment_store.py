@@ -387,6 +387,17 @@ class PaymentStore:
             fields = cast(dict[str, str], await self._redis.hgetall(self._payment_key(payment_id)))
         return _record_from_fields(fields) if fields else None
 
+    async def get_with_local_record(
+        self, payment_id: str, local_key: str
+    ) -> tuple[PaymentRecord | None, dict[str, str]]:
+        """The payment and a built-in provider's record of it (``local_key``, in the same
+        slot), in one round trip."""
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._payment_key(payment_id))
+            pipe.hgetall(local_key)
+            fields, local = await pipe.execute()
+        return (_record_from_fields(fields) if fields else None), local
+
     async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
         mapping = await self.lookup_mapping(provider, "payment", local_id=reference)
         return await self.get(mapping.external_id) if mapping else None

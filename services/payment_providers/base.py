@@ -204,6 +204,21 @@ class BasePaymentProvider(abc.ABC):
         """Ask the vendor for the payment's current truth. Raises ``PaymentNotFound`` when
         the vendor does not know the ID, and the technical errors above."""
 
+    # -- providers whose records live in the service's own Redis -----------------------------
+
+    def local_record_key(self, payment_id: str) -> str | None:
+        """The key of this provider's own record of ``payment_id`` in the service's Redis,
+        for a built-in provider that keeps one there (the sandbox); None for providers reached
+        over the network. The key carries the payment's hash tag, so the store reads it in
+        the same round trip as the payment and ``state_from_local_record`` answers a verify
+        without another call."""
+        return None
+
+    def state_from_local_record(self, payment_id: str, fields: Mapping[str, str]) -> PaymentState:
+        """What ``verify_payment`` would answer, from the record at ``local_record_key``
+        (empty when it does not exist)."""
+        raise OperationNotSupported(f"{self.name} keeps no records in the service's store")
+
     # -- optional operations ---------------------------------------------------------------
 
     async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:

@@ -371,6 +371,15 @@ class SandboxProvider(BasePaymentProvider):
     async def verify_payment(self, payment_id: str) -> PaymentState:
         return self.state_of(payment_id, await self.session(payment_id))
 
+    def local_record_key(self, payment_id: str) -> str:
+        return self._key(payment_id)
+
+    def state_from_local_record(self, payment_id: str, fields: Mapping[str, str]) -> PaymentState:
+        self._require_enabled()
+        if not fields:
+            raise PaymentNotFound(f"No payment {payment_id!r}")
+        return self.state_of(payment_id, fields)
+
     @staticmethod
     def state_of(payment_id: str, fields: Mapping[str, str]) -> PaymentState:
         """The sandbox's truth about a payment, from its record as ``session`` reads it."""
