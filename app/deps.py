@@ -13,11 +13,13 @@ thread, which cost more than the whole Redis round trip of a request (seen in a 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import Annotated
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Request
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
@@ -54,6 +56,7 @@ class Caller:
     user: User | None
     service: PaymentService
     address: str  # "ip:<client address>": who a tokenless caller is
+    headers: Mapping[str, str]  # RateLimit-* for the response, when limits are on
 
     @property
     def signed_in(self) -> User:
@@ -78,20 +81,24 @@ class Access(SecurityBase):
         self.rate_limit = rate_limit
         self.need = need
 
-    async def __call__(self, request: Request, response: Response) -> Caller:
+    async def __call__(self, request: Request) -> Caller:
         state = request.app.state
         settings: Settings = state.settings
         user = _bearer_user(request, settings)
         address = f"ip:{client_address(request)}"
+        headers: Mapping[str, str] = _NO_HEADERS
         if self.rate_limit is not None and settings.rate_limits_enabled:
             who = f"user:{user.sub}" if user else address
-            await _count(self.rate_limit, state.store, who, response)
+            headers = await _count(self.rate_limit, state.store, who)
         if self.need is not Need.ANYONE:
             if user is None:
                 raise AuthenticationRequired("This endpoint needs a bearer token")
             if self.need is Need.ADMIN and not user.is_admin:
                 raise PermissionDenied("This endpoint is for administrators")
-        return Caller(user=user, service=state.service, address=address)
+        return Caller(user=user, service=state.service, address=address, headers=headers)
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def _bearer_user(request: Request, settings: Settings) -> User | None:
@@ -104,14 +111,17 @@ def _bearer_user(request: Request, settings: Settings) -> User | None:
     return decode_access_token(settings, token)
 
 
-async def _count(limit: RateLimit, store: PaymentStore, who: str, response: Response) -> None:
+async def _count(limit: RateLimit, store: PaymentStore, who: str) -> dict[str, str]:
+    """Count one request; the RateLimit-* headers to answer it with, or RateLimited."""
     hits, seconds_left = await store.hit_rate_limit(f"{limit.name}:{who}", limit.per_seconds)
     reset = max(1, math.ceil(seconds_left))
     if hits > limit.limit:
         raise RateLimited(retry_after=reset, limit=limit.description)
-    response.headers["RateLimit-Limit"] = str(limit.limit)
-    response.headers["RateLimit-Remaining"] = str(max(0, limit.limit - hits))
-    response.headers["RateLimit-Reset"] = str(reset)
+    return {
+        "RateLimit-Limit": str(limit.limit),
+        "RateLimit-Remaining": str(max(0, limit.limit - hits)),
+        "RateLimit-Reset": str(reset),
+    }
 
 
 def client_address(request: Request) -> str:

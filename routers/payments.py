@@ -6,6 +6,8 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from app.deps import Access, Caller, Need, RateLimit
 from app.errors import PaymentNotFound
@@ -51,6 +53,18 @@ CancelCaller = Annotated[Caller, Depends(Access(RateLimit("cancel", 10)))]
 RefundAdminCaller = Annotated[Caller, Depends(Access(RateLimit("refund", 10), need=Need.ADMIN))]
 
 
+def _json(model: BaseModel, caller: Caller, status_code: int = 200) -> Response:
+    """The route's ``response_model``, already built by the service, as JSON with the caller's
+    RateLimit-* headers. Answering a Response skips FastAPI validating the model a second
+    time and serializing it again; the OpenAPI document still comes from response_model."""
+    return Response(
+        model.model_dump_json(),
+        status_code=status_code,
+        headers=caller.headers,
+        media_type="application/json",
+    )
+
+
 def _checked_id(payment_id: str) -> str:
     if not re.fullmatch(PAYMENT_ID_PATTERN, payment_id):
         raise PaymentNotFound("No such payment")
@@ -69,14 +83,15 @@ async def create_intent(
     request: Request,
     caller: CreateIntentCaller,
     idempotency_key: IdempotencyKey = None,
-) -> IntentResponse:
-    return await caller.service.create_intent(
+) -> Response:
+    created = await caller.service.create_intent(
         body,
         user=caller.user,
         caller=caller.address,
         idempotency_key=idempotency_key,
         base_url=str(request.base_url),
     )
+    return _json(created, caller, 201)
 
 
 @router.post(
@@ -85,8 +100,8 @@ async def create_intent(
     responses=problems(*_COMMON, 502),
     summary="Ask the provider for the payment's state and apply it",
 )
-async def verify(body: VerifyRequest, caller: VerifyCaller) -> PaymentResponse:
-    return await caller.service.verify(body.payment_id, caller.user)
+async def verify(body: VerifyRequest, caller: VerifyCaller) -> Response:
+    return _json(await caller.service.verify(body.payment_id, caller.user), caller)
 
 
 @router.get(
@@ -95,8 +110,8 @@ async def verify(body: VerifyRequest, caller: VerifyCaller) -> PaymentResponse:
     responses=problems(*_COMMON, 409),
     summary="Receipt details (owner or admin)",
 )
-async def receipt(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> ReceiptResponse:
-    return await caller.service.receipt(_checked_id(payment_id), caller.signed_in)
+async def receipt(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
+    return _json(await caller.service.receipt(_checked_id(payment_id), caller.signed_in), caller)
 
 
 @router.get(
@@ -116,12 +131,14 @@ async def receipt_pdf(payment_id: PaymentIdPath, caller: ReceiptPdfUserCaller) -
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
             "Cache-Control": "private, max-age=3600",
+            **caller.headers,
         },
     )
 
 
 @router.post(
     "/webhook/{provider}",
+    response_model=dict[str, Any],
     responses=problems(400, 404, 413, 422, 429, 503),
     summary="Provider webhooks (stripe, paypal); the signature is the authentication",
 )
@@ -129,10 +146,13 @@ async def webhook(
     provider: Annotated[str, Path(pattern=r"^[a-z0-9_\-]{1,64}$")],
     request: Request,
     caller: WebhookCaller,
-) -> dict[str, Any]:
+) -> Response:
     body = await request.body()
     ack = await caller.service.handle_webhook(provider, body, request.headers)
-    return {"received": True, "event_id": ack.event_id, "outcome": ack.outcome}
+    return JSONResponse(
+        {"received": True, "event_id": ack.event_id, "outcome": ack.outcome},
+        headers=caller.headers,
+    )
 
 
 @router.post(
@@ -141,10 +161,11 @@ async def webhook(
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an approved PayPal order",
 )
-async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> PaymentResponse:
-    return await caller.service.capture(
+async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> Response:
+    captured = await caller.service.capture(
         _checked_id(payment_id), caller.user, provider_name="paypal"
     )
+    return _json(captured, caller)
 
 
 @router.get(
@@ -153,8 +174,8 @@ async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> Pa
     responses=problems(401, 404, 429, 503),
     summary="A payment's provider attempts and status changes (owner or admin)",
 )
-async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> PaymentHistoryResponse:
-    return await caller.service.history(_checked_id(payment_id), caller.signed_in)
+async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
+    return _json(await caller.service.history(_checked_id(payment_id), caller.signed_in), caller)
 
 
 @router.post(
@@ -163,8 +184,8 @@ async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Payme
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an authorized payment",
 )
-async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> PaymentResponse:
-    return await caller.service.capture(_checked_id(payment_id), caller.user)
+async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> Response:
+    return _json(await caller.service.capture(_checked_id(payment_id), caller.user), caller)
 
 
 @router.post(
@@ -173,8 +194,8 @@ async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> PaymentRe
     responses=problems(*_COMMON, 409, 502),
     summary="Cancel a payment that has not been captured",
 )
-async def cancel(payment_id: PaymentIdPath, caller: CancelCaller) -> PaymentResponse:
-    return await caller.service.cancel(_checked_id(payment_id), caller.user)
+async def cancel(payment_id: PaymentIdPath, caller: CancelCaller) -> Response:
+    return _json(await caller.service.cancel(_checked_id(payment_id), caller.user), caller)
 
 
 @router.post(
@@ -187,5 +208,6 @@ async def refund(
     payment_id: PaymentIdPath,
     caller: RefundAdminCaller,
     body: RefundRequest | None = None,
-) -> PaymentResponse:
-    return await caller.service.refund(_checked_id(payment_id), body.amount if body else None)
+) -> Response:
+    refunded = await caller.service.refund(_checked_id(payment_id), body.amount if body else None)
+    return _json(refunded, caller)

@@ -9,7 +9,7 @@ import httpx
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import assert_problem, bearer
+from tests.conftest import assert_problem, bearer, create_payment, pay_in_sandbox
 
 URL = "/api/v1/payment/create-intent"
 
@@ -25,6 +25,31 @@ class TestRateLimits:
         limited = await client.post(URL, json={"plan": "basic"})
         assert_problem(limited, 429, "rate_limited")
         assert 1 <= int(limited.headers["Retry-After"]) <= 60
+
+    async def test_every_answer_says_how_much_is_left(
+        self, client: httpx.AsyncClient, token: Any
+    ) -> None:
+        """JSON answers and the PDF download alike carry the RateLimit-* headers."""
+        alice = bearer(token("alice"))
+        created = await create_payment(client, token=token("alice"))
+        await pay_in_sandbox(client, created["payment_id"])
+        receipt = f"/api/v1/payment/receipt/{created['payment_id']}"
+        answers = {
+            "verify": await client.post(
+                "/api/v1/payment/verify", json={"payment_id": created["payment_id"]}, headers=alice
+            ),
+            "receipt": await client.get(receipt, headers=alice),
+            "pdf": await client.get(f"{receipt}/pdf", headers=alice),
+            "history": await client.get(
+                f"/api/v1/payment/{created['payment_id']}/history", headers=alice
+            ),
+        }
+        limits = {"verify": 30, "receipt": 30, "pdf": 10, "history": 30}
+        for name, answer in answers.items():
+            assert answer.status_code == 200, (name, answer.text)
+            assert answer.headers["RateLimit-Limit"] == str(limits[name]), name
+            assert int(answer.headers["RateLimit-Remaining"]) < limits[name], name
+            assert 1 <= int(answer.headers["RateLimit-Reset"]) <= 60, name
 
     async def test_limits_are_per_user(self, client: httpx.AsyncClient, token: Any) -> None:
         alice, bob = bearer(token("alice")), bearer(token("bob"))
