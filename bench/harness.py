@@ -145,8 +145,12 @@ NOTES = [
     "Each load figure is two runs of the same length per target in alternating order (service, "
     "baseline, baseline, service) after one warm-up run each; requests/s are totals over both "
     "runs, p50/p99 the mean of the two runs' percentiles.",
-    "Stripe (provider latency, webhooks): 1 worker, the fake Stripe of tests/fakes/ served in a "
-    "thread of the bench process, every answer delayed by the stated latency. The service is "
+    "Stripe (provider latency, webhooks): 1 worker, the fake Stripe of tests/fakes/ served by a "
+    "uvicorn process of its own (`python -m uvicorn bench.fake_stripe_proc:create_app --factory`, "
+    "1 worker, same flags as the service: its state is in memory), which validates every request "
+    "against Stripe's OpenAPI description and delays every answer by the stated latency; its "
+    "ceiling row is wrk replaying the first Checkout Session request the service sent, straight "
+    "to the fake. The service is "
     "configured with STRIPE_SECRET_KEY/STRIPE_WEBHOOK_SECRET/STRIPE_API_BASE pointing at it for "
     "the whole run (the sandbox stays the default provider). Webhooks are signed "
     "checkout.session.expired events, each for a distinct pending Stripe payment (written with "
@@ -654,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
             if "stripe" in parts:
                 reason = providers.available()
                 if reason is None:
-                    server = stack.enter_context(providers.fake_stripe(mode.stripe.latency_ms))
+                    server = stack.enter_context(
+                        providers.fake_stripe(mode.stripe.latency_ms, workdir)
+                    )
                     run.stripe_env = providers.service_environment(server)
                     run.stripe = providers.StripeSuite(
                         config=mode.stripe,

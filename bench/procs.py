@@ -1,4 +1,5 @@
-"""The processes a bench run owns: its redis-server and the uvicorn servers under load.
+"""The processes a bench run owns: its redis-server, the uvicorn servers under load and the
+fake Stripe's server (also uvicorn, see bench/fake_stripe_proc.py).
 
 Everything listens on 127.0.0.1 on a free port, lives in the run's temporary directory and is
 stopped (by its own process id) when the run ends, whatever happened.
@@ -110,12 +111,20 @@ class UvicornServer:
     group so that stopping it also stops its workers and their render processes."""
 
     def __init__(
-        self, name: str, app: str, *, workers: int, env: dict[str, str], log_dir: Path
+        self,
+        name: str,
+        app: str,
+        *,
+        workers: int,
+        env: dict[str, str],
+        log_dir: Path,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.app = app
         self.workers = workers
         self.env = env
+        self.extra_args = extra_args  # more uvicorn options, e.g. --factory
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{workers}w.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -140,6 +149,7 @@ class UvicornServer:
             "--workers",
             str(self.workers),
             *UVICORN_FLAGS,
+            *self.extra_args,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

@@ -3,8 +3,9 @@
 Part 2, provider latency: the fake answers every call after ``latency_ms`` and wrk keeps
 ``in_flight`` create-intents (provider stripe, hosted Checkout) in flight. The service's rate is
 read against the ideal (in_flight / latency) and against the floor app doing the same Redis work
-after awaiting the same sleep; the fake's own rate under that load is shown for reference, since
-it bounds what the service can reach.
+after awaiting the same sleep; the fake's own rate under that load (wrk replaying the first
+Checkout Session request the service sent) is shown for reference, since it bounds what the
+service can reach.
 
 Part 4, webhooks: signed ``checkout.session.expired`` events, each for a distinct pending
 Stripe payment (applied: pending -> expired), then the same deliveries replayed (each answered
@@ -13,8 +14,14 @@ render per event in the background, and thousands of queued renders would compet
 with every later measurement (see the notes in the report).
 
 The payments for part 4 are written with the service's own ``PaymentStore`` (what create-intent
-stores), so that thousands can be made in seconds. The fake runs in a thread of this process
-(the bench process is otherwise idle while wrk runs).
+stores), so that thousands can be made in seconds.
+
+The fake runs in a server process of its own (bench/fake_stripe_proc.py: ``python -m uvicorn
+bench.fake_stripe_proc:create_app --factory``, one worker, uvloop, httptools, no access log),
+started and stopped like the service (bench/procs.py), so that it neither shares a GIL with
+this process nor is limited by it. The wrapper there delays every answer and keeps the first
+Checkout Session body; the bench reads that body and the fake's count of spec violations over
+HTTP (``/_bench/...``).
 
 Only used when the Stripe provider and its fake exist: ``available()`` says why not otherwise.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +43,8 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from .procs import ROOT, BenchError
+from . import fake_stripe_proc
+from .procs import ROOT, BenchError, UvicornServer
 from .report import Row
 from .wrk import Load, WrkResult, run_wrk
 
@@ -73,56 +81,59 @@ def available() -> str | None:
     return None
 
 
-class _Slow:
-    """ASGI wrapper: answer every request ``latency_s`` later; keep the first raw body of a
-    Checkout Session create, to load the fake directly with the same request."""
-
-    def __init__(self, app: Any, latency_s: float) -> None:
-        self.app = app
-        self.latency_s = latency_s
-        self.session_body: bytes | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await asyncio.sleep(self.latency_s)
-        if self.session_body is None and scope["path"] == "/v1/checkout/sessions":
-            message = await receive()
-            self.session_body = message.get("body", b"")
-            replay = [message]
-
-            async def replayed() -> Any:
-                return replay.pop() if replay else await receive()
-
-            await self.app(scope, replayed, send)
-            return
-        await self.app(scope, receive, send)
-
-
 @dataclass
 class FakeStripeServer:
-    url: str
-    slow: _Slow
-    fake: Any
+    """The fake Stripe's server process (bench/fake_stripe_proc.py), seen from the bench."""
+
+    process: UvicornServer
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def session_body(self) -> bytes | None:
+        """The raw body of the first Checkout Session create the fake received, if any."""
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            answer = client.get("/_bench/session-body")
+        if answer.status_code == 404:
+            return None
+        answer.raise_for_status()
+        return answer.content
+
+    def violations(self) -> tuple[int, list[str]]:
+        """How many requests the fake found outside Stripe's API description; the first few."""
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            answer = client.get("/_bench/violations")
+        answer.raise_for_status()
+        found = answer.json()
+        return int(found["count"]), list(found["first"])
 
 
 @contextmanager
-def fake_stripe(latency_ms: int) -> Iterator[FakeStripeServer]:
-    from tests.fakes.server import serve_in_thread
-    from tests.fakes.stripe_server import FakeStripe
-
-    fake = FakeStripe(api_key=STRIPE_SECRET_KEY)
-    slow = _Slow(fake.app, latency_ms / 1000)
-    with serve_in_thread(slow) as url:
-        # wrk drops its connections when a run ends: the fake's server would log a traceback
-        # for every request cut short that way (set after uvicorn configured its logging).
-        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
-        fake.url = url
-        try:
-            yield FakeStripeServer(url=url, slow=slow, fake=fake)
-        finally:
-            fake.release_hangs()
+def fake_stripe(latency_ms: int, log_dir: Path) -> Iterator[FakeStripeServer]:
+    """The fake Stripe served by a uvicorn process of its own (free loopback port, own process
+    group, log in ``log_dir``), answering every call after ``latency_ms``; stopped when the
+    block ends, however it ends."""
+    env = dict(os.environ)  # PAYMENT_SPECS_DIR, if set, says where Stripe's description is
+    env.update(
+        {
+            fake_stripe_proc.LATENCY_ENV: str(latency_ms),
+            fake_stripe_proc.API_KEY_ENV: STRIPE_SECRET_KEY,
+        }
+    )
+    process = UvicornServer(
+        "fake-stripe",
+        "bench.fake_stripe_proc:create_app",
+        workers=1,  # the fake's state is in memory: one process must see every call
+        env=env,
+        log_dir=log_dir,
+        extra_args=("--factory",),
+    )
+    try:
+        process.start(ready_path="/_bench/health")
+        yield FakeStripeServer(process)
+    finally:
+        process.stop()
 
 
 def service_environment(server: FakeStripeServer) -> dict[str, str]:
@@ -272,10 +283,10 @@ class StripeSuite:
     def run(self, service_url: str, floor_url: str, workers: int) -> list[Row]:
         rows = self.provider_latency(service_url, floor_url, workers)
         rows += self.webhooks(service_url, workers)
-        violations = list(self.server.fake.violations)
-        if violations:
+        count, first = self.server.violations()
+        if count:
             # The service sent requests Stripe's API description does not allow.
-            self.log(f"the fake Stripe saw {len(violations)} invalid request(s): {violations[:3]}")
+            self.log(f"the fake Stripe saw {count} invalid request(s): {first[:3]}")
         return rows
 
     def provider_latency(self, service_url: str, floor_url: str, workers: int) -> list[Row]:
@@ -291,7 +302,8 @@ class StripeSuite:
             )
         if answer.status_code != 201 or not answer.json()["payment_id"].startswith("cs_"):
             raise BenchError(f"Stripe create-intent answered {answer.status_code}: {answer.text}")
-        if self.server.slow.session_body is None:
+        session_body = self.server.session_body()
+        if session_body is None:
             raise BenchError("the fake Stripe saw no Checkout Session request")
         self.log(
             f"provider latency: fake Stripe answers in {cfg.latency_ms} ms, "
@@ -314,7 +326,7 @@ class StripeSuite:
             [
                 STRIPE_SECRET_KEY,
                 f"fake{tag}",
-                self.server.slow.session_body.decode(),
+                session_body.decode(),
                 "application/x-www-form-urlencoded",
             ],
         )
@@ -344,7 +356,7 @@ class StripeSuite:
             ),
             Row(
                 measure=f"{label}: the fake Stripe alone (its ceiling)",
-                workers="1 thread",
+                workers="1 process",
                 service=fake.describe(),
                 baseline=f"ideal: {ideal:,.0f} req/s",
                 ratio=fake.rps / ideal,
