@@ -269,11 +269,18 @@ class StripeSpec:
 
 
 def _drop_allowed(method: str, template: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove allow-listed undocumented parameters before validation."""
+    """Remove allow-listed undocumented parameters before validation (from a copy: ``values``
+    is left as it was)."""
+    allowed = [
+        parameter
+        for allowed_method, allowed_template, parameter in ALLOWED_UNDOCUMENTED
+        if (allowed_method, allowed_template) == (method.upper(), template)
+    ]
+    if not allowed:
+        # Nothing to remove, so nothing to copy: validating and coercing never change their input.
+        return dict(values)
     kept = copy.deepcopy(dict(values))
-    for allowed_method, allowed_template, parameter in ALLOWED_UNDOCUMENTED:
-        if (allowed_method, allowed_template) != (method.upper(), template):
-            continue
+    for parameter in allowed:
         *parents, leaf = parameter.split(".")
         node: Any = kept
         for parent in parents:
