@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 @asynccontextmanager
 async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStore]]:
     """The providers as a worker would build them: environment plus stored configurations."""
-    import httpx
+    import httpx2
     from redis.asyncio import Redis
 
     from app.settings import Settings
@@ -51,7 +51,7 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
         socket_timeout=settings.redis_timeout_seconds,
         socket_connect_timeout=settings.redis_timeout_seconds,
     )
-    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
     )

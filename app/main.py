@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 
-import httpx
+import httpx2
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
@@ -43,7 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
     )
-    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
     store = PaymentStore(redis, prefix=settings.redis_key_prefix)
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)

@@ -21,7 +21,7 @@ from app.errors import OperationNotSupported
 from models.payment import PaymentStatus, Plan
 
 if TYPE_CHECKING:
-    import httpx
+    import httpx2
     from redis.asyncio import Redis
 
     from app.settings import Settings
@@ -44,7 +44,7 @@ class ProviderDeps:
     """Shared clients handed to providers when the app starts."""
 
     redis: Redis
-    http: httpx.AsyncClient
+    http: httpx2.AsyncClient
     key_prefix: str = ""
 
 

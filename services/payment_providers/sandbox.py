@@ -23,7 +23,7 @@ from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.errors import (
@@ -231,7 +231,7 @@ class SandboxProvider(BasePaymentProvider):
         key_prefix: str,
         enabled: bool,
         webhook_secret: str = "",
-        http: httpx.AsyncClient | None = None,
+        http: httpx2.AsyncClient | None = None,
         behaviour: Mapping[str, Any] | None = None,
     ) -> None:
         self._redis = redis
@@ -589,7 +589,7 @@ class SandboxProvider(BasePaymentProvider):
             outcome: str | None = None
             try:
                 response = await self._http.post(url, content=content, headers=headers)
-            except httpx.HTTPError as error:
+            except httpx2.HTTPError as error:
                 outcome = type(error).__name__
             else:
                 status = response.status_code
@@ -650,7 +650,7 @@ class SandboxProvider(BasePaymentProvider):
 _RETRYABLE = frozenset({408, 429})
 
 
-def _delivery_outcome(response: httpx.Response) -> str | None:
+def _delivery_outcome(response: httpx2.Response) -> str | None:
     """The service's word on a delivery: its ack's ``outcome``, or its problem ``code``."""
     try:
         answer = response.json()

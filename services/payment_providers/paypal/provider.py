@@ -1,5 +1,5 @@
 """PayPal, through its REST API (Orders v2, Payments v2, Webhooks v1) on the shared
-``httpx.AsyncClient``.
+``httpx2.AsyncClient``.
 
 One OAuth2 client-credentials token per provider instance, fetched once, kept until shortly
 before it expires, refreshed once when PayPal answers 401, and fetched by one request at a
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.errors import (
@@ -127,7 +127,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return str(value) if value is not None else None
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
+def _retry_after_seconds(response: httpx2.Response) -> float | None:
     raw = response.headers.get("retry-after")
     if raw is None:
         return None
@@ -164,7 +164,7 @@ class _Failure:
     retry_after: float | None
 
     @classmethod
-    def of(cls, response: httpx.Response) -> _Failure:
+    def of(cls, response: httpx2.Response) -> _Failure:
         try:
             body = response.json()
         except ValueError:
@@ -233,7 +233,7 @@ class PayPalProvider(BasePaymentProvider):
     def __init__(
         self,
         *,
-        http: httpx.AsyncClient,
+        http: httpx2.AsyncClient,
         client_id: str | None,
         client_secret: str | None,
         api_base: str,
@@ -247,7 +247,7 @@ class PayPalProvider(BasePaymentProvider):
         self._client_secret = client_secret or None
         self._api_base = api_base.rstrip("/")
         self._webhook_id = webhook_id or None
-        self._timeout = httpx.Timeout(timeout_seconds)
+        self._timeout = httpx2.Timeout(timeout_seconds)
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
         self._token: _Token | None = None
@@ -326,7 +326,7 @@ class PayPalProvider(BasePaymentProvider):
                 headers={"Accept": "application/json"},
                 timeout=self._timeout,
             )
-        except httpx.HTTPError as error:
+        except httpx2.HTTPError as error:
             raise self._transport_error(error, "paypal.oauth.token") from error
         if response.status_code != 200:
             failure = _Failure.of(response)
@@ -462,7 +462,7 @@ class PayPalProvider(BasePaymentProvider):
         token: str,
         *,
         log_event: str,
-    ) -> httpx.Response:
+    ) -> httpx2.Response:
         try:
             return await self._http.request(
                 method,
@@ -471,13 +471,13 @@ class PayPalProvider(BasePaymentProvider):
                 content=content,
                 timeout=self._timeout,
             )
-        except httpx.HTTPError as error:
+        except httpx2.HTTPError as error:
             raise self._transport_error(error, log_event) from error
 
-    def _transport_error(self, error: httpx.HTTPError, log_event: str) -> ProviderUnavailable:
+    def _transport_error(self, error: httpx2.HTTPError, log_event: str) -> ProviderUnavailable:
         # A connection that never opened sent nothing; a timeout may have been processed
         # (safe to retry with the same PayPal-Request-Id, unsafe to go elsewhere).
-        not_sent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
         log.warning(
             f"{log_event}_failed",
             extra={"provider": self.name, "transport_error": type(error).__name__},

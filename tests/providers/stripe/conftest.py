@@ -9,7 +9,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from redis.asyncio import Redis
 
@@ -71,7 +71,7 @@ def logged(logs: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord
 async def deps() -> AsyncIterator[ProviderDeps]:
     # A Redis client for a port where nothing listens: the Stripe provider must not use it.
     redis = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1)
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         yield ProviderDeps(redis=redis, http=http, key_prefix="test:")
     await redis.aclose()
 
