@@ -26,6 +26,8 @@ class BodySizeLimit:
             return
         path: str = scope.get("path", "")
         limit = self.max_webhook_bytes if path.startswith(WEBHOOK_PATH_PREFIX) else self.max_bytes
+        announced: int | None = None
+        chunked = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -35,6 +37,13 @@ class BodySizeLimit:
                 if announced > limit or announced < 0:
                     await _reject(send, limit, path)
                     return
+            elif name == b"transfer-encoding":
+                chunked = True
+        if announced is not None and not chunked:
+            # The server delivers exactly the announced length (HTTP framing), which is within
+            # the limit: nothing to count.
+            await self.app(scope, receive, send)
+            return
         received = 0
         rejected = False
 
