@@ -351,24 +351,16 @@ class PaymentStore:
         payment exists. Scripts go as EVAL, not EVALSHA: redis-py would otherwise check for
         them with one more round trip on every pipeline.
         """
-        fields = _json(_record_to_fields(record))
-        entry = _history_entry(record.status, None, cause, record.created_at)
-        keys = self._keys(record.payment_id)
+        keys = self._keys(record.payment_id)[:2]
+        args: list[str | int] = [
+            _json(_record_to_fields(record)),
+            _history_entry(record.status, None, cause, record.created_at),
+        ]
+        if local_record is not None:
+            keys.append(local_record.key)
+            args += [_json(local_record.fields), local_record.ttl_s]
         async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
-            if local_record is None:
-                pipe.eval(_CREATE_LUA, 2, keys[0], keys[1], fields, entry)
-            else:
-                pipe.eval(
-                    _CREATE_LUA,
-                    3,
-                    keys[0],
-                    keys[1],
-                    local_record.key,
-                    fields,
-                    entry,
-                    _json(local_record.fields),
-                    local_record.ttl_s,
-                )
+            pipe.eval(_CREATE_LUA, len(keys), *keys, *args)
             # Our order reference <-> the provider's ID: how events that name only our
             # reference (or another vendor object of the same payment) find the payment.
             self._queue_mapping(
