@@ -25,6 +25,7 @@ from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import ProviderManager
 from services.receipt_service import ReceiptService
 from services.reconciler import Reconciler
+from services.redis_wire import RedisWire
 
 log = logging.getLogger("payments.app")
 
@@ -43,8 +44,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
     )
+    wire = RedisWire(redis, timeout_s=settings.redis_timeout_seconds)
     http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
-    store = PaymentStore(redis, prefix=settings.redis_key_prefix)
+    store = PaymentStore(redis, prefix=settings.redis_key_prefix, wire=wire)
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
     )

@@ -15,13 +15,14 @@ from enum import StrEnum
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import StoreUnavailable
 from models.payment import HistoryEntry, PaymentRecord, PaymentStatus
+from services import redis_wire
 from services.payment_providers.base import LocalRecord
+from services.redis_wire import RedisWire
 
 S = PaymentStatus
 
@@ -107,8 +108,8 @@ return {outcome, current, redis.call('HGETALL', KEYS[1])}
 # KEYS: payment hash, history list[, a built-in provider's own record of the payment].
 # ARGV: payment fields (a JSON object of strings), history entry JSON[, the record's fields
 # (JSON), its TTL in seconds]. The provider's record is written only if it does not exist.
-# Fields travel as one JSON argument, not as field/value arguments: redis-py encodes each
-# argument in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
+# Fields travel as one JSON argument, not as field/value arguments: each argument is encoded
+# in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local function hset_json(key, encoded)
@@ -253,12 +254,13 @@ class PaymentStore:
     Redis is back.
     """
 
-    def __init__(self, redis: Redis, *, prefix: str = "") -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "", wire: RedisWire | None = None) -> None:
         self._redis = redis
+        # The requests' own commands (create, verify, receipts, idempotency, rate limits) go
+        # through the wire; the rest through redis-py's commands.
+        self._wire = wire or RedisWire(redis)
         self._prefix = prefix
         self._transition = redis.register_script(_TRANSITION_LUA)
-        self._idempotency_begin = redis.register_script(_IDEMPOTENCY_BEGIN_LUA)
-        self._rate_limit = redis.register_script(_RATE_LIMIT_LUA)
         self._reconcile_claim = redis.register_script(_RECONCILE_CLAIM_LUA)
         self._mapping = redis.register_script(_MAPPING_LUA)
         self._idempotency_done = redis.register_script(_IDEMPOTENCY_DONE_LUA)
@@ -281,11 +283,17 @@ class PaymentStore:
         base = f"{self._prefix}map:{{{provider}:{entity}}}"
         return f"{base}:local", f"{base}:external"
 
-    def _queue_mapping(
-        self, pipe: Pipeline, provider: str, entity: str, local_id: str, external_id: str
-    ) -> None:
-        # EVAL, not EVALSHA: in a pipeline redis-py would ask whether the script exists first.
-        pipe.eval(_MAPPING_LUA, 2, *self._mapping_keys(provider, entity), local_id, external_id)
+    def _mapping_command(
+        self, provider: str, entity: str, local_id: str, external_id: str
+    ) -> list[str | int]:
+        return [
+            "EVAL",
+            _MAPPING_LUA,
+            2,
+            *self._mapping_keys(provider, entity),
+            local_id,
+            external_id,
+        ]
 
     async def add_mapping(
         self, provider: str, entity: str, local_id: str, external_id: str
@@ -348,8 +356,9 @@ class PaymentStore:
         that a lost webhook cannot leave it open for good.
 
         The commands run in order on one connection, so the answer is never stored before the
-        payment exists. Scripts go as EVAL, not EVALSHA: redis-py would otherwise check for
-        them with one more round trip on every pipeline.
+        payment exists. Scripts go as EVAL, not EVALSHA (Redis caches them by their digest
+        anyway): an EVALSHA that met an empty script cache would fail in the middle of the
+        batch, and the answer could be stored for a payment that was not.
         """
         keys = self._keys(record.payment_id)[:2]
         args: list[str | int] = [
@@ -359,24 +368,25 @@ class PaymentStore:
         if local_record is not None:
             keys.append(local_record.key)
             args += [_json(local_record.fields), local_record.ttl_s]
-        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
-            pipe.eval(_CREATE_LUA, len(keys), *keys, *args)
+        commands: list[list[str | int]] = [
+            ["EVAL", _CREATE_LUA, len(keys), *keys, *args],
             # Our order reference <-> the provider's ID: how events that name only our
             # reference (or another vendor object of the same payment) find the payment.
-            self._queue_mapping(
-                pipe, record.provider, "payment", record.reference, record.payment_id
-            )
-            if idempotency is not None:
-                self._queue_idempotency_answer(pipe, idempotency)
-            if reconcile_after_s is not None and record.status in OPEN_STATUSES:
-                due = record.created_at.timestamp() + reconcile_after_s
-                pipe.zadd(self._recon_queue, {record.payment_id: due}, nx=True)
-            results = await pipe.execute()
+            self._mapping_command(record.provider, "payment", record.reference, record.payment_id),
+        ]
+        if idempotency is not None:
+            commands.append(self._idempotency_answer_command(idempotency))
+        if reconcile_after_s is not None and record.status in OPEN_STATUSES:
+            due = record.created_at.timestamp() + reconcile_after_s
+            commands.append(["ZADD", self._recon_queue, "NX", repr(due), record.payment_id])
+        async with store_errors():
+            results = await self._wire.execute(*commands)
         return bool(results[0])
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         async with store_errors():
-            fields = cast(dict[str, str], await self._redis.hgetall(self._payment_key(payment_id)))
+            (reply,) = await self._wire.execute(("HGETALL", self._payment_key(payment_id)))
+        fields = redis_wire.as_dict(reply)
         return _record_from_fields(fields) if fields else None
 
     async def get_with_local_record(
@@ -384,11 +394,12 @@ class PaymentStore:
     ) -> tuple[PaymentRecord | None, dict[str, str]]:
         """The payment and a built-in provider's record of it (``local_key``, in the same
         slot), in one round trip."""
-        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._payment_key(payment_id))
-            pipe.hgetall(local_key)
-            fields, local = await pipe.execute()
-        return (_record_from_fields(fields) if fields else None), local
+        async with store_errors():
+            payment, record = await self._wire.execute(
+                ("HGETALL", self._payment_key(payment_id)), ("HGETALL", local_key)
+            )
+        fields = redis_wire.as_dict(payment)
+        return (_record_from_fields(fields) if fields else None), redis_wire.as_dict(record)
 
     async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
         mapping = await self.lookup_mapping(provider, "payment", local_id=reference)
@@ -439,16 +450,30 @@ class PaymentStore:
         self, scope: str, key: str, fingerprint: str, *, pending_ttl_ms: int = 60_000
     ) -> IdempotencyBegin:
         async with store_errors():
-            state, response = await self._idempotency_begin(
-                keys=[self._idempotency_key(scope, key)], args=[fingerprint, pending_ttl_ms]
+            ((state, response),) = await self._wire.execute(
+                (
+                    "EVAL",
+                    _IDEMPOTENCY_BEGIN_LUA,
+                    1,
+                    self._idempotency_key(scope, key),
+                    fingerprint,
+                    pending_ttl_ms,
+                ),
             )
         return IdempotencyBegin(
             state=IdempotencyState(state), response=json.loads(response) if response else None
         )
 
-    def _queue_idempotency_answer(self, pipe: Pipeline, answer: IdempotencyAnswer) -> None:
+    def _idempotency_answer_command(self, answer: IdempotencyAnswer) -> list[str | int]:
         redis_key = self._idempotency_key(answer.scope, answer.key)
-        pipe.eval(_IDEMPOTENCY_DONE_LUA, 1, redis_key, json.dumps(answer.response), answer.ttl_s)
+        return [
+            "EVAL",
+            _IDEMPOTENCY_DONE_LUA,
+            1,
+            redis_key,
+            json.dumps(answer.response),
+            answer.ttl_s,
+        ]
 
     async def idempotency_complete(self, answer: IdempotencyAnswer) -> None:
         async with store_errors():
@@ -466,8 +491,8 @@ class PaymentStore:
     async def hit_rate_limit(self, bucket: str, window_s: int) -> tuple[int, float]:
         """Count one hit in ``bucket``'s current window: (hits so far, seconds left)."""
         async with store_errors():
-            hits, ttl_ms = await self._rate_limit(
-                keys=[f"{self._prefix}rl:{{{bucket}}}"], args=[window_s * 1000]
+            ((hits, ttl_ms),) = await self._wire.execute(
+                ("EVAL", _RATE_LIMIT_LUA, 1, f"{self._prefix}rl:{{{bucket}}}", window_s * 1000),
             )
         return int(hits), int(ttl_ms) / 1000
 
