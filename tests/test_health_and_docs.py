@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,19 @@ def test_no_generated_files_are_tracked() -> None:
     ignored = (root / ".gitignore").read_text()
     for pattern in ("*.pdf", ".venv/", "var/", ".env"):
         assert pattern in ignored
+
+
+async def test_the_collector_is_tuned_while_the_app_runs_and_restored_after(
+    settings: Settings, render_pool: Any
+) -> None:
+    from app.main import GC_YOUNG_THRESHOLD, create_app
+
+    before = gc.get_threshold()
+    application = create_app(settings, receipt_executor=render_pool)
+    async with application.router.lifespan_context(application):
+        # Start-up's objects are out of the collector's sight; traffic alone does not
+        # reach the first threshold.
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
