@@ -47,7 +47,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
     )
-    wire = RedisWire(redis, timeout_s=settings.redis_timeout_seconds)
+    # The requests' own commands go through a pool of their own whose connections have no
+    # per-read timeouts: the wire gives each batch one deadline (see services.redis_wire).
+    wire = RedisWire(
+        Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=None,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            health_check_interval=30,
+        ),
+        timeout_s=settings.redis_timeout_seconds,
+    )
     http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
     store = PaymentStore(redis, prefix=settings.redis_key_prefix, wire=wire)
     configs = ProviderConfigStore(
@@ -104,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         receipts.close()
         await manager.aclose()
         await http.aclose()
+        await wire.aclose()
         await redis.aclose()
         collector.restore()
 

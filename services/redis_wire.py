@@ -15,7 +15,6 @@ that no later batch can read a reply meant for this one.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,16 +48,15 @@ def pack(commands: Sequence[Command]) -> bytes:
 class RedisWire:
     """Batches of commands on ``redis``'s connection pool.
 
-    With ``timeout_s``, a batch (its send and all its replies) has that long in all: one
-    timer a batch, where redis-py would start one for each reply. Without, each reply has the
-    client's ``socket_timeout``.
+    Meant for a client of its own created with ``socket_timeout=None`` and a ``timeout_s``:
+    each batch (taking a connection, the send and every reply) then has one deadline, where
+    redis-py starts a task for every send and a timer for every reply. With a client that has
+    a ``socket_timeout``, its limits apply as well.
     """
 
     def __init__(self, redis: Redis, *, timeout_s: float | None = None) -> None:
         self.redis = redis
         self.timeout_s = timeout_s
-        # math.inf: no timer of redis-py's own for a reply (the batch has one).
-        self._read_timeout = None if timeout_s is None else math.inf
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send ``commands`` in one write and return their replies, in order.
@@ -66,31 +64,34 @@ class RedisWire:
         Redis runs them in order on one connection, but not atomically (a script does that).
         An error reply raises ``ResponseError`` once every reply has been read: the commands
         after it ran all the same, as in a redis-py pipeline. Connection trouble raises
-        redis-py's ``ConnectionError``, a timeout ``TimeoutError``. Nothing is retried: a
+        redis-py's ``ConnectionError``, the deadline ``TimeoutError``. Nothing is retried: a
         command that reached Redis before the connection broke may have run.
         """
         packed = pack(commands)
         pool = self.redis.connection_pool
-        connection = await pool.get_connection()
-        try:
-            async with asyncio.timeout(self.timeout_s):
+        replies: list[Any] = []
+        error: ResponseError | None = None
+        async with asyncio.timeout(self.timeout_s):
+            connection = await pool.get_connection()  # gives it back itself if it fails
+            try:
                 await connection.send_packed_command(packed)
-                replies: list[Any] = []
-                error: ResponseError | None = None
                 for _ in commands:
                     try:
-                        replies.append(await connection.read_response(timeout=self._read_timeout))
+                        replies.append(await connection.read_response())
                     except ResponseError as exc:  # read whole: the connection is in step
                         replies.append(exc)
                         error = error or exc
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
         if error is not None:
             raise error
         return replies
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
 
 
 def as_dict(reply: Any) -> dict[str, Any]:

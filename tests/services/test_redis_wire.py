@@ -18,9 +18,11 @@ from tests.conftest import RedisServer
 @pytest.fixture
 async def wire(redis_server: RedisServer) -> AsyncIterator[RedisWire]:
     redis_server.flush()
-    wire = RedisWire(Redis.from_url(redis_server.url, decode_responses=True), timeout_s=0.5)
+    # As the app builds it: no per-read timeouts, one deadline a batch.
+    client = Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=None)
+    wire = RedisWire(client, timeout_s=0.5)
     yield wire
-    await wire.redis.aclose()
+    await wire.aclose()
 
 
 def test_pack_is_resp_arrays_of_bulk_strings() -> None:
@@ -90,4 +92,26 @@ async def test_redis_down_is_a_connection_error() -> None:
     wire = RedisWire(Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True))
     with pytest.raises(RedisConnectionError):
         await wire.execute(("PING",))
-    await wire.redis.aclose()
+    await wire.aclose()
+
+
+async def test_a_server_that_never_answers_meets_the_deadline() -> None:
+    # Accepts connections and reads, never answers: not even redis-py's handshake or a
+    # health-check PING can outlast the batch's deadline.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Redis.from_url(
+        f"redis://127.0.0.1:{port}/3", socket_timeout=None, health_check_interval=1
+    )
+    wire = RedisWire(client, timeout_s=0.3)
+    try:
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await wire.execute(("PING",))
+    finally:
+        await wire.aclose()
+        server.close()
