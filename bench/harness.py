@@ -90,7 +90,7 @@ FULL = Mode(
         in_flight=64,
         duration_s=10,
         warmup_s=3,
-        webhook_payments=16_000,
+        webhook_payments=20_000,
         webhook_warmup_payments=4_000,
     ),
 )
@@ -248,6 +248,9 @@ def floor_environment(run: Run, **extra: str) -> dict[str, str]:
             "FLOOR_SLEEP_MS": str(run.mode.stripe.latency_ms),
         }
     )
+    if run.stripe_env:
+        env["FLOOR_STRIPE_URL"] = run.stripe_env["STRIPE_API_BASE"]
+        env["FLOOR_STRIPE_KEY"] = run.stripe_env["STRIPE_SECRET_KEY"]
     env.update(extra)
     return env
 

@@ -3,9 +3,10 @@
 Part 2, provider latency: the fake answers every call after ``latency_ms`` and wrk keeps
 ``in_flight`` create-intents (provider stripe, hosted Checkout) in flight. The service's rate is
 read against the ideal (in_flight / latency) and against the floor app doing the same Redis work
-after awaiting the same sleep; the fake's own rate under that load (wrk replaying the first
-Checkout Session request the service sent) is shown for reference, since it bounds what the
-service can reach.
+after awaiting the same sleep (the target's baseline); for reference, against the floor making
+the provider round trip itself (the first Checkout Session request the service sent, posted
+again to the fake with bare httpx2: the same fake's CPU on both sides), and the fake's own rate
+under that load (wrk replaying that request), which bounds what the service can reach.
 
 Part 4, webhooks: signed ``checkout.session.expired`` events, each for a distinct pending
 Stripe payment (applied: pending -> expired), then the same deliveries replayed (each answered
@@ -322,6 +323,11 @@ class StripeSuite:
             "create_intent",
             [self.token, f"floor{tag}", '{"plan": "pro"}'],
         )
+        floor_http = self._wrk(
+            f"{floor_url}{API}/create-intent-http",
+            "create_intent",
+            [self.token, f"floorhttp{tag}", '{"plan": "pro"}'],
+        )
         fake = self._wrk(
             f"{self.server.url}/v1/checkout/sessions",
             "create_intent",
@@ -337,7 +343,7 @@ class StripeSuite:
             f"Stripe create-intent, fake answering in {cfg.latency_ms} ms, "
             f"{cfg.in_flight} in flight"
         )
-        invalid = _invalid(service, floor, fake)
+        invalid = _invalid(service, floor, floor_http, fake)
         return [
             Row(
                 measure=f"{label}: req/s",
@@ -355,6 +361,15 @@ class StripeSuite:
                 + floor.describe(),
                 ratio=service.rps / floor.rps if floor.rps else None,
                 target=PROVIDER_LATENCY_RPS,
+                invalid=invalid,
+            ),
+            Row(
+                measure=f"{label}: req/s",
+                workers=str(workers),
+                service=service.describe(),
+                baseline="floor posting the same Checkout Session with bare httpx2, then its "
+                f"Redis work: {floor_http.describe()}",
+                ratio=service.rps / floor_http.rps if floor_http.rps else None,
                 invalid=invalid,
             ),
             Row(

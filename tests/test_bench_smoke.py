@@ -89,3 +89,6 @@ def test_bench_smoke_run_reports_every_row(tmp_path: Path) -> None:
     if providers.available() is None:
         for measure in STRIPE_MEASURES:
             assert rows_for(measure), measure
+        # The floor that makes the provider round trip itself answered every request.
+        (bare,) = [row for row in rows_for(STRIPE_MEASURES[0]) if "bare httpx2" in row[3]]
+        assert NUMBER.fullmatch(bare[4]), bare
