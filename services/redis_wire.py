@@ -31,7 +31,7 @@ def pack(commands: Sequence[Command]) -> bytes:
     for command in commands:
         out.append(b"*%d\r\n" % len(command))
         for arg in command:
-            if isinstance(arg, str):
+            if isinstance(arg, str):  # enum members too: their values
                 data = arg.encode()
             elif isinstance(arg, bytes):
                 data = arg
@@ -39,9 +39,7 @@ def pack(commands: Sequence[Command]) -> bytes:
                 data = b"%d" % arg
             else:
                 raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-            out.append(b"$%d\r\n" % len(data))
-            out.append(data)
-            out.append(b"\r\n")
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 
@@ -72,7 +70,8 @@ class RedisWire:
         replies: list[Any] = []
         error: ResponseError | None = None
         async with asyncio.timeout(self.timeout_s):
-            connection = await pool.get_connection()  # gives it back itself if it fails
+            # get_connection gives the connection back itself if connecting fails.
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 await connection.send_packed_command(packed)
                 for _ in commands:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from enum import IntEnum
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from models.payment import PaymentStatus
 from services.redis_wire import RedisWire, as_dict, pack
 from tests.conftest import RedisServer
+
+
+class Level(IntEnum):
+    HIGH = 3
 
 
 @pytest.fixture
@@ -31,6 +37,8 @@ def test_pack_is_resp_arrays_of_bulk_strings() -> None:
         b"*3\r\n$6\r\nINCRBY\r\n$1\r\nn\r\n$2\r\n42\r\n"
     )
     assert pack([("SET", "k", "")]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n"
+    # Enum members go as their values.
+    assert pack([(PaymentStatus.PENDING, Level.HIGH)]) == pack([("pending", 3)])
 
 
 @pytest.mark.parametrize("value", [True, 1.5, None, ["a"]])
