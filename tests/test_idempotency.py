@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from tests.conftest import RedisServer, assert_problem, bearer
@@ -20,6 +21,32 @@ class TestIdempotencyKey:
         second = await client.post(URL, json={"plan": "pro"}, headers=headers)
         assert first.status_code == second.status_code == 201
         assert first.json() == second.json()
+
+    @pytest.mark.parametrize(
+        ("key", "error"),
+        [
+            ("", "string_too_short"),
+            ("k" * 256, "string_too_long"),
+            ("two words", "string_pattern_mismatch"),
+            ("tab\tkey", "string_pattern_mismatch"),
+        ],
+    )
+    async def test_a_malformed_key_is_refused_before_anything_is_created(
+        self, client: httpx.AsyncClient, redis_server: RedisServer, key: str, error: str
+    ) -> None:
+        response = await client.post(URL, json={"plan": "pro"}, headers={"Idempotency-Key": key})
+        body = assert_problem(response, 422, "validation_error")
+        assert body["errors"] == [
+            {"loc": ["header", "Idempotency-Key"], "type": error, "msg": body["errors"][0]["msg"]}
+        ]
+        keys = redis.Redis.from_url(redis_server.url).keys("*pay:*")
+        assert keys == []
+
+    async def test_the_longest_key_is_taken(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            URL, json={"plan": "pro"}, headers={"Idempotency-Key": "~" * 255}
+        )
+        assert response.status_code == 201
 
     async def test_same_key_other_body_is_refused(self, client: httpx.AsyncClient) -> None:
         headers = {"Idempotency-Key": "order-43"}
