@@ -20,9 +20,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import StoreUnavailable
 from models.payment import HistoryEntry, PaymentRecord, PaymentStatus
-from services import redis_wire
 from services.payment_providers.base import LocalRecord
-from services.redis_wire import RedisWire
+from services.redis_wire import Command, RedisWire, as_dict, eval_command
 
 S = PaymentStatus
 
@@ -262,8 +261,6 @@ class PaymentStore:
         self._prefix = prefix
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._reconcile_claim = redis.register_script(_RECONCILE_CLAIM_LUA)
-        self._mapping = redis.register_script(_MAPPING_LUA)
-        self._idempotency_done = redis.register_script(_IDEMPOTENCY_DONE_LUA)
         recon = f"{prefix}{{recon}}"
         self._recon_queue, self._recon_steps = f"{recon}:queue", f"{recon}:steps"
         self.reconcile_stats_key = f"{recon}:stats"
@@ -285,23 +282,16 @@ class PaymentStore:
 
     def _mapping_command(
         self, provider: str, entity: str, local_id: str, external_id: str
-    ) -> list[str | int]:
-        return [
-            "EVAL",
-            _MAPPING_LUA,
-            2,
-            *self._mapping_keys(provider, entity),
-            local_id,
-            external_id,
-        ]
+    ) -> Command:
+        return eval_command(
+            _MAPPING_LUA, self._mapping_keys(provider, entity), local_id, external_id
+        )
 
     async def add_mapping(
         self, provider: str, entity: str, local_id: str, external_id: str
     ) -> None:
         async with store_errors():
-            await self._mapping(
-                keys=list(self._mapping_keys(provider, entity)), args=[local_id, external_id]
-            )
+            await self._wire.execute(self._mapping_command(provider, entity, local_id, external_id))
 
     async def lookup_mapping(
         self,
@@ -356,9 +346,7 @@ class PaymentStore:
         that a lost webhook cannot leave it open for good.
 
         The commands run in order on one connection, so the answer is never stored before the
-        payment exists. Scripts go as EVAL, not EVALSHA (Redis caches them by their digest
-        anyway): an EVALSHA that met an empty script cache would fail in the middle of the
-        batch, and the answer could be stored for a payment that was not.
+        payment exists (and the scripts go as EVAL, see ``eval_command``).
         """
         keys = self._keys(record.payment_id)[:2]
         args: list[str | int] = [
@@ -368,8 +356,8 @@ class PaymentStore:
         if local_record is not None:
             keys.append(local_record.key)
             args += [_json(local_record.fields), local_record.ttl_s]
-        commands: list[list[str | int]] = [
-            ["EVAL", _CREATE_LUA, len(keys), *keys, *args],
+        commands: list[Command] = [
+            eval_command(_CREATE_LUA, keys, *args),
             # Our order reference <-> the provider's ID: how events that name only our
             # reference (or another vendor object of the same payment) find the payment.
             self._mapping_command(record.provider, "payment", record.reference, record.payment_id),
@@ -386,7 +374,7 @@ class PaymentStore:
     async def get(self, payment_id: str) -> PaymentRecord | None:
         async with store_errors():
             (reply,) = await self._wire.execute(("HGETALL", self._payment_key(payment_id)))
-        fields = redis_wire.as_dict(reply)
+        fields = as_dict(reply)
         return _record_from_fields(fields) if fields else None
 
     async def get_with_local_record(
@@ -398,8 +386,8 @@ class PaymentStore:
             payment, record = await self._wire.execute(
                 ("HGETALL", self._payment_key(payment_id)), ("HGETALL", local_key)
             )
-        fields = redis_wire.as_dict(payment)
-        return (_record_from_fields(fields) if fields else None), redis_wire.as_dict(record)
+        fields = as_dict(payment)
+        return (_record_from_fields(fields) if fields else None), as_dict(record)
 
     async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
         mapping = await self.lookup_mapping(provider, "payment", local_id=reference)
@@ -451,36 +439,28 @@ class PaymentStore:
     ) -> IdempotencyBegin:
         async with store_errors():
             ((state, response),) = await self._wire.execute(
-                (
-                    "EVAL",
+                eval_command(
                     _IDEMPOTENCY_BEGIN_LUA,
-                    1,
-                    self._idempotency_key(scope, key),
+                    [self._idempotency_key(scope, key)],
                     fingerprint,
                     pending_ttl_ms,
-                ),
+                )
             )
         return IdempotencyBegin(
             state=IdempotencyState(state), response=json.loads(response) if response else None
         )
 
-    def _idempotency_answer_command(self, answer: IdempotencyAnswer) -> list[str | int]:
-        redis_key = self._idempotency_key(answer.scope, answer.key)
-        return [
-            "EVAL",
+    def _idempotency_answer_command(self, answer: IdempotencyAnswer) -> Command:
+        return eval_command(
             _IDEMPOTENCY_DONE_LUA,
-            1,
-            redis_key,
+            [self._idempotency_key(answer.scope, answer.key)],
             json.dumps(answer.response),
             answer.ttl_s,
-        ]
+        )
 
     async def idempotency_complete(self, answer: IdempotencyAnswer) -> None:
         async with store_errors():
-            await self._idempotency_done(
-                keys=[self._idempotency_key(answer.scope, answer.key)],
-                args=[json.dumps(answer.response), answer.ttl_s],
-            )
+            await self._wire.execute(self._idempotency_answer_command(answer))
 
     async def idempotency_abort(self, scope: str, key: str) -> None:
         async with store_errors():
@@ -492,7 +472,7 @@ class PaymentStore:
         """Count one hit in ``bucket``'s current window: (hits so far, seconds left)."""
         async with store_errors():
             ((hits, ttl_ms),) = await self._wire.execute(
-                ("EVAL", _RATE_LIMIT_LUA, 1, f"{self._prefix}rl:{{{bucket}}}", window_s * 1000),
+                eval_command(_RATE_LIMIT_LUA, [f"{self._prefix}rl:{{{bucket}}}"], window_s * 1000)
             )
         return int(hits), int(ttl_ms) / 1000
 

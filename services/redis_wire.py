@@ -25,6 +25,13 @@ Arg = str | bytes | int
 Command = Sequence[Arg]
 
 
+def eval_command(script: str, keys: Sequence[str], *args: Arg) -> Command:
+    """EVAL of ``script`` with ``keys`` and ``args``. EVAL, not EVALSHA: Redis caches scripts
+    by their digest anyway, and an EVALSHA that met an empty script cache would fail in the
+    middle of a batch whose later commands still ran."""
+    return ["EVAL", script, len(keys), *keys, *args]
+
+
 def pack(commands: Sequence[Command]) -> bytes:
     """``commands`` as one RESP buffer: each an array of bulk strings (UTF-8)."""
     out: list[bytes] = []
