@@ -198,11 +198,16 @@ async def create_intent(request: Request) -> Response:
 @app.post("/api/v1/payment/create-intent-sleep")
 async def create_intent_after_sleep(request: Request) -> Response:
     await asyncio.sleep(float(os.environ.get("FLOOR_SLEEP_MS", "50")) / 1000)
+    return await _create_unless_gone(request)
+
+
+async def _create_unless_gone(request: Request) -> Response:
+    """``_create`` for a request that waited first: wrk drops its connections when a run
+    ends, waiting requests included, and nobody is left to answer (uvicorn would log a
+    traceback for each, about 100 a run)."""
     try:
         return await _create(request)
     except ClientDisconnect:
-        # wrk drops its connections when a run ends, sleeping requests included: nobody is
-        # left to answer, and uvicorn would log a traceback for each (about 100 a run).
         return Response(status_code=499)
 
 
@@ -224,10 +229,7 @@ async def create_intent_after_http(request: Request) -> Response:
     if answer.status_code != 200:
         return _json({"code": "provider_error", "status": answer.status_code}, 502)
     json.loads(answer.content)  # what any client does with the answer
-    try:
-        return await _create(request)
-    except ClientDisconnect:
-        return Response(status_code=499)
+    return await _create_unless_gone(request)
 
 
 @app.post("/api/v1/payment/verify")
