@@ -13,10 +13,12 @@ the client confirms with Stripe.js and the returned client secret.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -103,8 +105,19 @@ def _signed_at(header: str | None) -> int:
     return 0
 
 
-class _HTTPXClient(stripe.HTTPXClient):
-    """The SDK's async HTTPX transport on httpx2, sending form bodies as httpx asks.
+class _HTTPX2Client(stripe.HTTPClient):
+    """Sends the requests the SDK builds through an httpx2 client of our own.
+
+    The SDK documents this seam: "You can also subclass `stripe.HTTPClient` and provide your
+    own instance" (stripe-python's README, async section); an async client implements
+    ``request_async``, ``sleep_async`` and ``close_async`` and raises
+    ``stripe.APIConnectionError`` when nothing usable came back. The SDK still builds the
+    request (address, headers, encoded form body) and reads the answer; this class only
+    carries it, so the body goes out as ``content=`` (httpx deprecates ``data=<str>``, which
+    the SDK's own ``HTTPXClient`` sends). The httpx2 error stays the ``__cause__``: that is how
+    ``_service_error`` tells a connection that never opened (nothing sent) from one lost
+    mid-request or a read timeout (outcome unknown). Sync and streaming calls are not used
+    here and keep the base class's NotImplementedError.
 
     httpx2 is Pydantic's maintained continuation of httpx (same API). Its connection pool is
     the reason: httpx 0.28's httpcore counted every pooled connection as idle when enforcing
@@ -113,29 +126,37 @@ class _HTTPXClient(stripe.HTTPXClient):
     handshake each); and raising the limit made each pool pass quadratic in the number of
     connections. With 64 calls in flight to a server answering in 50 ms, the same client
     code made 461 calls/s (one new connection per call) on httpx and 739 calls/s on httpx2,
-    at 60 % of the CPU per call.
-
-    stripe 16.1 passes its encoded form body to httpx as ``data=<str>``, which httpx 0.28
-    deprecates (raw bodies belong in ``content=``) and a later httpx will refuse. Under
-    warnings-as-errors the SDK even reports the warning as a connection error. The body,
-    headers and everything else are the SDK's own; only the keyword changes.
+    at 60 % of the CPU per call. The client is built as the SDK's ``HTTPXClient`` built its
+    own (default pool limits, the SDK's CA bundle), so only the library changes.
     """
 
-    def __init__(self, *, timeout: float) -> None:
-        # ``_lib`` is the module the SDK builds its client from (httpx by default).
-        super().__init__(timeout=timeout, _lib=httpx2)
+    name = "httpx2"  # reported to Stripe in the SDK's user-agent header
 
-    def _get_request_args_kwargs(
-        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
-    ) -> list[Any]:
-        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
-        data = kwargs.get("data")
-        if isinstance(data, str | bytes):
-            kwargs = {key: value for key, value in kwargs.items() if key != "data"}
-            kwargs["content"] = data
-        elif not data:
-            kwargs = {key: value for key, value in kwargs.items() if key != "data"}
-        return [args, kwargs]
+    def __init__(self, *, timeout: float) -> None:
+        super().__init__()
+        self._client = httpx2.AsyncClient(
+            timeout=timeout,
+            verify=ssl.create_default_context(cafile=stripe.ca_bundle_path),
+        )
+
+    async def request_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[bytes, int, Mapping[str, str]]:
+        try:
+            response = await self._client.request(
+                method, url, headers=headers, content=post_data or None
+            )
+        except httpx2.RequestError as error:
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]  # SDK: unannotated
+                f"Network error talking to Stripe ({type(error).__name__})", should_retry=True
+            ) from error
+        return response.content, response.status_code, response.headers
+
+    def sleep_async(self, secs: float) -> Awaitable[None]:
+        return asyncio.sleep(secs)
+
+    async def close_async(self) -> None:
+        await self._client.aclose()
 
 
 class StripeConfig(BaseModel):
@@ -195,10 +216,10 @@ class StripeProvider(BasePaymentProvider):
         self._publishable_key = publishable_key
         self._webhook_secret = webhook_secret or None
         self._retry_policy = retry_policy or RetryPolicy()
-        self._http: _HTTPXClient | None = None
+        self._http: _HTTPX2Client | None = None
         self._client: stripe.StripeClient | None = None
         if secret_key:
-            self._http = _HTTPXClient(timeout=timeout_seconds)
+            self._http = _HTTPX2Client(timeout=timeout_seconds)
             self._client = stripe.StripeClient(
                 secret_key,
                 base_addresses={"api": api_base.rstrip("/")},
@@ -210,8 +231,8 @@ class StripeProvider(BasePaymentProvider):
     def from_settings(
         cls, settings: Settings, deps: ProviderDeps, *, retry_policy: RetryPolicy | None = None
     ) -> StripeProvider:
-        # deps is unused: Stripe needs neither Redis nor the shared HTTP client, since the SDK's
-        # HTTPX transport owns its connection pool (closed in aclose).
+        # deps is unused: Stripe needs neither Redis nor the shared HTTP client, since the
+        # provider's own httpx2 client owns its connection pool (closed in aclose).
         secret = settings.stripe_secret_key
         webhook_secret = settings.stripe_webhook_secret
         return cls(
@@ -228,7 +249,7 @@ class StripeProvider(BasePaymentProvider):
 
     async def aclose(self) -> None:
         if self._http is not None:
-            await self._http.close_async()  # type: ignore[no-untyped-call]  # SDK: unannotated
+            await self._http.close_async()
 
     # -- calls -----------------------------------------------------------------------------
 
