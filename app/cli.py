@@ -219,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValidationError, SettingsError) as error:
-        print(f"payments: invalid settings:\n{error}", file=sys.stderr)
+    except ValidationError as error:
+        from app.settings import settings_problems
+
+        problems = "".join(f"\n  {problem}" for problem in settings_problems(error))
+        print(f"payments: invalid settings:{problems}", file=sys.stderr)
+        return 2
+    except SettingsError as error:  # a value that could not be parsed; names the setting only
+        print(f"payments: invalid settings:\n  {error}", file=sys.stderr)
         return 2
     except ServiceError as error:
         print(f"payments: {error.code}: {error.detail}", file=sys.stderr)

@@ -7,7 +7,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.payment import Plan, SandboxBehaviour
@@ -22,7 +29,11 @@ DEFAULT_PLANS: dict[str, dict[str, object]] = {
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # Errors name the setting and what is wrong, never the value: pydantic would otherwise
+    # echo the input (for the production check, every setting given, secrets included).
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     environment: Literal["development", "test", "production"] = "development"
     port: int = 8000
@@ -51,6 +62,9 @@ class Settings(BaseSettings):
     receipt_memory_cache_bytes: int = 16 * 1024 * 1024
 
     rate_limits_enabled: bool = True
+    # Reverse proxies whose X-Forwarded-For names the client (IPs or CIDR networks,
+    # comma-separated). Empty: no proxy is trusted, the client is the connection's peer.
+    forwarded_allow_ips: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 64 * 1024
     max_webhook_body_bytes: int = 1024 * 1024
 
@@ -102,6 +116,17 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        # FORWARDED_ALLOW_IPS=10.0.0.0/8,192.0.2.7 (uvicorn's own spelling) or a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @field_validator("reconcile_schedule", mode="before")
@@ -162,3 +187,14 @@ class Settings(BaseSettings):
             code: Plan.model_validate({"code": code, **fields})
             for code, fields in self.payment_plans.items()
         }
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """What is wrong with the settings, one line a problem: the setting and what is wrong
+    with it, never its value (which may be a secret)."""
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = item["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{where}: {message}" if where else message)
+    return problems

@@ -145,3 +145,12 @@ class TestBadSettings:
         assert done.stderr.startswith("payments: invalid settings:")
         assert "payment_plans" in done.stderr
         assert "Traceback" not in done.stderr
+
+    def test_the_message_lists_the_problems_and_never_a_value(self, cli: Cli) -> None:
+        secret = "recognisable-Qz7Kp4Wm9Xv2Lb8Nc5Rt1Yh6Jd3Fg0"
+        done = cli("token", "--sub", "alice", ENVIRONMENT="production", JWT_SECRET_KEY=secret)
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            "payments: invalid settings:",
+            "  PAYMENT_PROVIDER=sandbox is refused in production",
+        ]

@@ -13,7 +13,7 @@ from pydantic_settings import SettingsError
 
 from app.cli import main as cli_main
 from app.security import decode_access_token
-from app.settings import Settings
+from app.settings import Settings, settings_problems
 from tests.conftest import JWT_SECRET, assert_problem, bearer
 
 
@@ -47,6 +47,14 @@ class TestHealth:
         )
 
 
+SECRET = "recognisable-Qz7Kp4Wm9Xv2Lb8Nc5Rt1Yh6Jd3Fg0"
+
+
+def _shares_a_run(text: str, secret: str, run: int = 6) -> bool:
+    """True when ``text`` holds any ``run`` consecutive characters of ``secret``."""
+    return any(secret[i : i + run] in text for i in range(len(secret) - run + 1))
+
+
 class TestProductionSettings:
     def test_refuses_sandbox_and_weak_secret(self) -> None:
         with pytest.raises(ValidationError) as error:
@@ -63,6 +71,36 @@ class TestProductionSettings:
                 payment_provider="stripe",
                 stripe_secret_key="sk_live_x",
             )
+
+    @pytest.mark.parametrize(
+        "problem",
+        [
+            {"payment_provider": "sandbox"},  # the production check, a model validator
+            {"payment_provider": "stripe", "stripe_secret_key": SECRET},
+            {"port": f"port-{SECRET}"},  # a field's own type
+            {"payment_plans": {"x": {"name": "X", "amount": 100, "currency": SECRET}}},
+            {"sandbox_behaviour": {"fail": SECRET}},
+            {"forwarded_allow_ips": SECRET},
+        ],
+        ids=["production", "webhook", "type", "plans", "sandbox", "proxies"],
+    )
+    def test_errors_name_the_problem_never_the_value(self, problem: dict[str, Any]) -> None:
+        with pytest.raises(ValidationError) as error:
+            Settings(  # type: ignore[call-arg]
+                _env_file=None, environment="production", jwt_secret_key=SECRET, **problem
+            )
+        message = str(error.value)
+        assert not _shares_a_run(message, SECRET), message
+        assert not any(_shares_a_run(line, SECRET) for line in settings_problems(error.value))
+
+    def test_the_problems_name_each_setting(self) -> None:
+        with pytest.raises(ValidationError) as error:
+            Settings(  # type: ignore[call-arg]
+                _env_file=None, environment="production", port="x", reconcile_schedule="-1"
+            )
+        port, schedule = settings_problems(error.value)
+        assert port.startswith("port: Input should be a valid integer")
+        assert schedule == "reconcile_schedule: RECONCILE_SCHEDULE delays must be positive seconds"
 
     def test_secrets_are_not_printed(self) -> None:
         settings = Settings(  # type: ignore[call-arg]
