@@ -20,4 +20,6 @@ USER app
 ENV RECEIPTS_DIR=/srv/data/receipts PORT=8000
 EXPOSE 8000
 HEALTHCHECK CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)" || exit 1
-CMD ["sh", "-c", "uvicorn app.main:app --host 0.0.0.0 --port ${PORT} --proxy-headers"]
+# `payments serve`, not bare uvicorn: it hands uvicorn the proxies FORWARDED_ALLOW_IPS lists
+# (uvicorn alone would also believe X-Forwarded-For from any loopback peer). PORT is a setting.
+CMD ["payments", "serve", "--host", "0.0.0.0"]

@@ -160,12 +160,17 @@ def _serve(args: argparse.Namespace) -> int:
     from app.settings import Settings
 
     settings = Settings()
+    # uvicorn trusts the same proxies as the app (which reads X-Forwarded-For itself, see
+    # app.deps.client_address), for the scheme they forward; none when none is listed, where
+    # uvicorn's own default would trust any local peer's X-Forwarded-For.
+    proxies = ",".join(str(network) for network in settings.forwarded_allow_ips)
     uvicorn.run(
         "app.main:app",
         host=args.host,
         port=args.port or settings.port,
         workers=args.workers,
-        proxy_headers=True,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
         log_level=settings.log_level.lower(),
     )
     return 0

@@ -13,8 +13,9 @@ thread, which cost more than the whole Redis round trip of a request (seen in a 
 
 from __future__ import annotations
 
+import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -29,6 +30,8 @@ from app.security import User, decode_access_token
 from app.settings import Settings
 from services.payment_service import PaymentService
 from services.payment_store import PaymentStore
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Need(Enum):
@@ -130,8 +133,56 @@ async def _count(limit: RateLimit, store: PaymentStore, who: str) -> dict[str, s
 
 
 def client_address(request: Request) -> str:
-    # Behind a proxy, run uvicorn with --proxy-headers so that this is the real client.
-    return request.client.host if request.client else "unknown"
+    """Who the caller is by address: the connection's peer, or, when the peer is a proxy
+    listed in FORWARDED_ALLOW_IPS, the client that proxy says it forwarded for."""
+    peer = request.client.host if request.client else "unknown"
+    settings: Settings = request.app.state.settings
+    if not settings.forwarded_allow_ips:
+        return peer
+    return forwarded_client(
+        peer, request.headers.getlist("x-forwarded-for"), settings.forwarded_allow_ips
+    )
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], proxies: Sequence[Network]) -> str:
+    """The client behind trusted ``proxies``, read from X-Forwarded-For the standard way:
+    each proxy appends the address it got the request from, so only entries written by our
+    own proxies can be believed. Walking from the right, the first address that is not one of
+    our proxies is the client; anything left of it is whatever the client chose to send.
+    (uvicorn's --proxy-headers reads it the same way, given the same list.)"""
+    if not _is_proxy(peer, proxies):
+        return peer
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        host = _host(hop)
+        if not _is_proxy(host, proxies):
+            return host
+    # Every hop is one of our proxies: the request started inside, at the left-most.
+    return _host(hops[0]) if hops else peer
+
+
+def _is_proxy(host: str, proxies: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's spelling of an IPv4 peer
+    return any(address in network for network in proxies)
+
+
+def _host(hop: str) -> str:
+    """The address in one X-Forwarded-For entry, without a port, in its canonical spelling
+    (one client, one rate-limit bucket); an entry that is not an address stays as it is."""
+    if hop.startswith("["):  # [2001:db8::1]:4711
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:  # 192.0.2.1:4711
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return hop
 
 
 async def get_service(request: Request) -> PaymentService:

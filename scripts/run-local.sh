@@ -32,4 +32,5 @@ stop_redis() {
 trap stop_redis EXIT
 
 echo "Serving on http://127.0.0.1:$port  (API docs: http://127.0.0.1:$port/docs)"
-"$venv/bin/uvicorn" app.main:app --host "${HOST:-127.0.0.1}" --port "$port" --proxy-headers
+# `payments serve` gives uvicorn the proxies the app trusts (FORWARDED_ALLOW_IPS), none by default.
+"$venv/bin/payments" serve --host "${HOST:-127.0.0.1}" --port "$port"

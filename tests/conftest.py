@@ -35,7 +35,7 @@ _ENV_PREFIXES = (
     *("SANDBOX_", "RECONCILE_", "PROVIDER_", "BREAKER_", "RATE_LIMITS"),
 )
 _ENV_KEPT = {"PAYMENT_SPECS_DIR"}
-_ENV_NAMES = {"ENVIRONMENT", "PUBLIC_BASE_URL", "PORT"}
+_ENV_NAMES = {"ENVIRONMENT", "PUBLIC_BASE_URL", "PORT", "FORWARDED_ALLOW_IPS"}
 for _name in list(os.environ):
     if _name in _ENV_KEPT:
         continue

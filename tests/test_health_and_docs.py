@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -152,6 +154,40 @@ class TestCli:
         printed = capsys.readouterr().out.strip()
         user = decode_access_token(Settings(_env_file=None, jwt_secret_key=JWT_SECRET), printed)  # type: ignore[call-arg]
         assert (user.sub, user.is_admin) == ("alice", True)
+
+
+class TestServe:
+    """`payments serve` hands uvicorn the proxies the app trusts, so that the two never read
+    X-Forwarded-For differently (uvicorn alone would trust any loopback peer)."""
+
+    @pytest.fixture
+    def started(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> Callable[[], dict[str, Any]]:
+        monkeypatch.chdir(tmp_path)  # no .env
+        monkeypatch.setenv("JWT_SECRET_KEY", JWT_SECRET)
+        calls: list[dict[str, Any]] = []
+        monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+
+        def serve() -> dict[str, Any]:
+            assert cli_main(["serve"]) == 0
+            return calls[-1]
+
+        return serve
+
+    def test_no_proxy_is_trusted_by_default(
+        self, started: Callable[[], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+        assert started()["proxy_headers"] is False
+
+    def test_the_listed_proxies_are_uvicorns_too(
+        self, started: Callable[[], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.0/8, 192.0.2.7")
+        options = started()
+        assert options["proxy_headers"] is True
+        assert options["forwarded_allow_ips"] == "10.0.0.0/8,192.0.2.7/32"
 
 
 class TestApiDescription:

@@ -6,6 +6,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
+from pydantic import ValidationError
 
 from app.main import create_app
 from app.settings import Settings
@@ -95,3 +97,112 @@ class TestRateLimits:
                     await http.aclose()
         assert statuses[:30] == [404] * 30
         assert statuses[30] == 429
+
+
+PROXIES = "10.0.0.0/8,2001:db8:a::/48"
+
+
+def _via(app: Any, peer: str) -> httpx.AsyncClient:
+    """A client whose connection comes from ``peer``."""
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+async def _payment_id(client: httpx.AsyncClient, forwarded_for: str | None) -> str:
+    """The payment an anonymous create-intent with one Idempotency-Key lands on: the key's
+    scope is the caller's address, so the same ID means the same caller."""
+    headers = {"Idempotency-Key": "order-1"}
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    response = await client.post(URL, json={"plan": "basic"}, headers=headers)
+    assert response.status_code == 201, response.text
+    payment_id: str = response.json()["payment_id"]
+    return payment_id
+
+
+class TestClientAddressBehindProxies:
+    """X-Forwarded-For names the client only when the connection comes from a proxy listed
+    in FORWARDED_ALLOW_IPS; anyone else could write any address there."""
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"forwarded_allow_ips": PROXIES}
+
+    async def test_a_forged_header_from_an_untrusted_peer_changes_nothing(self, app: Any) -> None:
+        async with _via(app, "203.0.113.7") as client:
+            for n in range(10):
+                headers = {"X-Forwarded-For": f"198.51.100.{n}"}
+                assert (await client.post(URL, json={"plan": "basic"}, headers=headers)).is_success
+            limited = await client.post(
+                URL, json={"plan": "basic"}, headers={"X-Forwarded-For": "198.51.100.99"}
+            )
+            assert_problem(limited, 429, "rate_limited")
+        async with _via(app, "203.0.113.8") as client:
+            first = await _payment_id(client, "198.51.100.1")
+            assert await _payment_id(client, "198.51.100.2") == first
+
+    async def test_a_trusted_proxy_names_the_client(self, app: Any) -> None:
+        async with _via(app, "10.1.2.3") as proxy:
+            for _ in range(10):
+                headers = {"X-Forwarded-For": "198.51.100.1"}
+                assert (await proxy.post(URL, json={"plan": "basic"}, headers=headers)).is_success
+            again = await proxy.post(
+                URL, json={"plan": "basic"}, headers={"X-Forwarded-For": "198.51.100.1"}
+            )
+            assert_problem(again, 429, "rate_limited")
+            other = await proxy.post(
+                URL, json={"plan": "basic"}, headers={"X-Forwarded-For": "198.51.100.2"}
+            )
+            assert other.status_code == 201
+            assert await _payment_id(proxy, "198.51.100.3") != await _payment_id(
+                proxy, "198.51.100.4"
+            )
+
+    async def test_the_client_is_the_right_most_address_that_is_not_a_proxy(self, app: Any) -> None:
+        # 198.51.100.7 sent "1.2.3.4" itself; proxy 10.0.0.9 appended 198.51.100.7, and proxy
+        # 10.0.0.1 (the peer) appended 10.0.0.9. Only 198.51.100.7 was written by a proxy.
+        async with _via(app, "10.0.0.1") as proxy:
+            chained = await _payment_id(proxy, "1.2.3.4, 198.51.100.7, 10.0.0.9")
+            assert await _payment_id(proxy, "198.51.100.7") == chained
+            assert await _payment_id(proxy, "1.2.3.4") != chained
+            # Two headers are one list, in order; ports and IPv6 spellings are the address.
+        async with _via(app, "2001:db8:a::1") as proxy:
+            assert await _payment_id(proxy, "[2001:DB8:b:0::7]:4711") == await _payment_id(
+                proxy, "2001:db8:b::7"
+            )
+
+    async def test_a_trusted_proxy_without_the_header_is_the_client(self, app: Any) -> None:
+        async with _via(app, "10.0.0.1") as proxy, _via(app, "10.0.0.2") as other:
+            assert await _payment_id(proxy, None) != await _payment_id(other, None)
+
+
+class TestNoProxyTrustedByDefault:
+    async def test_the_header_is_ignored_even_from_loopback(self, app: Any) -> None:
+        # uvicorn's own default trusts 127.0.0.1; this service trusts no proxy unless told.
+        async with _via(app, "127.0.0.1") as client:
+            assert await _payment_id(client, "198.51.100.1") == await _payment_id(
+                client, "198.51.100.2"
+            )
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("", []),
+            (" 10.0.0.0/8 , 192.0.2.7", ["10.0.0.0/8", "192.0.2.7/32"]),
+            ('["::1"]', ["::1/128"]),
+        ],
+    )
+    def test_the_setting_reads_ips_and_networks(
+        self, raw: str, expected: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert [str(network) for network in settings.forwarded_allow_ips] == expected
+
+    @pytest.mark.parametrize("raw", ["*", "10.0.0.1/8", "proxy.internal"])
+    def test_anything_else_is_refused_at_start(
+        self, raw: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+        with pytest.raises(ValidationError, match="forwarded_allow_ips"):
+            Settings(_env_file=None)  # type: ignore[call-arg]
