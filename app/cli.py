@@ -62,6 +62,9 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
             await manager.refresh()
         except Exception as error:  # still useful from the environment alone
             print(f"note: stored configurations not read ({type(error).__name__})", file=sys.stderr)
+        unreadable = manager.unreadable_configs()
+        if unreadable is not None:
+            print(f"degraded: {unreadable.reason}", file=sys.stderr)
         yield manager, configs
     finally:
         await manager.current.aclose()

@@ -24,7 +24,7 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_service import PaymentService
 from services.payment_store import PaymentStore
 from services.provider_configs import ProviderConfigStore, SecretBox
-from services.provider_manager import ProviderManager
+from services.provider_manager import ProviderManager, StoredConfigsUnreadable
 from services.receipt_service import ReceiptService
 from services.reconciler import Reconciler
 from services.redis_wire import RedisWire
@@ -70,6 +70,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configs,
     )
     await manager.start()
+    unreadable = manager.unreadable_configs()
+    if unreadable is not None and settings.environment == "production":
+        # Production never serves without the credentials an operator stored: say why, stop.
+        await manager.aclose()
+        await http.aclose()
+        await wire.aclose()
+        await redis.aclose()
+        raise StoredConfigsUnreadable(f"refusing to start in production: {unreadable.reason}")
     receipts = ReceiptService(settings, executor=app.state.receipt_executor)
     guard = ProviderGuard(
         redis,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from app.deps import Admin, PaymentServiceDep
 from app.errors import StoreUnavailable
@@ -15,6 +17,7 @@ from routers.docs import problems
 from services.payment_providers.base import BasePaymentProvider
 from services.payment_providers.breaker import BreakerState
 from services.payment_service import PaymentService
+from services.provider_configs import SecretsProblem, UnreadableConfigs
 
 router = APIRouter(tags=["health"])
 
@@ -32,9 +35,37 @@ async def ready(service: PaymentServiceDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
+class StoredConfigsHealth(BaseModel):
+    status: Literal["ok", "degraded"]
+    problem: SecretsProblem | None = None
+    reason: str | None = None
+    held_out: list[str] = Field(
+        default_factory=list, description="Providers whose stored configuration is unreadable"
+    )
+
+    @classmethod
+    def of(cls, unreadable: UnreadableConfigs | None) -> StoredConfigsHealth:
+        if unreadable is None:
+            return cls(status="ok")
+        return cls(
+            status="degraded",
+            problem=unreadable.problem,
+            reason=unreadable.reason,
+            held_out=list(unreadable.providers),
+        )
+
+
+class AdminHealth(ServiceHealth):
+    stored_configs: StoredConfigsHealth
+
+
 async def _provider_health(
-    provider: BasePaymentProvider, service: PaymentService
+    provider: BasePaymentProvider, service: PaymentService, unreadable: UnreadableConfigs | None
 ) -> ProviderHealth:
+    if unreadable is not None and provider.name in unreadable.providers:
+        return ProviderHealth(
+            provider=provider.name, status="error", configured=False, message=unreadable.reason
+        )
     if not provider.is_configured():
         return ProviderHealth(provider=provider.name, status="unconfigured", configured=False)
     breaker = await service.guard.state(provider.name)
@@ -67,7 +98,7 @@ async def _provider_health(
 
 @router.get(
     "/admin/health",
-    response_model=ServiceHealth,
+    response_model=AdminHealth,
     responses=problems(401, 403),
     summary="Overall status, Redis and each provider (admins)",
 )
@@ -81,18 +112,27 @@ async def admin_health(_admin: Admin, service: PaymentServiceDep) -> JSONRespons
         }
     except StoreUnavailable:
         redis = {"status": "error", "latency_ms": None}
+    # Read once, with the providers it describes: a reload may swap both meanwhile.
+    factory, unreadable = service.providers, service.manager.unreadable_configs()
     checks = await asyncio.gather(
-        *(_provider_health(provider, service) for provider in service.providers.providers())
+        *(_provider_health(provider, service, unreadable) for provider in factory.providers())
     )
     providers = {check.provider: check for check in checks}
-    default = providers.get(service.providers.default)
+    default = providers.get(factory.default)
     if redis["status"] != "connected" or default is None or default.status != "connected":
         status = "unhealthy"
-    elif any(check.status in {"error", "circuit_open"} for check in checks):
+    elif unreadable is not None or any(
+        check.status in {"error", "circuit_open"} for check in checks
+    ):
         status = "degraded"
     else:
         status = "healthy"
-    body = ServiceHealth(status=status, redis=redis, providers=providers)
+    body = AdminHealth(
+        status=status,
+        redis=redis,
+        providers=providers,
+        stored_configs=StoredConfigsHealth.of(unreadable),
+    )
     return JSONResponse(
         body.model_dump(mode="json"), status_code=200 if status != "unhealthy" else 503
     )

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from enum import StrEnum
+from typing import Any, assert_never, cast
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, Field, SecretStr
@@ -74,6 +76,54 @@ class RoutingConfig(BaseModel):
 
 
 MASK = "********"
+
+
+class SecretsProblem(StrEnum):
+    """Why this process cannot read stored secrets."""
+
+    KEY_MISSING = "secrets_key_missing"
+    KEY_WRONG = "secrets_undecryptable"
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableConfigs:
+    """Stored configurations whose secrets this process cannot decrypt, and why."""
+
+    problem: SecretsProblem
+    providers: tuple[str, ...]  # their provider keys, sorted
+
+    @property
+    def reason(self) -> str:
+        match self.problem:
+            case SecretsProblem.KEY_MISSING:
+                key = "PROVIDER_SECRETS_KEY is unset"
+            case SecretsProblem.KEY_WRONG:
+                key = "PROVIDER_SECRETS_KEY is wrong (none of its keys decrypts them)"
+            case _:
+                assert_never(self.problem)
+        held = "its provider" if len(self.providers) == 1 else "their providers"
+        return (
+            f"stored provider configs cannot be decrypted: {key}; {len(self.providers)} "
+            f"config{'' if len(self.providers) == 1 else 's'} ignored and {held} held out "
+            f"({', '.join(self.providers)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProvider:
+    """One readable stored configuration, as providers are built from it."""
+
+    active: bool
+    config: dict[str, Any]
+    secrets: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLayer:
+    """What the stored configurations put over the environment's settings."""
+
+    providers: dict[str, StoredProvider] = field(default_factory=dict)
+    unreadable: UnreadableConfigs | None = None
 
 
 class SecretBox:
@@ -231,13 +281,31 @@ class ProviderConfigStore:
         data = await self._get_raw(config_id)
         return self._box.decrypt(data["secrets"]) if data.get("secrets") else {}
 
-    async def load_for_build(self) -> dict[str, tuple[bool, dict[str, Any], dict[str, str]]]:
-        """Per provider: (active, public config, decrypted secrets), to build providers."""
-        result = {}
+    async def load_for_build(self) -> StoredLayer:
+        """Every stored configuration with its secrets decrypted, to build providers; those
+        whose secrets do not decrypt are left out and named, never dropped silently."""
+        readable: dict[str, StoredProvider] = {}
+        unreadable: list[str] = []
+        problem = SecretsProblem.KEY_MISSING
         for data in (await self._all_raw()).values():
-            decrypted = self._box.decrypt(data["secrets"]) if data.get("secrets") else {}
-            result[data["provider_key"]] = (bool(data["active"]), data["config"], decrypted)
-        return result
+            try:
+                decrypted = self._box.decrypt(data["secrets"]) if data.get("secrets") else {}
+            except SecretsKeyMissing:
+                unreadable.append(data["provider_key"])
+                continue
+            except SecretsUndecryptable:
+                problem = SecretsProblem.KEY_WRONG
+                unreadable.append(data["provider_key"])
+                continue
+            readable[data["provider_key"]] = StoredProvider(
+                active=bool(data["active"]), config=data["config"], secrets=decrypted
+            )
+        return StoredLayer(
+            providers=readable,
+            unreadable=UnreadableConfigs(problem, tuple(sorted(unreadable)))
+            if unreadable
+            else None,
+        )
 
     async def rotate_secrets(self) -> int:
         """Re-encrypt every stored secret under the newest key; returns how many."""

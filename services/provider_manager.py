@@ -4,6 +4,14 @@ Every worker polls the configuration version in Redis every ``poll_s`` (a GET, 4
 default) and, when it moved, builds a new ``PaymentProviderFactory`` from the environment plus
 the stored configurations and swaps it in. A request in flight keeps the provider instance it
 already holds; the replaced instances are closed after a grace period, so nothing is dropped.
+
+A stored configuration whose secrets this process cannot decrypt (PROVIDER_SECRETS_KEY unset
+or wrong) is never dropped silently: its provider is held out (it refuses every operation,
+rather than run on the environment's credentials, which may be another account's), the rest
+of the stored layer still applies (other configurations, deactivations, routing), and
+``unreadable_configs`` says which and why, for the health check, the command line and the
+start-up check that refuses to serve in production. The condition is logged when it starts,
+changes or clears, not on every reload.
 """
 
 from __future__ import annotations
@@ -17,16 +25,21 @@ from pydantic import SecretStr
 
 from app.errors import ServiceError
 from services.payment_providers.factory import PaymentProviderFactory, discover_provider_classes
-from services.provider_configs import SecretsUndecryptable
+from services.payment_providers.placeholders import HeldOutProvider
+from services.provider_configs import StoredLayer, UnreadableConfigs
 
 if TYPE_CHECKING:
     from app.settings import Settings
     from services.payment_providers.base import BasePaymentProvider, ProviderDeps
-    from services.provider_configs import ProviderConfigStore
+    from services.provider_configs import ProviderConfigStore, RoutingConfig
 
 log = logging.getLogger("payments.providers")
 
 CLOSE_GRACE_S = 60.0
+
+
+class StoredConfigsUnreadable(RuntimeError):
+    """Production refuses to start while stored configurations cannot be read."""
 
 
 class ProviderManager:
@@ -43,7 +56,8 @@ class ProviderManager:
         self._configs = configs
         self._poll_s = poll_s
         self._classes = discover_provider_classes()
-        self._current = self._build({}, None)
+        self._current = self._build(StoredLayer(), None)
+        self._unreadable: UnreadableConfigs | None = None
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -57,6 +71,11 @@ class ProviderManager:
     def classes(self) -> dict[str, type[BasePaymentProvider]]:
         return self._classes
 
+    def unreadable_configs(self) -> UnreadableConfigs | None:
+        """The stored configurations the current providers were built without, because
+        their secrets do not decrypt, and why; None when every one was read."""
+        return self._unreadable
+
     async def start(self) -> None:
         """Load stored configurations (if Redis answers) and start watching for changes."""
         with contextlib.suppress(ServiceError):
@@ -68,42 +87,61 @@ class ProviderManager:
         version = await self._configs.version()
         if version == self._version:
             return False
-        try:
-            stored = await self._configs.load_for_build()
-        except SecretsUndecryptable:
-            # Keep serving with what we have; say so once for this version, not every tick.
-            self._version = version
-            log.error("providers.secrets_undecryptable", extra={"version": version})
-            return False
+        stored = await self._configs.load_for_build()
         routing = await self._configs.routing()
         previous, self._current = self._current, self._build(stored, routing)
         self._version = version
         self._retire(previous)
+        self._note_unreadable(stored.unreadable)
         log.info(
             "providers.reloaded",
-            extra={"version": version, "stored": sorted(stored), "default": self._current.default},
+            extra={
+                "version": version,
+                "stored": sorted(stored.providers),
+                "default": self._current.default,
+            },
         )
         return True
 
-    def _build(
-        self, stored: dict[str, tuple[bool, dict[str, Any], dict[str, str]]], routing: Any
-    ) -> PaymentProviderFactory:
-        providers = []
+    def _note_unreadable(self, unreadable: UnreadableConfigs | None) -> None:
+        """Log when the condition starts, changes or clears; a reload that finds it as it
+        was says nothing."""
+        if unreadable == self._unreadable:
+            return
+        if unreadable is not None:
+            log.error(
+                "providers.stored_configs_unreadable",
+                extra={
+                    "problem": str(unreadable.problem),
+                    "held_out": list(unreadable.providers),
+                    "reason": unreadable.reason,
+                },
+            )
+        else:
+            log.warning("providers.stored_configs_readable_again")
+        self._unreadable = unreadable
+
+    def _build(self, stored: StoredLayer, routing: RoutingConfig | None) -> PaymentProviderFactory:
+        providers: list[BasePaymentProvider] = []
         inactive = set()
+        unreadable = stored.unreadable
         for name, cls in self._classes.items():
             settings = self._settings
-            if name in stored:
-                active, config, secrets = stored[name]
-                if not active:
+            if unreadable is not None and name in unreadable.providers:
+                providers.append(HeldOutProvider.standing_in_for(cls, unreadable.reason))
+                continue
+            if name in stored.providers:
+                config = stored.providers[name]
+                if not config.active:
                     inactive.add(name)
                 elif cls.settings_prefix is not None:
                     update: dict[str, Any] = {
-                        f"{cls.settings_prefix}{key}": value for key, value in config.items()
+                        f"{cls.settings_prefix}{key}": value for key, value in config.config.items()
                     }
                     update.update(
                         {
                             f"{cls.settings_prefix}{key}": SecretStr(value)
-                            for key, value in secrets.items()
+                            for key, value in config.secrets.items()
                         }
                     )
                     settings = settings.model_copy(update=update)

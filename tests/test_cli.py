@@ -66,6 +66,38 @@ class TestProviders:
         assert rows["stripe"][:2] == ["false", "false"]
         assert {"paypal", "mobilepay", "googlepay", "applepay"} <= set(rows)
 
+    @pytest.mark.parametrize(
+        ("key", "why"),
+        [
+            (None, "PROVIDER_SECRETS_KEY is unset"),
+            (Fernet.generate_key().decode(), "PROVIDER_SECRETS_KEY is wrong"),
+        ],
+        ids=["unset", "wrong"],
+    )
+    async def test_list_says_when_stored_configs_cannot_be_read(
+        self, cli: Cli, redis_server: RedisServer, key: str | None, why: str
+    ) -> None:
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            await ProviderConfigStore(
+                redis, prefix="test:", box=SecretBox(Fernet.generate_key().decode())
+            ).create(
+                provider_key="stripe",
+                service_type="payment",
+                config={},
+                secrets_={"secret_key": "sk_test_stored0123456789"},
+                capabilities=None,
+            )
+        finally:
+            await redis.aclose()
+        done = cli("providers", "list", **({"PROVIDER_SECRETS_KEY": key} if key else {}))
+        assert done.returncode == 0, done.stderr
+        (said,) = [line for line in done.stderr.splitlines() if line.startswith("degraded: ")]
+        assert said.startswith(f"degraded: stored provider configs cannot be decrypted: {why}")
+        assert said.endswith("; 1 config ignored and its provider held out (stripe)")
+        rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+        assert rows["stripe"][:2] == ["false", "false"]
+
     def test_test_checks_every_active_provider(self, cli: Cli) -> None:
         done = cli("providers", "test")
         assert done.returncode == 0, done.stdout + done.stderr

@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from app.main import create_app
 from app.settings import Settings
 from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.placeholders import GooglePayProvider
 from services.payment_providers.sandbox import sign_webhook
-from services.provider_configs import SecretBox
+from services.provider_configs import ProviderConfigStore, RoutingConfig, SecretBox
+from services.provider_manager import StoredConfigsUnreadable
 from tests.conftest import RedisServer, assert_problem, bearer, create_payment
 
 KEY = Fernet.generate_key().decode()
@@ -425,3 +430,197 @@ class TestSandboxFaultsByConfig:
         behaviour = Settings(_env_file=None).sandbox_behaviour  # type: ignore[call-arg]
         assert behaviour is not None
         assert (behaviour["fail"], behaviour["delay_ms"]) == ("unavailable", 5)
+
+
+OTHER_KEY = Fernet.generate_key().decode()
+STRIPE_SECRETS = {"secret_key": "sk_test_stored0123456789", "webhook_secret": "whsec_stored0123"}
+
+
+async def _store_config(
+    redis_server: RedisServer, provider_key: str, secrets: dict[str, str], *, active: bool = True
+) -> None:
+    """A configuration stored, under KEY, by another worker or an earlier run."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await ProviderConfigStore(client, prefix="test:", box=SecretBox(KEY)).create(
+            provider_key=provider_key,
+            service_type="payment",
+            config={},
+            secrets_=secrets,
+            capabilities=None,
+            active=active,
+        )
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def _running(settings: Settings, pool: ProcessPoolExecutor) -> AsyncIterator[Any]:
+    application = create_app(settings, receipt_executor=pool)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def provider_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Records of ``payments.providers``: the app's logging stops ``payments`` propagating
+    to the root, where caplog listens."""
+    logger = logging.getLogger("payments.providers")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+UNSET = "PROVIDER_SECRETS_KEY is unset"
+WRONG = "PROVIDER_SECRETS_KEY is wrong (none of its keys decrypts them)"
+
+
+class TestUnreadableStoredConfigs:
+    """Stored configurations whose secrets this process cannot decrypt are never ignored
+    silently: production refuses to start, elsewhere health says degraded and why, and the
+    provider they configure is held out rather than run on the environment's credentials."""
+
+    @pytest.fixture(params=[None, OTHER_KEY], ids=["unset", "wrong"])
+    def settings_overrides(self, request: pytest.FixtureRequest) -> dict[str, Any]:
+        return {"provider_secrets_key": request.param, "rate_limits_enabled": False}
+
+    @pytest.fixture
+    def why(self, settings: Settings) -> str:
+        return UNSET if settings.provider_secrets_key is None else WRONG
+
+    async def test_production_refuses_to_start(
+        self, settings: Settings, redis_server: RedisServer, render_pool: Any, why: str
+    ) -> None:
+        await _store_config(redis_server, "stripe", STRIPE_SECRETS)
+        production = settings.model_copy(
+            update={
+                "environment": "production",
+                "payment_provider": "stripe",
+                "stripe_secret_key": SecretStr("sk_test_environment0123456789"),
+                "stripe_webhook_secret": SecretStr("whsec_environment0123"),
+            }
+        )
+        with pytest.raises(StoredConfigsUnreadable) as refused:
+            async with _running(production, render_pool):
+                pytest.fail("started")
+        assert str(refused.value) == (
+            f"refusing to start in production: stored provider configs cannot be decrypted: "
+            f"{why}; 1 config ignored and its provider held out (stripe)"
+        )
+        # With the key that encrypted them, it starts.
+        right_key = production.model_copy(update={"provider_secrets_key": SecretStr(KEY)})
+        async with _running(right_key, render_pool):
+            pass
+
+    async def test_elsewhere_health_is_degraded_and_says_why(
+        self, settings: Settings, redis_server: RedisServer, render_pool: Any, admin: Any, why: str
+    ) -> None:
+        await _store_config(redis_server, "stripe", STRIPE_SECRETS)
+        await _store_config(redis_server, "paypal", {"client_secret": "paypal-secret-0123"})
+        reason = (
+            f"stored provider configs cannot be decrypted: {why}; "
+            "2 configs ignored and their providers held out (paypal, stripe)"
+        )
+        async with _running(settings, render_pool) as application:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                health = await client.get("/admin/health", headers=admin)
+        assert health.status_code == 200
+        body = health.json()
+        assert body["status"] == "degraded"
+        assert body["stored_configs"] == {
+            "status": "degraded",
+            "problem": "secrets_key_missing" if why == UNSET else "secrets_undecryptable",
+            "reason": reason,
+            "held_out": ["paypal", "stripe"],
+        }
+        for name in ("stripe", "paypal"):
+            assert body["providers"][name]["status"] == "error"
+            assert body["providers"][name]["message"] == reason
+        assert body["providers"]["sandbox"]["status"] == "connected"
+
+    async def test_the_held_out_provider_does_not_run_on_the_environments_secrets(
+        self, settings: Settings, redis_server: RedisServer, render_pool: Any
+    ) -> None:
+        await _store_config(redis_server, "sandbox", {"webhook_secret": NEW_SECRET})
+        async with _running(settings, render_pool) as application:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                refused = await client.post("/api/v1/payment/create-intent", json={"plan": "pro"})
+                webhook = await _signed_webhook(client, "sandbox-webhook-secret", "sb_0123456789ab")
+        assert_problem(refused, 503, "provider_not_configured")
+        # Refused as unavailable, so the sender delivers it again once the key is right.
+        assert_problem(webhook, 503, "provider_not_configured")
+
+    async def test_deactivations_and_routing_stored_beside_them_still_apply(
+        self, settings: Settings, redis_server: RedisServer, render_pool: Any, admin: Any
+    ) -> None:
+        await _store_config(redis_server, "stripe", STRIPE_SECRETS)
+        await _store_config(redis_server, "sandbox", {}, active=False)
+        client_ = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            await ProviderConfigStore(client_, prefix="test:", box=SecretBox(KEY)).set_routing(
+                RoutingConfig(default="sandbox", fallback=["mobilepay"])
+            )
+        finally:
+            await client_.aclose()
+        async with _running(settings, render_pool) as application:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                routing = await client.get("/api/v1/providers/routing", headers=admin)
+                refused = await client.post("/api/v1/payment/create-intent", json={"plan": "pro"})
+        assert routing.json()["fallback"] == ["mobilepay"]
+        detail = assert_problem(refused, 503, "provider_not_configured")["detail"]
+        assert "sandbox provider is deactivated" in detail
+
+    async def test_logged_when_it_starts_and_when_it_clears_not_on_every_reload(
+        self,
+        settings: Settings,
+        redis_server: RedisServer,
+        render_pool: Any,
+        admin: Any,
+        provider_logs: pytest.LogCaptureFixture,
+    ) -> None:
+        def events() -> list[tuple[int, str]]:
+            return [
+                (record.levelno, record.getMessage())
+                for record in provider_logs.records
+                if "stored_configs" in record.getMessage()
+            ]
+
+        async with _running(settings, render_pool) as application:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+                async def health() -> str:
+                    answer = await client.get("/admin/health", headers=admin)
+                    status: str = answer.json()["stored_configs"]["status"]
+                    return status
+
+                assert await health() == "ok"
+                await _store_config(redis_server, "stripe", STRIPE_SECRETS)
+
+                async def degraded() -> bool:
+                    return await health() == "degraded"
+
+                await _eventually(degraded)
+                # Other changes reload the providers; the condition is as it was: no new line.
+                for weights in ({"sandbox": 1}, {"sandbox": 2}):
+                    body = {"default": "sandbox", "weights": weights}
+                    await client.put("/api/v1/providers/routing", headers=admin, json=body)
+                await asyncio.sleep(0.6)
+                assert events() == [(logging.ERROR, "providers.stored_configs_unreadable")]
+
+                configs = (await client.get("/api/v1/providers/configs", headers=admin)).json()
+                await client.delete(f"/api/v1/providers/configs/{configs[0]['id']}", headers=admin)
+
+                async def ok() -> bool:
+                    return await health() == "ok"
+
+                await _eventually(ok)
+        assert events() == [
+            (logging.ERROR, "providers.stored_configs_unreadable"),
+            (logging.WARNING, "providers.stored_configs_readable_again"),
+        ]

@@ -1,4 +1,5 @@
-"""Providers the catalogue names but this service cannot reach yet.
+"""Providers the catalogue names but this service cannot reach yet, and stand-ins for
+providers whose stored configuration cannot be read.
 
 They are registered so that their IDs route and their names resolve, and they refuse every
 operation with ``provider_not_configured`` instead of pretending to work.
@@ -6,7 +7,7 @@ operation with ``provider_not_configured`` instead of pretending to work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from app.errors import ProviderNotConfigured
 
@@ -18,6 +19,8 @@ from .base import (
     IntentResult,
     PaymentState,
     ProviderDeps,
+    RefundResult,
+    WebhookEvent,
 )
 
 if TYPE_CHECKING:
@@ -68,3 +71,66 @@ class ApplePayProvider(UnavailableProvider):
     display_name = "Apple Pay"
     id_prefixes = ("ap_",)
     capabilities = frozenset({Capability.WALLET})
+
+
+class HeldOutProvider(BasePaymentProvider):
+    """Stands in for a provider whose stored configuration cannot be read (its secrets do
+    not decrypt with PROVIDER_SECRETS_KEY). Its IDs still route to it and it refuses every
+    operation, with the reason: nothing is done with credentials other than the ones an
+    operator stored (the environment's may be another account, or test keys), and a refused
+    webhook is delivered again by the provider later."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    @classmethod
+    def standing_in_for(cls, provider: type[BasePaymentProvider], reason: str) -> HeldOutProvider:
+        # The provider's own name, prefixes and capabilities, so that an operation it offers
+        # is refused as unavailable (503), not as unsupported.
+        stand_in = type(
+            f"HeldOut{provider.__name__}",
+            (cls,),
+            {
+                "name": provider.name,
+                "display_name": provider.display_name,
+                "id_prefixes": provider.id_prefixes,
+                "capabilities": provider.capabilities,
+                "service_type": provider.service_type,
+            },
+        )
+        return cast(HeldOutProvider, stand_in(reason))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> HeldOutProvider:
+        raise TypeError("a held-out provider is made by standing_in_for, never from settings")
+
+    def is_configured(self) -> bool:
+        return False
+
+    def _refuse(self) -> NoReturn:
+        raise ProviderNotConfigured(
+            f"The {self.name} provider is held out on this service: {self.reason}",
+            provider=self.name,
+        )
+
+    async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
+        self._refuse()
+
+    async def verify_payment(self, payment_id: str) -> PaymentState:
+        self._refuse()
+
+    # The optional operations, whatever their arguments: each is refused alike.
+    async def capture(self, *args: Any, **kwargs: Any) -> PaymentState:
+        self._refuse()
+
+    async def cancel(self, *args: Any, **kwargs: Any) -> PaymentState:
+        self._refuse()
+
+    async def refund(self, *args: Any, **kwargs: Any) -> RefundResult:
+        self._refuse()
+
+    async def parse_webhook(self, *args: Any, **kwargs: Any) -> WebhookEvent:
+        self._refuse()
+
+    async def health_check(self) -> HealthStatus:
+        return HealthStatus(healthy=False, message=self.reason)
