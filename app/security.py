@@ -80,6 +80,11 @@ def _verify(settings: Settings, token: str) -> tuple[User, float]:
         )
     except JWTError as error:
         raise InvalidToken("The bearer token is invalid or expired") from error
+    except RecursionError as error:
+        # python-jose reads the token's header with json.loads before it checks the
+        # signature, and json.loads recurses once a level: a header of a few thousand "["
+        # (within the 4096 characters read) exhausts the stack instead of failing as JSON.
+        raise InvalidToken("The bearer token is invalid or expired") from error
     sub = claims.get("sub")
     role = claims.get("role")
     if not isinstance(sub, str) or not sub or len(sub) > 256:
