@@ -51,6 +51,7 @@ from .base import (
     RefundResult,
     WebhookEvent,
 )
+from .payloads import load_json
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -467,7 +468,7 @@ class SandboxProvider(BasePaymentProvider):
             self._webhook_secret, body, headers.get(SIGNATURE_HEADER), now=time.time()
         )
         try:
-            event = json.loads(body)
+            event = load_json(body)
             event_id, event_type = str(event["id"]), str(event["type"])
             data = event.get("data") or {}
             payment_id = data.get("payment_id")

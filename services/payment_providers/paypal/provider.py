@@ -53,6 +53,7 @@ from ..base import (
     RefundResult,
     WebhookEvent,
 )
+from ..payloads import load_json
 from ..resilience import RetryPolicy, with_retries
 from . import transformers as tx
 
@@ -702,7 +703,7 @@ class PayPalProvider(BasePaymentProvider):
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         self._require_configured()
         try:
-            payload = json.loads(body)
+            payload = load_json(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidWebhookPayload("The webhook body is not JSON") from error
         if not tx.is_event(payload):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
 import ssl
@@ -55,6 +54,7 @@ from ..base import (
     RefundResult,
     WebhookEvent,
 )
+from ..payloads import load_json
 from ..resilience import NO_RETRY, RetryPolicy, with_retries
 from . import transformers as tx
 
@@ -588,7 +588,7 @@ class StripeProvider(BasePaymentProvider):
             )
             raise InvalidWebhookSignature("The Stripe-Signature header does not match") from error
         try:
-            event = json.loads(payload)
+            event = load_json(body)
         except ValueError as error:
             raise InvalidWebhookPayload("The webhook body is not JSON") from error
         if not tx.is_event(event):
