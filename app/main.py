@@ -83,7 +83,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis,
         key_prefix=settings.redis_key_prefix,
         policy=BreakerPolicy(
-            failure_threshold=settings.breaker_failure_threshold,
+            min_calls=settings.breaker_min_calls,
+            failure_ratio=settings.breaker_failure_ratio,
             window_s=settings.breaker_window_seconds,
             cooldown_s=settings.breaker_cooldown_seconds,
         ),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     Field,
     IPvAnyNetwork,
     SecretStr,
@@ -87,7 +88,15 @@ class Settings(BaseSettings):
     # Providers tried, in order, when the default is unconfigured, its circuit is open, or it
     # failed before the request reached it. A provider named in the request is never swapped.
     payment_fallback: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    breaker_failure_threshold: int = Field(default=5, ge=1)
+    # A provider's circuit opens when, within the window, at least BREAKER_MIN_CALLS calls
+    # were made and at least BREAKER_FAILURE_RATIO of them failed technically. The retired
+    # BREAKER_FAILURE_THRESHOLD (a count of failures) is still read, as the minimum of calls.
+    breaker_min_calls: int = Field(
+        default=20,
+        ge=1,
+        validation_alias=AliasChoices("breaker_min_calls", "breaker_failure_threshold"),
+    )
+    breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
     breaker_window_seconds: float = Field(default=30.0, gt=0)
     breaker_cooldown_seconds: float = Field(default=15.0, gt=0)
 

@@ -15,7 +15,7 @@ from tests.conftest import assert_problem, bearer
 
 URL = "/api/v1/payment/create-intent"
 BREAKER = {
-    "breaker_failure_threshold": 3,
+    "breaker_min_calls": 3,
     "breaker_cooldown_seconds": 1.0,
     "rate_limits_enabled": False,
 }
