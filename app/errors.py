@@ -77,6 +77,12 @@ class OperationNotSupported(ServiceError):
     title = "The provider does not support this operation"
 
 
+class RedirectNotAllowed(ServiceError):
+    status = 422
+    code = "redirect_not_allowed"
+    title = "The return or cancel URL points to a host this service does not send customers to"
+
+
 class RefundExceedsBalance(ServiceError):
     status = 422
     code = "refund_exceeds_balance"

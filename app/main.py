@@ -18,7 +18,7 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.settings import Settings
 from routers import health, payments, providers, sandbox
-from services.payment_providers.base import ProviderDeps
+from services.payment_providers.base import LocalEvents, ProviderDeps
 from services.payment_providers.breaker import BreakerPolicy
 from services.payment_providers.guard import ProviderGuard
 from services.payment_service import PaymentService
@@ -64,9 +64,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
     )
+    # Providers that live inside the service tell it of their own changes through this.
+    local_events = LocalEvents()
     manager = ProviderManager(
         settings,
-        ProviderDeps(redis=redis, http=http, key_prefix=settings.redis_key_prefix),
+        ProviderDeps(
+            redis=redis, http=http, key_prefix=settings.redis_key_prefix, events=local_events
+        ),
         configs,
     )
     await manager.start()
@@ -91,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         deadline_s=settings.provider_deadline_seconds,
     )
     service = PaymentService(settings, store, manager, receipts, guard)
+    local_events.connect(service.apply_provider_event)
     reconciler = Reconciler(
         service,
         store,

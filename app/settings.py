@@ -6,6 +6,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -80,6 +81,14 @@ class Settings(BaseSettings):
     paypal_webhook_id: str | None = None
     paypal_api_base: str | None = None
 
+    # An Idempotency-Key's claim is taken for this long and renewed while its request runs,
+    # so it outlives every provider attempt of a slow create or refund, and lapses this long
+    # after a worker that died holding it.
+    idempotency_lease_seconds: float = Field(default=30.0, ge=0.2, le=3600)
+    # Hosts that return_url / cancel_url may send the customer back to (comma-separated; a
+    # leading "." admits subdomains). Empty: only PUBLIC_BASE_URL's host.
+    return_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # Fernet keys for stored provider secrets, comma-separated, newest first (rotation).
     provider_secrets_key: SecretStr | None = None
     provider_timeout_seconds: float = 10.0
@@ -137,6 +146,31 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("return_url_hosts", mode="before")
+    @classmethod
+    def _hosts_list(cls, value: object) -> object:
+        # RETURN_URL_HOSTS=shop.example,.example.org as well as a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [host.strip() for host in text.split(",") if host.strip()]
+        return value
+
+    @field_validator("return_url_hosts")
+    @classmethod
+    def _hosts_lower(cls, value: list[str]) -> list[str]:
+        return [host.lower() for host in value]
+
+    @property
+    def redirect_hosts(self) -> frozenset[str]:
+        """Where return_url / cancel_url may point: the listed hosts, else the service's own
+        public host (a request's own host when PUBLIC_BASE_URL is unset, see the service)."""
+        hosts = set(self.return_url_hosts)
+        if not hosts and self.public_base_url:
+            hosts.add((urlsplit(self.public_base_url).hostname or "").lower())
+        return frozenset(hosts - {""})
 
     @field_validator("reconcile_schedule", mode="before")
     @classmethod

@@ -47,6 +47,20 @@ _PAID = frozenset(
 )
 
 
+class RefundStatus(StrEnum):
+    """A refund's own lifecycle. Only ``succeeded`` means money went back; ``pending`` holds
+    its amount against what may still be refunded until the provider says how it ended."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not RefundStatus.PENDING
+
+
 class PaymentMethod(StrEnum):
     """The providers the service knows by name; the factory holds the classes."""
 
@@ -100,11 +114,37 @@ class PaymentRecord(BaseModel):
     redirect_url: str | None = None
     payment_method: str | None = None
     capture_id: str | None = None
-    amount_refunded: int = 0
+    amount_refunded: int = Field(default=0, description="Sum of succeeded refunds")
+    amount_pending_refund: int = Field(default=0, description="Sum of refunds still pending")
     attempts: list[ProviderAttempt] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
     paid_at: datetime | None = None
+
+
+class RefundHistoryEntry(BaseModel):
+    at: datetime
+    status: RefundStatus
+    previous: RefundStatus | None = None
+    cause: str = Field(description="api, verify, webhook:<event id>, reconcile, ...")
+
+
+class RefundRecord(BaseModel):
+    """One refund of a payment, as the store keeps it."""
+
+    refund_id: str = Field(description="Ours: rf_...")
+    payment_id: str
+    provider: str
+    provider_refund_id: str | None = None
+    amount: int
+    currency: str
+    status: RefundStatus
+    reason: str | None = None
+    failure_code: str | None = Field(
+        default=None, description="Why the provider said it failed, when it said"
+    )
+    created_at: datetime
+    updated_at: datetime
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -153,6 +193,17 @@ class SandboxBehaviour(BaseModel):
         ),
     )
     delay_ms: int = Field(default=0, ge=0, le=60_000, description="Answer this much later")
+    refund: Literal["pending_then_succeeded", "pending_then_failed"] | None = Field(
+        default=None,
+        description=(
+            "Hold each refund of this payment pending, then settle it as succeeded or failed "
+            "after `refund_settle_ms`, telling the service as a vendor would; without it "
+            "refunds succeed at once"
+        ),
+    )
+    refund_settle_ms: int = Field(
+        default=2_000, ge=0, le=60_000, description="How long a refund stays pending"
+    )
     webhooks: SandboxWebhooks | None = Field(
         default=None,
         description=(
@@ -227,9 +278,22 @@ class VerifyRequest(BaseModel):
 
 
 class RefundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     amount: int | None = Field(
-        default=None, gt=0, description="Minor units; omit for a full refund of what is left"
+        default=None,
+        gt=0,
+        strict=True,  # 100, never true, "100" or 1.0
+        description="Minor units; omit for a full refund of what is left",
     )
+    reason: str | None = Field(
+        default=None,
+        max_length=500,
+        description="Why the money goes back; kept with the refund and sent to the provider",
+    )
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {"amount": self.amount, "reason": self.reason}
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -255,7 +319,38 @@ class PaymentResponse(BaseModel):
     currency: str
     provider: str
     amount_refunded: int = 0
+    amount_pending_refund: int = 0
     receipt_url: str | None = None
+
+
+class RefundView(BaseModel):
+    """A refund as the API shows it."""
+
+    refund_id: str
+    payment_id: str
+    amount: int
+    currency: str
+    status: RefundStatus
+    reason: str | None = None
+    failure_code: str | None = None
+    provider_refund_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    history: list[RefundHistoryEntry] = Field(default_factory=list)
+
+
+class RefundResponse(PaymentResponse):
+    """The payment after a refund was asked for, with the refund it made (200 when the
+    refund is final, 202 while it is pending)."""
+
+    refund: RefundView
+
+
+class RefundListResponse(BaseModel):
+    payment_id: str
+    refunds: list[RefundView]
+    amount_refunded: int
+    amount_pending_refund: int
 
 
 class PaymentHistoryResponse(BaseModel):

@@ -19,7 +19,9 @@ from models.payment import (
     PaymentHistoryResponse,
     PaymentResponse,
     ReceiptResponse,
+    RefundListResponse,
     RefundRequest,
+    RefundResponse,
     VerifyRequest,
 )
 from routers.docs import problems
@@ -225,14 +227,35 @@ async def cancel(payment_id: PaymentIdPath, caller: CancelCaller) -> Response:
 
 @router.post(
     "/{payment_id}/refund",
-    response_model=PaymentResponse,
-    responses=problems(*_COMMON, 403, 409, 502),
+    response_model=RefundResponse,
+    status_code=200,
+    responses={
+        202: {"model": RefundResponse, "description": "The refund is pending at the provider"},
+        **problems(*_COMMON, 403, 409, 502),
+    },
     summary="Refund a paid payment, fully or in part (admins)",
+    openapi_extra={"parameters": [_IDEMPOTENCY_KEY_PARAMETER]},
 )
 async def refund(
     payment_id: PaymentIdPath,
+    request: Request,
     caller: RefundAdminCaller,
     body: RefundRequest | None = None,
 ) -> Response:
-    refunded = await caller.service.refund(_checked_id(payment_id), body.amount if body else None)
-    return _json(refunded, caller)
+    answer = await caller.service.refund(
+        _checked_id(payment_id),
+        body or RefundRequest(),
+        user=caller.signed_in,
+        idempotency_key=_idempotency_key(request),
+    )
+    return _json(answer.response, caller, answer.status_code)
+
+
+@router.get(
+    "/{payment_id}/refunds",
+    response_model=RefundListResponse,
+    responses=problems(401, 404, 429, 503),
+    summary="A payment's refunds with their status and history (owner or admin)",
+)
+async def refunds(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
+    return _json(await caller.service.refunds(_checked_id(payment_id), caller.signed_in), caller)

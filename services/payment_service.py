@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import secrets
 import time
@@ -17,10 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from app.errors import (
-    IdempotencyKeyReused,
-    IdempotencyRequestInProgress,
     InvalidStateTransition,
     OperationNotSupported,
     PaymentNotFound,
@@ -28,9 +26,8 @@ from app.errors import (
     ProviderUnavailable,
     ProviderUpstreamError,
     ReceiptNotAvailable,
-    RefundExceedsBalance,
+    RedirectNotAllowed,
     ServiceError,
-    StoreUnavailable,
     UnknownPlan,
 )
 from models.payment import (
@@ -43,7 +40,10 @@ from models.payment import (
     Plan,
     ProviderAttempt,
     ReceiptResponse,
+    RefundListResponse,
+    RefundRequest,
 )
+from services.idempotency import IdempotencyClaims
 from services.payment_providers.base import (
     BasePaymentProvider,
     IntentRequest,
@@ -55,10 +55,11 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox import Outcome, SandboxProvider
 from services.payment_store import (
     IdempotencyAnswer,
-    IdempotencyState,
     PaymentStore,
     TransitionOutcome,
 )
+from services.refunds import RefundAnswer, RefundService
+from services.views import API_PREFIX, payment_response
 
 if TYPE_CHECKING:
     from app.security import User
@@ -72,10 +73,6 @@ log = logging.getLogger("payments.service")
 T = TypeVar("T")
 
 SERVED_RECEIPTS_MAX = 10_000
-
-API_PREFIX = "/api/v1/payment"
-IDEMPOTENCY_WAIT_S = 10.0
-IDEMPOTENCY_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +95,14 @@ class PaymentService:
         self._manager = providers
         self._receipts = receipts
         self._guard = guard
+        self._claims = IdempotencyClaims(store, lease_s=settings.idempotency_lease_seconds)
+        self._refunds = RefundService(
+            store,
+            lambda: self._manager.current,
+            guard,
+            self._claims,
+            reconcile_after_s=self._reconcile_after_s,
+        )
         self._background: set[asyncio.Task[None]] = set()
         # Receipts already served: payment -> (owner, file name). A receipt is issued once, for
         # a payment that stays paid, to an owner who never changes, so a repeat download is
@@ -142,44 +147,45 @@ class PaymentService:
         """Create a payment for a catalogue plan. The price is the catalogue's, never the
         client's. With an idempotency key, a replay answers the first response."""
         plan = self.plan(body.plan)
+        self._check_redirects(body, base_url)
         customer = user.sub if user else (str(body.customer_email or "") or caller)
         candidates = self.providers.route(body.provider_name, customer=customer)
         if idempotency_key is None:
             return await self._create(body, plan, candidates, user, secrets.token_hex(16), base_url)
 
         scope = f"user:{user.sub}" if user else caller
-        fingerprint = _fingerprint(
+        fingerprint = self._claims.fingerprint(
             {**body.fingerprint_fields(), "provider": body.provider_name or "default"}
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + IDEMPOTENCY_WAIT_S
-        while True:
-            begin = await self._store.idempotency_begin(scope, idempotency_key, fingerprint)
-            if begin.state is IdempotencyState.NEW:
-                break
-            if begin.state is IdempotencyState.MISMATCH:
-                raise IdempotencyKeyReused(
-                    "This Idempotency-Key was used with a different request body"
-                )
-            if begin.state is IdempotencyState.DONE and begin.response is not None:
-                return IntentResponse.model_validate(begin.response)
-            if loop.time() >= deadline:
-                raise IdempotencyRequestInProgress(headers={"Retry-After": "1"})
-            await asyncio.sleep(IDEMPOTENCY_POLL_S)
-
+        stored = await self._claims.claim(scope, idempotency_key, fingerprint)
+        if stored is not None:
+            return IntentResponse.model_validate(stored)
         # The vendor sees a key derived from the caller's, so a retry after a crash between
         # the vendor call and our bookkeeping still finds the same vendor object.
         vendor_key = hashlib.sha256(f"{scope}\0{idempotency_key}".encode()).hexdigest()[:40]
-        try:
+        # The claim is renewed while the providers are tried, however long that takes: a
+        # retry meanwhile waits (or hears 409) instead of creating a second payment.
+        async with self._claims.held(scope, idempotency_key):
             return await self._create(
                 body, plan, candidates, user, vendor_key, base_url, (scope, idempotency_key)
             )
-        except BaseException:
-            try:
-                await self._store.idempotency_abort(scope, idempotency_key)
-            except StoreUnavailable:
-                log.warning("idempotency.abort_failed", extra={"scope": scope})
-            raise
+
+    def _check_redirects(self, body: CreateIntentRequest, base_url: str) -> None:
+        """Customers are only ever sent back to hosts the operator listed (or the service's
+        own): anything else would make the checkout an open redirect."""
+        allowed = self._settings.redirect_hosts or {(urlsplit(base_url).hostname or "").lower()}
+        for name, url in (("return_url", body.return_url), ("cancel_url", body.cancel_url)):
+            if url is None:
+                continue
+            host = (url.host or "").lower()
+            if not any(
+                host == entry or (entry.startswith(".") and host.endswith(entry))
+                for entry in allowed
+            ):
+                raise RedirectNotAllowed(
+                    f"{name} must point to one of this service's hosts (RETURN_URL_HOSTS)",
+                    extra={"field": name},
+                )
 
     async def _create(
         self,
@@ -344,7 +350,7 @@ class PaymentService:
         if local_key is None:
             record = await self._visible(payment_id, user)
             if record.status is PaymentStatus.REFUNDED:
-                return self._response(record)  # nothing can change any more
+                return payment_response(record)  # nothing can change any more
             state = await self._guard.run(provider, partial(provider.verify_payment, payment_id))
         else:
             # The provider's record lives beside the payment: both in one round trip, and
@@ -352,10 +358,13 @@ class PaymentService:
             found, fields = await self._store.get_with_local_record(payment_id, local_key)
             record = _seen_by(found, payment_id, user)
             if record.status is PaymentStatus.REFUNDED:
-                return self._response(record)
+                return payment_response(record)
             state = provider.state_from_local_record(payment_id, fields)
         record = await self._apply(record, state, cause="verify")
-        return self._response(record)
+        if record.amount_pending_refund > 0:
+            await self._refunds.follow_pending(record, cause="verify")
+            record = await self._visible(payment_id, user)
+        return payment_response(record)
 
     async def _apply(
         self,
@@ -398,31 +407,28 @@ class PaymentService:
                 "The provider reports a different amount for this payment",
                 provider=record.provider,
             )
-        if event_id is None and _says_nothing_new(record, state):
+        # Refunds are records of their own, moved by the provider's word on each refund: a
+        # payment the provider calls (partially) refunded is, to the payment's own state, paid.
+        target = state.status
+        if target.is_paid:
+            target = record.status if record.status.is_paid else PaymentStatus.SUCCEEDED
+        if state.refunds:
+            await self._refunds.sync(record, state.refunds, cause=cause)
+            record = await self._store.get(record.payment_id) or record
+        if event_id is None and _says_nothing_new(record, state, target):
             # A verify of a payment already as the provider says: no write, no round trip.
             return record, TransitionOutcome.UNCHANGED
-        if state.status in _REFUND_STATES and not record.status.is_paid:
-            # The money was taken and (some) given back before we heard of the capture (a lost
-            # answer, events out of order): record the payment as paid first, so that the
-            # refund has a paid payment to apply to and the history says what happened.
-            await self._store.transition(
-                record.payment_id,
-                PaymentStatus.SUCCEEDED,
-                cause=cause,
-                fields={"capture_id": state.capture_id, "payment_method": state.payment_method},
-            )
         fields: dict[str, str | int | None] = {
             "capture_id": state.capture_id,
             "payment_method": state.payment_method,
-            "amount_refunded": state.amount_refunded or None,
         }
         result = await self._store.transition(
-            record.payment_id, state.status, cause=cause, event_id=event_id, fields=fields
+            record.payment_id, target, cause=cause, event_id=event_id, fields=fields
         )
         log_extra = {
             "payment_id": record.payment_id,
             "from": str(result.previous),
-            "to": str(state.status),
+            "to": str(target),
             "outcome": str(result.outcome),
             "cause": cause,
         }
@@ -447,12 +453,18 @@ class PaymentService:
         return settings.reconcile_schedule[0] if settings.reconcile_enabled else None
 
     async def reconcile_payment(self, record: PaymentRecord) -> PaymentRecord:
-        """What the reconciler does for one payment: ask its provider and apply the answer."""
-        if record.status is PaymentStatus.REFUNDED:
-            return record
-        provider = self.providers.for_payment_id(record.payment_id)
-        state = await self._guard.run(provider, partial(provider.verify_payment, record.payment_id))
-        return await self._apply(record, state, cause="reconcile")
+        """What the reconciler does for one payment: ask its provider and apply the answer,
+        then follow its refunds that are still pending."""
+        if record.status is not PaymentStatus.REFUNDED:
+            provider = self.providers.for_payment_id(record.payment_id)
+            state = await self._guard.run(
+                provider, partial(provider.verify_payment, record.payment_id)
+            )
+            record = await self._apply(record, state, cause="reconcile")
+        if record.amount_pending_refund > 0:
+            await self._refunds.follow_pending(record, cause="reconcile")
+            record = await self._store.get(record.payment_id) or record
+        return record
 
     async def _operate(
         self,
@@ -475,20 +487,6 @@ class PaymentService:
                     extra={"payment_id": record.payment_id, "code": error.code},
                 )
             raise
-
-    def _response(self, record: PaymentRecord) -> PaymentResponse:
-        return PaymentResponse(
-            payment_id=record.payment_id,
-            status=record.status,
-            plan=record.plan,
-            amount=record.amount,
-            currency=record.currency,
-            provider=record.provider,
-            amount_refunded=record.amount_refunded,
-            receipt_url=(
-                f"{API_PREFIX}/receipt/{record.payment_id}/pdf" if record.status.is_paid else None
-            ),
-        )
 
     async def history(self, payment_id: str, user: User) -> PaymentHistoryResponse:
         """Attempts and transitions, for the payment's owner or an admin."""
@@ -515,7 +513,7 @@ class PaymentService:
         provider = self.providers.for_payment_id(payment_id)
         record = await self._visible(payment_id, user)
         if record.status.is_paid:
-            return self._response(record)
+            return payment_response(record)
         if record.status in _FINAL_UNPAID:
             raise InvalidStateTransition(f"A {record.status} payment cannot be captured")
         state = await self._operate(
@@ -523,13 +521,13 @@ class PaymentService:
             partial(provider.capture, payment_id, idempotency_key=f"capture-{payment_id}"),
             record,
         )
-        return self._response(await self._apply(record, state, cause="api:capture"))
+        return payment_response(await self._apply(record, state, cause="api:capture"))
 
     async def cancel(self, payment_id: str, user: User | None) -> PaymentResponse:
         provider = self.providers.for_payment_id(payment_id)
         record = await self._visible(payment_id, user)
         if record.status is PaymentStatus.CANCELED:
-            return self._response(record)
+            return payment_response(record)
         if record.status.is_paid or record.status in _FINAL_UNPAID:
             raise InvalidStateTransition(f"A {record.status} payment cannot be canceled")
         state = await self._operate(
@@ -537,40 +535,25 @@ class PaymentService:
             partial(provider.cancel, payment_id, idempotency_key=f"cancel-{payment_id}"),
             record,
         )
-        return self._response(await self._apply(record, state, cause="api:cancel"))
+        return payment_response(await self._apply(record, state, cause="api:cancel"))
 
-    async def refund(self, payment_id: str, amount: int | None) -> PaymentResponse:
-        """Refund all that is left, or ``amount`` of it (admins only; the router checks)."""
-        provider = self.providers.for_payment_id(payment_id)
-        record = await self._store.get(payment_id)
-        if record is None:
-            raise PaymentNotFound(f"No payment {payment_id!r}")
-        if not record.status.is_paid:
-            raise InvalidStateTransition("Only a paid payment can be refunded")
-        remaining = record.amount - record.amount_refunded
-        amount = remaining if amount is None else amount
-        if remaining <= 0 or amount > remaining:
-            raise RefundExceedsBalance(f"{remaining} minor units are left to refund")
-        refund_call = partial(
-            provider.refund,
-            payment_id,
-            amount=amount,
-            currency=record.currency,
-            capture_id=record.capture_id,
-            # Same refund asked again (a retry) reaches the vendor with the same key.
-            idempotency_key=f"refund-{payment_id}-{record.amount_refunded}-{amount}",
+    async def refund(
+        self,
+        payment_id: str,
+        body: RefundRequest,
+        *,
+        user: User,
+        idempotency_key: str | None,
+    ) -> RefundAnswer:
+        """Refund all that is left, or ``body.amount`` of it (admins only; the router
+        checks). The answer carries the refund: final (200) or pending (202)."""
+        return await self._refunds.refund(
+            payment_id, body, user=user, idempotency_key=idempotency_key
         )
-        result = await self._operate(provider, refund_call, record)
-        if result.status == "failed":
-            raise ProviderUpstreamError("The provider refused the refund", provider=provider.name)
-        total = result.amount_refunded_total or record.amount_refunded + amount
-        status = (
-            PaymentStatus.REFUNDED if total >= record.amount else PaymentStatus.PARTIALLY_REFUNDED
-        )
-        state = PaymentState(payment_id=payment_id, status=status, amount_refunded=total)
-        return self._response(
-            await self._apply(record, state, cause=f"api:refund:{result.refund_id}")
-        )
+
+    async def refunds(self, payment_id: str, user: User) -> RefundListResponse:
+        """A payment's refunds, for its owner or an admin."""
+        return await self._refunds.list(await self._owned(payment_id, user))
 
     # -- webhooks --------------------------------------------------------------------------
 
@@ -578,11 +561,24 @@ class PaymentService:
         self, provider_name: str, body: bytes, headers: Mapping[str, str]
     ) -> WebhookAck:
         """Apply one provider event at most once. An event whose signature could not be
-        verified is never taken at its word: it only makes us ask the provider's API."""
+        verified is never taken at its word: it only makes us ask the provider's API, and
+        never marks a later delivery as a duplicate."""
         provider = self.providers.get_configured(provider_name)
-        event = await self._guard.run(provider, partial(provider.parse_webhook, body, headers))
+        # Checking a signature is our own work: no breaker may refuse it, and its outcome
+        # says nothing about the provider's health.
+        event = await self._guard.within_deadline(
+            provider, partial(provider.parse_webhook, body, headers)
+        )
+        return await self._apply_event(provider, event)
+
+    async def apply_provider_event(self, provider_name: str, event: WebhookEvent) -> None:
+        """An event from a provider that lives inside this service (see LocalEvents)."""
+        provider = self.providers.get_configured(provider_name)
+        await self._apply_event(provider, event)
+
+    async def _apply_event(self, provider: BasePaymentProvider, event: WebhookEvent) -> WebhookAck:
         record = await self._find_event_payment(provider, event)
-        if record is None or event.status is None:
+        if record is None or (event.status is None and event.refund is None):
             log.info(
                 "webhook.ignored",
                 extra={
@@ -593,24 +589,26 @@ class PaymentService:
                 },
             )
             return WebhookAck(event_id=event.event_id, outcome="ignored")
-        if event.verified:
-            state = PaymentState(
-                payment_id=record.payment_id,
-                status=event.status,
-                amount_refunded=event.amount_refunded or 0,
-                capture_id=event.capture_id,
-            )
+        # Only a verified event may make a later delivery of the same event a duplicate.
+        dedupe_id = f"{provider.name}:{event.event_id}" if event.verified else None
+        cause = f"webhook:{event.event_id}"
+        if event.refund is not None:
+            outcome = await self._apply_refund_event(provider, record, event, cause, dedupe_id)
         else:
-            state = await self._guard.run(
-                provider, partial(provider.verify_payment, record.payment_id)
+            if event.verified and event.status is not None:
+                state = PaymentState(
+                    payment_id=record.payment_id,
+                    status=event.status,
+                    capture_id=event.capture_id,
+                )
+            else:
+                state = await self._guard.run(
+                    provider, partial(provider.verify_payment, record.payment_id)
+                )
+            _, result = await self._apply_with_outcome(
+                record, state, cause=cause, event_id=dedupe_id
             )
-        _, result = await self._apply_with_outcome(
-            record,
-            state,
-            cause=f"webhook:{event.event_id}",
-            event_id=f"{provider.name}:{event.event_id}",
-        )
-        outcome = str(result)
+            outcome = str(result)
         log.info(
             "webhook.processed",
             extra={
@@ -623,6 +621,24 @@ class PaymentService:
             },
         )
         return WebhookAck(event_id=event.event_id, outcome=outcome)
+
+    async def _apply_refund_event(
+        self,
+        provider: BasePaymentProvider,
+        record: PaymentRecord,
+        event: WebhookEvent,
+        cause: str,
+        dedupe_id: str | None,
+    ) -> str:
+        refund = event.refund
+        assert refund is not None
+        if not event.verified:
+            refund = await self._guard.run(
+                provider,
+                partial(provider.get_refund, record.payment_id, refund.provider_refund_id),
+            )
+        applied = await self._refunds.apply(record, refund, cause=cause, event_id=dedupe_id)
+        return str(applied.outcome)
 
     async def _find_event_payment(
         self, provider: BasePaymentProvider, event: WebhookEvent
@@ -736,15 +752,13 @@ class PaymentService:
 
 
 _FINAL_UNPAID = frozenset({PaymentStatus.FAILED, PaymentStatus.CANCELED, PaymentStatus.EXPIRED})
-_REFUND_STATES = frozenset({PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED})
 
 
-def _says_nothing_new(record: PaymentRecord, state: PaymentState) -> bool:
+def _says_nothing_new(record: PaymentRecord, state: PaymentState, target: PaymentStatus) -> bool:
     return (
-        state.status is record.status
+        target is record.status
         and state.capture_id in (None, record.capture_id)
         and state.payment_method in (None, record.payment_method)
-        and state.amount_refunded <= record.amount_refunded
     )
 
 
@@ -763,7 +777,3 @@ def _may_see(record: PaymentRecord, user: User | None) -> bool:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
-
-
-def _fingerprint(fields: Mapping[str, object]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

@@ -19,7 +19,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import StoreUnavailable
-from models.payment import HistoryEntry, PaymentRecord, PaymentStatus
+from models.payment import (
+    HistoryEntry,
+    PaymentRecord,
+    PaymentStatus,
+    RefundHistoryEntry,
+    RefundRecord,
+    RefundStatus,
+)
 from services.payment_providers.base import LocalRecord
 from services.redis_wire import Command, RedisWire, as_dict, eval_command
 
@@ -39,10 +46,29 @@ TRANSITIONS: Mapping[PaymentStatus, frozenset[PaymentStatus]] = {
     S.FAILED: frozenset({S.SUCCEEDED}),
     S.CANCELED: frozenset({S.SUCCEEDED}),
     S.EXPIRED: frozenset({S.SUCCEEDED}),
+    # Refunded states follow the payment's succeeded refunds, set by the refund script only.
     S.SUCCEEDED: frozenset({S.PARTIALLY_REFUNDED, S.REFUNDED}),
-    S.PARTIALLY_REFUNDED: frozenset({S.PARTIALLY_REFUNDED, S.REFUNDED}),
+    S.PARTIALLY_REFUNDED: frozenset({S.REFUNDED}),
     S.REFUNDED: frozenset(),
 }
+
+
+REFUND_TRANSITIONS: Mapping[RefundStatus, frozenset[RefundStatus]] = {
+    RefundStatus.PENDING: frozenset(
+        {RefundStatus.SUCCEEDED, RefundStatus.FAILED, RefundStatus.CANCELED}
+    ),
+    RefundStatus.SUCCEEDED: frozenset({RefundStatus.FAILED}),
+    RefundStatus.FAILED: frozenset(),
+    RefundStatus.CANCELED: frozenset(),
+}
+
+
+def _lua_refund_table() -> str:
+    rows = []
+    for source, targets in REFUND_TRANSITIONS.items():
+        allowed = ", ".join(f'["{target}"]=true' for target in sorted(targets))
+        rows.append(f'["{source}"]={{{allowed}}}')
+    return "{" + ", ".join(rows) + "}"
 
 
 def _lua_transition_table() -> str:
@@ -55,7 +81,7 @@ def _lua_transition_table() -> str:
 
 # KEYS: payment hash, history list, applied-events set.
 # ARGV: new status, history entry JSON, event id ('' for none), now (ISO), then field/value pairs
-# to record with the change. amount_refunded only ever grows.
+# to record with the change.
 _TRANSITION_LUA = (
     "local allowed = "
     + _lua_transition_table()
@@ -67,32 +93,16 @@ if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then
 end
 local target = ARGV[1]
 local outcome
-if target == current and target ~= 'partially_refunded' then
+if target == current then
   outcome = 'unchanged'
 elseif allowed[current] and allowed[current][target] then
   outcome = 'applied'
 else
   outcome = 'rejected'
 end
-if outcome == 'applied' and target == 'partially_refunded' and current == target then
-  -- A second partial refund is a change only when more money went back.
-  local known = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
-  outcome = 'unchanged'
-  for i = 5, #ARGV, 2 do
-    if ARGV[i] == 'amount_refunded' and tonumber(ARGV[i + 1]) > known then outcome = 'applied' end
-  end
-end
 if ARGV[3] ~= '' then redis.call('SADD', KEYS[3], ARGV[3]) end
 if outcome == 'rejected' then return {outcome, current, redis.call('HGETALL', KEYS[1])} end
-for i = 5, #ARGV, 2 do
-  local field, value = ARGV[i], ARGV[i + 1]
-  if field == 'amount_refunded' then
-    local known = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-    if tonumber(value) > known then redis.call('HSET', KEYS[1], field, value) end
-  else
-    redis.call('HSET', KEYS[1], field, value)
-  end
-end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if outcome == 'applied' then
   redis.call('HSET', KEYS[1], 'status', target, 'updated_at', ARGV[4])
   if target == 'succeeded' then redis.call('HSETNX', KEYS[1], 'paid_at', ARGV[4]) end
@@ -155,6 +165,144 @@ if found[2] == 'pending' then return {'pending', ''} end
 return {'done', found[3]}
 """
 
+# KEYS: payment hash, refunds hash, the refund's history list.
+# ARGV: refund id, amount ('' for all that is left), the refund record (JSON, amount to fill
+# in), its first history entry (JSON). Reserves the amount against what may still be refunded:
+# succeeded and pending refunds both count, so two refunds in flight never exceed the payment.
+_REFUND_BEGIN_LUA = """
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing then return {'exists', existing} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', ''} end
+if status ~= 'succeeded' and status ~= 'partially_refunded' and status ~= 'refunded' then
+  return {'unpaid', status}
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+local refunded = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
+local pending = tonumber(redis.call('HGET', KEYS[1], 'amount_pending_refund') or '0')
+local left = total - refunded - pending
+local amount = left
+if ARGV[2] ~= '' then amount = tonumber(ARGV[2]) end
+if left <= 0 or amount > left then return {'exceeds', tostring(left)} end
+local record = cjson.decode(ARGV[3])
+record['amount'] = amount
+local encoded = cjson.encode(record)
+redis.call('HSET', KEYS[2], ARGV[1], encoded)
+redis.call('HINCRBY', KEYS[1], 'amount_pending_refund', amount)
+redis.call('RPUSH', KEYS[3], ARGV[4])
+return {'created', encoded}
+"""
+
+# KEYS: payment hash, refunds hash, provider refund id -> ours hash, the refund's history,
+# the payment's history, applied-events set.
+# ARGV: refund id, provider refund id ('' if not known), new status, refund history entry
+# (JSON), now (ISO), event id ('' for none), failure code ('' for none), payment history entry
+# (JSON), a record to adopt when we have none ('' not to: a refund made at the provider
+# directly, counted from pending like ours).
+# A refund moves pending -> succeeded | failed | canceled, and succeeded -> failed (a vendor
+# may fail a refund it had called succeeded). The payment's sums move with it, and its status
+# follows its succeeded refunds, forwards only: a failed refund gives the balance back but
+# never moves a payment backwards.
+_REFUND_APPLY_LUA = (
+    "local allowed = "
+    + _lua_refund_table()
+    + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing', '', ''} end
+if ARGV[6] ~= '' and redis.call('SISMEMBER', KEYS[6], ARGV[6]) == 1 then
+  return {'duplicate', redis.call('HGET', KEYS[2], ARGV[1]) or '', ''}
+end
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+local record
+if raw then
+  record = cjson.decode(raw)
+elseif ARGV[9] ~= '' then
+  record = cjson.decode(ARGV[9])
+  record['status'] = 'pending'
+  redis.call('HINCRBY', KEYS[1], 'amount_pending_refund', record['amount'])
+  local first = cjson.decode(ARGV[4])
+  first['status'] = 'pending'
+  redis.call('RPUSH', KEYS[4], cjson.encode(first))
+else
+  return {'unknown', '', ''}
+end
+if ARGV[6] ~= '' then redis.call('SADD', KEYS[6], ARGV[6]) end
+local changed = raw == nil or raw == false
+if ARGV[2] ~= '' and record['provider_refund_id'] ~= ARGV[2] then
+  record['provider_refund_id'] = ARGV[2]
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
+  changed = true
+end
+local from = record['status']
+local to = ARGV[3]
+local outcome
+if from == to then
+  outcome = 'unchanged'
+elseif allowed[from] and allowed[from][to] then
+  outcome = 'applied'
+else
+  outcome = 'rejected'
+end
+if outcome == 'applied' then
+  local amount = tonumber(record['amount'])
+  if from == 'pending' then redis.call('HINCRBY', KEYS[1], 'amount_pending_refund', -amount) end
+  if to == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'amount_refunded', amount) end
+  if from == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'amount_refunded', -amount) end
+  record['status'] = to
+  record['updated_at'] = ARGV[5]
+  if ARGV[7] ~= '' then record['failure_code'] = ARGV[7] end
+  local entry = cjson.decode(ARGV[4])
+  entry['previous'] = from
+  redis.call('RPUSH', KEYS[4], cjson.encode(entry))
+  changed = true
+  local refunded = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
+  local total = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+  local target = nil
+  if refunded >= total then
+    target = 'refunded'
+  elseif refunded > 0 then
+    target = 'partially_refunded'
+  end
+  local forwards = current == 'succeeded'
+    or (current == 'partially_refunded' and target == 'refunded')
+  if target and forwards then
+    redis.call('HSET', KEYS[1], 'status', target, 'updated_at', ARGV[5])
+    local moved = cjson.decode(ARGV[8])
+    moved['status'] = target
+    moved['previous'] = current
+    redis.call('RPUSH', KEYS[5], cjson.encode(moved))
+  end
+end
+local encoded = cjson.encode(record)
+if changed then redis.call('HSET', KEYS[2], ARGV[1], encoded) end
+return {outcome, encoded, from}
+"""
+)
+
+# KEYS: payment hash, refunds hash, the refund's history. ARGV: refund id.
+# Forgets a refund that never reached the provider (or that the provider refused outright):
+# it is pending, the provider has no id for it, and its amount is given back to the balance.
+_REFUND_DISCARD_LUA = """
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return 0 end
+local record = cjson.decode(raw)
+if record['status'] ~= 'pending' or type(record['provider_refund_id']) == 'string' then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'amount_pending_refund', -tonumber(record['amount']))
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: idempotency hash. ARGV: lease in ms. Extends an in-progress claim, and only that.
+_IDEMPOTENCY_RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 # KEYS: counter. ARGV: window in ms. Fixed window: the first hit of a window sets its expiry.
 _RATE_LIMIT_LUA = """
 local hits = redis.call('INCR', KEYS[1])
@@ -213,6 +361,28 @@ class TransitionResult:
     record: PaymentRecord | None = None  # the payment after the transition
 
 
+class RefundBeginOutcome(StrEnum):
+    CREATED = "created"  # reserved: now ask the provider
+    EXISTS = "exists"  # a refund with this id was asked for before
+    EXCEEDS = "exceeds"  # more than is left once succeeded and pending refunds count
+    UNPAID = "unpaid"  # the payment has not been paid (or is gone from paid)
+    MISSING = "missing"  # no such payment
+
+
+@dataclass(frozen=True, slots=True)
+class RefundBegin:
+    outcome: RefundBeginOutcome
+    refund: RefundRecord | None = None
+    left: int | None = None  # with EXCEEDS: what may still be refunded
+
+
+@dataclass(frozen=True, slots=True)
+class RefundApplied:
+    outcome: TransitionOutcome  # applied | unchanged | rejected | duplicate | missing
+    refund: RefundRecord | None
+    previous: RefundStatus | None = None
+
+
 class IdempotencyState(StrEnum):
     NEW = "new"
     PENDING = "pending"
@@ -261,6 +431,10 @@ class PaymentStore:
         self._prefix = prefix
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._reconcile_claim = redis.register_script(_RECONCILE_CLAIM_LUA)
+        self._refund_begin = redis.register_script(_REFUND_BEGIN_LUA)
+        self._refund_apply = redis.register_script(_REFUND_APPLY_LUA)
+        self._refund_discard = redis.register_script(_REFUND_DISCARD_LUA)
+        self._idempotency_renew = redis.register_script(_IDEMPOTENCY_RENEW_LUA)
         recon = f"{prefix}{{recon}}"
         self._recon_queue, self._recon_steps = f"{recon}:queue", f"{recon}:steps"
         self.reconcile_stats_key = f"{recon}:stats"
@@ -429,6 +603,142 @@ class PaymentStore:
             record=_record_from_fields(stored) if stored else None,
         )
 
+    # -- refunds ---------------------------------------------------------------------------
+
+    def _refund_keys(self, payment_id: str, refund_id: str) -> tuple[str, str, str]:
+        """The payment's refunds (refund id -> record JSON), the provider's refund ids
+        (theirs -> ours), and this refund's history: all in the payment's slot."""
+        base = self._payment_key(payment_id)
+        return f"{base}:refunds", f"{base}:refund-ids", f"{base}:refund:{refund_id}:history"
+
+    async def begin_refund(
+        self,
+        payment_id: str,
+        *,
+        refund_id: str,
+        provider: str,
+        amount: int | None,
+        currency: str,
+        reason: str | None,
+        cause: str,
+    ) -> RefundBegin:
+        """Record a pending refund of ``amount`` (None: all that is left) and reserve it
+        against the balance, atomically; or find the refund already asked for under
+        ``refund_id``."""
+        now = _now()
+        refunds, _, history = self._refund_keys(payment_id, refund_id)
+        template = {
+            "refund_id": refund_id,
+            "payment_id": payment_id,
+            "provider": provider,
+            "provider_refund_id": None,
+            "currency": currency,
+            "status": str(RefundStatus.PENDING),
+            "reason": reason,
+            "failure_code": None,
+            "created_at": now.isoformat(),
+            "updated_at": now.isoformat(),
+        }
+        entry = RefundHistoryEntry(at=now, status=RefundStatus.PENDING, cause=cause)
+        async with store_errors():
+            outcome, raw = await self._refund_begin(
+                keys=[self._payment_key(payment_id), refunds, history],
+                args=[
+                    refund_id,
+                    "" if amount is None else str(amount),
+                    json.dumps(template),
+                    entry.model_dump_json(),
+                ],
+            )
+        result = RefundBeginOutcome(outcome)
+        if result in (RefundBeginOutcome.CREATED, RefundBeginOutcome.EXISTS):
+            return RefundBegin(result, refund=RefundRecord.model_validate_json(raw))
+        if result is RefundBeginOutcome.EXCEEDS:
+            return RefundBegin(result, left=max(0, int(raw)))
+        return RefundBegin(result)
+
+    async def apply_refund(
+        self,
+        payment_id: str,
+        *,
+        status: RefundStatus,
+        cause: str,
+        refund_id: str | None = None,
+        provider_refund_id: str | None = None,
+        failure_code: str | None = None,
+        event_id: str | None = None,
+        adopt: RefundRecord | None = None,
+    ) -> RefundApplied:
+        """Move one refund to what the provider says, with the payment's sums and status.
+
+        The refund is ours (``refund_id``) or found by the provider's id. A refund we have no
+        record of is ``adopt``ed when given (one made at the provider directly); otherwise the
+        outcome is MISSING. ``event_id`` applies the change at most once for that event."""
+        refunds, by_provider, _ = self._refund_keys(payment_id, "")
+        if refund_id is None and provider_refund_id is not None:
+            async with store_errors():
+                found = await self._redis.hget(by_provider, provider_refund_id)
+            refund_id = str(found) if found else (adopt.refund_id if adopt else None)
+        if refund_id is None:
+            return RefundApplied(TransitionOutcome.MISSING, None)
+        now = _now()
+        _, _, history = self._refund_keys(payment_id, refund_id)
+        payment_key = self._payment_key(payment_id)
+        entry = RefundHistoryEntry(at=now, status=status, cause=cause)
+        moved = HistoryEntry(at=now, status=PaymentStatus.SUCCEEDED, cause=cause)
+        async with store_errors():
+            outcome, raw, previous = await self._refund_apply(
+                keys=[
+                    payment_key,
+                    refunds,
+                    by_provider,
+                    history,
+                    f"{payment_key}:history",
+                    f"{payment_key}:events",
+                ],
+                args=[
+                    refund_id,
+                    provider_refund_id or "",
+                    str(status),
+                    entry.model_dump_json(),
+                    now.isoformat(),
+                    event_id or "",
+                    failure_code or "",
+                    moved.model_dump_json(),
+                    adopt.model_dump_json() if adopt is not None else "",
+                ],
+            )
+        if outcome == "unknown":
+            return RefundApplied(TransitionOutcome.MISSING, None)
+        return RefundApplied(
+            TransitionOutcome(outcome),
+            RefundRecord.model_validate_json(raw) if raw else None,
+            RefundStatus(previous) if previous else None,
+        )
+
+    async def discard_refund(self, payment_id: str, refund_id: str) -> bool:
+        """Forget a pending refund the provider never made, giving its amount back."""
+        refunds, _, history = self._refund_keys(payment_id, refund_id)
+        async with store_errors():
+            done = await self._refund_discard(
+                keys=[self._payment_key(payment_id), refunds, history], args=[refund_id]
+            )
+        return bool(done)
+
+    async def refunds(self, payment_id: str) -> list[RefundRecord]:
+        """The payment's refunds, oldest first."""
+        refunds, _, _ = self._refund_keys(payment_id, "")
+        async with store_errors():
+            raw = await self._redis.hvals(refunds)
+        records = [RefundRecord.model_validate_json(item) for item in raw]
+        return sorted(records, key=lambda record: (record.created_at, record.refund_id))
+
+    async def refund_history(self, payment_id: str, refund_id: str) -> list[RefundHistoryEntry]:
+        _, _, history = self._refund_keys(payment_id, refund_id)
+        async with store_errors():
+            entries = await self._redis.lrange(history, 0, -1)
+        return [RefundHistoryEntry.model_validate_json(entry) for entry in entries]
+
     # -- idempotency -----------------------------------------------------------------------
 
     def _idempotency_key(self, scope: str, key: str) -> str:
@@ -461,6 +771,15 @@ class PaymentStore:
     async def idempotency_complete(self, answer: IdempotencyAnswer) -> None:
         async with store_errors():
             await self._wire.execute(self._idempotency_answer_command(answer))
+
+    async def idempotency_renew(self, scope: str, key: str, *, lease_ms: int) -> bool:
+        """Extend an in-progress claim by ``lease_ms``; False when it is no longer ours to
+        extend (answered, or expired)."""
+        async with store_errors():
+            renewed = await self._idempotency_renew(
+                keys=[self._idempotency_key(scope, key)], args=[lease_ms]
+            )
+        return bool(renewed)
 
     async def idempotency_abort(self, scope: str, key: str) -> None:
         async with store_errors():

@@ -1,19 +1,24 @@
-"""Reconciliation: payments left open, or after an operation whose outcome is unknown, are
-verified again with the provider on a growing schedule, so that a lost webhook or a crashed
-request never leaves a payment wrong for long.
+"""Reconciliation: payments left open, with refunds still pending, or after an operation whose
+outcome is unknown, are verified again with the provider on a growing schedule, so that a
+lost webhook or a crashed request never leaves a payment wrong for long.
 
 Every worker runs a ``Reconciler``; only the one holding the leader lock (a Redis key with a
 short expiry that its holder keeps renewing) does the work, so the providers see one
 verification per payment and step, however many workers there are. Due payments are leased,
 not removed, while they are checked: a leader that dies mid-batch leaves them to its successor.
+A batch of slow provider calls can outlast the lock's lease, so the leader keeps renewing it
+while a batch runs; if it finds the lock held by another worker all the same, it stops after
+the payment in hand and leaves the rest leased, for whoever leads once their lease is over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -61,6 +66,8 @@ class ReconcileRun:
     gave_up: int = 0
     errors: int = 0
     payments: dict[str, str] = field(default_factory=dict)
+    # Another worker took the leader lock mid-batch: the payments left were not checked.
+    lost_lead: bool = False
 
 
 class Reconciler:
@@ -73,6 +80,7 @@ class Reconciler:
         schedule_s: list[float],
         interval_s: float,
         batch: int,
+        lease_s: float | None = None,
     ) -> None:
         self._service = service
         self._store = store
@@ -81,7 +89,7 @@ class Reconciler:
         self._interval_s = interval_s
         self._batch = batch
         # The lock outlives a few missed ticks, not a dead worker: another takes over soon.
-        self._lease_ms = int(max(interval_s * 3, 2.0) * 1000)
+        self._lease_ms = int((lease_s or max(interval_s * 3, 2.0)) * 1000)
         self._token = secrets.token_hex(8)
         self._lead = redis.register_script(_LEAD_LUA)
         self._resign = redis.register_script(_RESIGN_LUA)
@@ -133,11 +141,47 @@ class Reconciler:
         # A lease long enough for the batch's provider calls, each bounded by its deadline.
         lease_s = max(self._interval_s * 4, 60.0)
         due = await self._store.claim_due_reconciles(lease_s=lease_s, limit=self._batch)
-        for payment_id, step in due:
-            await self._reconcile(payment_id, step, run)
-        if due:
-            await self._record(run, time.perf_counter() - started)
+        if not due:
+            return run
+        async with self._keeping_lead() as lost:
+            for index, (payment_id, step) in enumerate(due):
+                if lost.is_set():
+                    run.lost_lead = True
+                    log.warning("reconcile.lost_lead", extra={"left": len(due) - index})
+                    break
+                await self._reconcile(payment_id, step, run)
+        await self._record(run, time.perf_counter() - started)
         return run
+
+    @contextlib.asynccontextmanager
+    async def _keeping_lead(self) -> AsyncIterator[asyncio.Event]:
+        """Renew the leader lock in the background while a batch runs: a batch of provider
+        calls, each allowed up to the provider deadline, can outlast the lease. The event is
+        set once a renewal finds the lock held by another worker."""
+        lost, done = asyncio.Event(), asyncio.Event()
+
+        async def renew() -> None:
+            while True:
+                try:
+                    await asyncio.wait_for(done.wait(), timeout=self._lease_ms / 3000)
+                    return  # the batch is over
+                except TimeoutError:
+                    pass  # time to renew
+                try:
+                    if not await self.is_leader():
+                        lost.set()
+                        return
+                except ServiceError:
+                    pass  # Redis away: try again at the next tick
+
+        # Stopped by an event, not by a cancel: redis-py (8.2) swallows a cancel that lands
+        # while a call connects, and the task would renew on.
+        renewing = asyncio.create_task(renew(), name="reconciler-lead")
+        try:
+            yield lost
+        finally:
+            done.set()
+            await renewing
 
     async def _reconcile(self, payment_id: str, step: int, run: ReconcileRun) -> None:
         run.checked += 1
@@ -170,7 +214,7 @@ class Reconciler:
                 },
             )
         run.payments[payment_id] = str(after.status)
-        if after.status not in OPEN_STATUSES:
+        if after.status not in OPEN_STATUSES and after.amount_pending_refund <= 0:
             run.settled += 1
             await self._store.finish_reconcile(payment_id)
         elif step + 1 < len(self._schedule):

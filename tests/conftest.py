@@ -143,6 +143,8 @@ def make_settings(redis_url: str, receipts_dir: Path, **overrides: Any) -> Setti
         "receipts_dir": receipts_dir,
         "receipt_warm_up": False,
         "redis_timeout_seconds": 1.0,
+        # Where the tests' return and cancel URLs point (the shop, not this service).
+        "return_url_hosts": ["shop.example"],
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

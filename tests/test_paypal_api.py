@@ -419,7 +419,8 @@ class TestWebhooks:
         assert (await refund(client, payment_id, admin)).json()["status"] == "refunded"
         # Delivered only now, after the full refund: it must not undo it.
         assert (await deliver(client, fake, partial)).json()["outcome"] != "applied"
-        assert (await deliver(client, fake, completed)).json()["outcome"] == "rejected"
+        # "Paid" is what a refunded payment still is: nothing new, and nothing undone.
+        assert (await deliver(client, fake, completed)).json()["outcome"] == "unchanged"
         assert (await deliver(client, fake, approved)).json()["outcome"] == "duplicate"
         record = await stored(app, payment_id)
         assert (record.status, record.amount_refunded) == ("refunded", 2900)

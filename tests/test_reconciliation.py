@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from pypdf import PdfReader
 
 from app.main import create_app
-from services.reconciler import ReconcileRun
+from services.reconciler import Reconciler, ReconcileRun
 from tests.conftest import (
     STRIPE_SECRET_KEY,
     RedisServer,
@@ -204,6 +205,111 @@ class TestLeader:
             assert await redis.get(leader_key) == app.state.reconciler.worker_id
 
 
+def worker_reconciler(app: Any, *, lease_s: float) -> Reconciler:
+    """One more worker's reconciler on the app's Redis, with a leader lease this short."""
+    settings = app.state.settings
+    return Reconciler(
+        app.state.service,
+        app.state.store,
+        app.state.store._redis,
+        schedule_s=settings.reconcile_schedule,
+        interval_s=settings.reconcile_interval_seconds,
+        batch=settings.reconcile_batch,
+        lease_s=lease_s,
+    )
+
+
+class TestLeaderLockDuringABatch:
+    """A batch of slow provider calls lasts longer than the leader's lease: Stripe hangs on
+    every verification until the deadline (0.4 s each), and the lease is 0.3 s."""
+
+    LEASE_S = 0.3
+
+    @pytest.fixture
+    def settings_overrides(self, stripe_server: FakeStripe) -> dict[str, Any]:
+        stripe_server.reset()
+        return {
+            **FAST,
+            # Only the reconcilers the tests build run, each with the short lease.
+            "reconcile_enabled": False,
+            "stripe_secret_key": STRIPE_SECRET_KEY,
+            "stripe_publishable_key": "pk_test_reconcile",
+            "stripe_api_base": stripe_server.url,
+            "provider_timeout_seconds": 0.2,
+            "provider_deadline_seconds": 0.4,
+        }
+
+    @pytest.fixture
+    async def due(
+        self, app: Any, client: httpx.AsyncClient, stripe_server: FakeStripe
+    ) -> AsyncIterator[list[str]]:
+        """Three Stripe payments due for a check, and a Stripe that hangs on each one."""
+        payments = [
+            (await create_payment(client, provider="stripe", ui_mode="embedded"))["payment_id"]
+            for _ in range(3)
+        ]
+        for payment_id in payments:
+            await app.state.store.schedule_reconcile(payment_id, after_s=0)
+        stripe_server.fail_next("hang", times=100, path_prefix="/v1/payment_intents/")
+        try:
+            yield payments
+        finally:
+            stripe_server.release_hangs()
+
+    @staticmethod
+    def verified(stripe_server: FakeStripe) -> set[str]:
+        """The payments Stripe was asked about (an embedded payment's ID is its intent's)."""
+        return {
+            r.path.rsplit("/", 1)[1]
+            for r in list(stripe_server.requests)
+            if r.method.upper() == "GET" and r.path.startswith("/v1/payment_intents/")
+        }
+
+    async def test_the_leader_keeps_its_lock_for_the_whole_batch(
+        self, app: Any, due: list[str]
+    ) -> None:
+        leader = worker_reconciler(app, lease_s=self.LEASE_S)
+        other = worker_reconciler(app, lease_s=self.LEASE_S)
+        batch = asyncio.create_task(leader.run_once())
+        await asyncio.sleep(0.01)
+        others_turns = []
+        while not batch.done():
+            others_turns.append((await other.run_once()).leader)
+            await asyncio.sleep(0.05)
+        run = await batch
+
+        assert run.leader and sorted(run.payments) == sorted(due)
+        assert len(others_turns) > 10 and not any(others_turns)
+        assert await app.state.store._redis.get(app.state.store.reconcile_leader_key) == (
+            leader.worker_id
+        )
+
+    async def test_a_leader_that_lost_its_lock_stops_after_the_current_payment(
+        self, app: Any, due: list[str], stripe_server: FakeStripe
+    ) -> None:
+        leader = worker_reconciler(app, lease_s=self.LEASE_S)
+        batch = asyncio.create_task(leader.run_once())
+        async with asyncio.timeout(2):
+            while True:  # until the first verification reaches Stripe (and hangs there)
+                if self.verified(stripe_server):
+                    break
+                await asyncio.sleep(0.01)
+        # Mid-call, another worker holds the lock (the leader's renewals did not reach Redis
+        # in time, say).
+        await app.state.store._redis.set(
+            app.state.store.reconcile_leader_key, "another-worker", px=60_000
+        )
+        run = await batch
+
+        assert run.leader and run.lost_lead
+        assert len(run.payments) == 1
+        assert self.verified(stripe_server) == set(run.payments)
+        # The two left are still leased to the batch: they come due again after the lease.
+        for payment_id in set(due) - set(run.payments):
+            due_at = await app.state.store.reconcile_due_at(payment_id)
+            assert due_at is not None and due_at - time.time() > 30
+
+
 class TestUnknownOutcome:
     @pytest.fixture
     def settings_overrides(self, stripe_server: FakeStripe) -> dict[str, Any]:
@@ -243,11 +349,19 @@ class TestUnknownOutcome:
             stripe_server.release_hangs()
         assert_problem(refused, 503, "provider_unavailable")
         assert (await app.state.reconciler.stats())["queued"] == 1
+        # Nobody knows whether Stripe made it: the refund stays pending, its amount reserved.
+        refunds = await client.get(
+            f"/api/v1/payment/{payment_id}/refunds", headers=bearer(admin)
+        )
+        assert refunds.json()["amount_pending_refund"] == 1900
+        assert refunds.json()["refunds"][0]["status"] == "pending"
 
+        stripe_server.clear_faults()
         run = await run_until(app, payment_id)
-        # Stripe says it is still paid and unrefunded: that is what we keep, and we stop.
-        assert run.payments[payment_id] == "succeeded" and run.settled == 1
+        # The reconciler asked Stripe again under the same refund id: refunded, once.
+        assert run.payments[payment_id] == "refunded" and run.settled == 1
         assert (await app.state.reconciler.stats())["queued"] == 0
+        assert len(stripe_server.refunds) == 1
 
     async def test_a_provider_outage_keeps_the_payment_queued(
         self, client: httpx.AsyncClient, app: Any, stripe_server: FakeStripe

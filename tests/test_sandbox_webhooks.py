@@ -160,7 +160,7 @@ class TestPushedWebhooks:
         assert [(d["type"], d["status"]) for d in log] == [
             ("payment.authorized", 200),
             ("payment.succeeded", 200),
-            ("payment.partially_refunded", 200),
+            ("refund.succeeded", 200),
         ]
         # Capture and refund are applied by whichever comes first, the API call or its event
         # (the push races the answer); the other finds nothing left to change, and a capture
@@ -175,6 +175,36 @@ class TestPushedWebhooks:
             "succeeded",
             "partially_refunded",
         ]
+
+    @pytest.mark.parametrize("ending", ["succeeded", "failed"])
+    async def test_a_pending_refund_settles_by_webhook(
+        self, live: httpx.AsyncClient, app: Any, token: Any, ending: str
+    ) -> None:
+        payment_id = await create(
+            live,
+            {"webhooks": True, "refund": f"pending_then_{ending}", "refund_settle_ms": 200},
+        )
+        await settle(live, payment_id)
+        await reaches(app, payment_id, "succeeded")
+        refunded = await live.post(
+            f"/api/v1/payment/{payment_id}/refund",
+            json={"amount": 2900},
+            headers=bearer(token("root", admin=True)),
+        )
+        assert refunded.status_code == 202, refunded.text
+        log = await deliveries(app, payment_id, 3)
+        assert [d["type"] for d in log] == [
+            "payment.succeeded",
+            "refund.pending",
+            f"refund.{ending}",
+        ]
+        assert log[2]["outcome"] == "applied"
+        record = await app.state.store.get(payment_id)
+        assert record.amount_pending_refund == 0
+        if ending == "succeeded":
+            assert (record.status, record.amount_refunded) == ("refunded", 2900)
+        else:
+            assert (record.status, record.amount_refunded) == ("succeeded", 0)
 
     async def test_without_webhooks_the_checkout_tells_the_service_directly(
         self, live: httpx.AsyncClient, app: Any

@@ -320,12 +320,22 @@ class TestWebhooks:
         intent_id = fake_stripe.sessions[payment_id]["payment_intent"]
         await refund_in_dashboard(fake_stripe, intent_id, 500)
 
-        # The charge names only the intent; the service finds its session by our reference.
-        response = await deliver(client, fake_stripe.last_event("charge.refunded"))
+        # The refund names only the intent; the service finds its session by our reference,
+        # and keeps the refund as a record of its own.
+        response = await deliver(client, fake_stripe.last_event("refund.created"))
 
         assert response.json()["outcome"] == "applied", response.text
         record = await app.state.store.get(payment_id)
         assert (record.status, record.amount_refunded) == ("partially_refunded", 500)
+        [adopted] = await app.state.store.refunds(payment_id)
+        assert (adopted.amount, adopted.status) == (500, "succeeded")
+        assert (
+            adopted.provider_refund_id
+            == fake_stripe.last_event("refund.created")["data"]["object"]["id"]
+        )
+        # charge.refunded says nothing the refund events do not: acknowledged, not applied.
+        charge_event = await deliver(client, fake_stripe.last_event("charge.refunded"))
+        assert charge_event.json()["outcome"] == "ignored"
 
     async def test_a_duplicate_delivery_applies_once(
         self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
@@ -460,14 +470,16 @@ class TestRefunds:
         payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
         await refund(client, payment_id, admin, 900)
         await refund(client, payment_id, admin)
-        partial_event, full_event = fake_stripe.events_of("charge.refunded")
+        partial_event, full_event = fake_stripe.events_of("refund.created")
 
-        assert (await deliver(client, full_event)).status_code == 200
+        # Each event names its own refund, already known from the API's answer.
+        assert (await deliver(client, full_event)).json()["outcome"] == "unchanged"
         late = await deliver(client, partial_event)
 
-        assert late.json()["outcome"] == "rejected"
+        assert late.json()["outcome"] == "unchanged"
         record = await app.state.store.get(payment_id)
         assert (record.status, record.amount_refunded) == ("refunded", PRO_PRICE)
+        assert len(await app.state.store.refunds(payment_id)) == 2
 
     async def test_an_older_partial_refund_event_never_lowers_the_refunded_sum(
         self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
@@ -476,7 +488,7 @@ class TestRefunds:
         payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
         await refund(client, payment_id, admin, 500)
         await refund(client, payment_id, admin, 900)
-        older, _ = fake_stripe.events_of("charge.refunded")
+        older, _ = fake_stripe.events_of("refund.created")
 
         late = await deliver(client, older)
 
@@ -680,3 +692,64 @@ class TestNoWebhookSecret:
             response = await client.post(WEBHOOK, content=body, headers=headers)
             assert_problem(response, 400, "invalid_signature")
         assert await stored_status(app, payment["payment_id"]) == "pending"
+
+
+class TestPendingRefunds:
+    """Refunds Stripe makes asynchronously: pending first, refund.updated or refund.failed
+    later."""
+
+    @pytest.mark.parametrize("succeed", [True, False])
+    async def test_a_pending_refund_waits_for_its_event(
+        self,
+        client: httpx.AsyncClient,
+        fake_stripe: FakeStripe,
+        app: Any,
+        token: Any,
+        succeed: bool,
+    ) -> None:
+        admin = token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        fake_stripe.refunds_pending = True
+        answer = await refund(client, payment_id, admin, 2000)
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert (body["status"], body["amount_refunded"], body["amount_pending_refund"]) == (
+            "succeeded",
+            0,
+            2000,
+        )
+        stripe_refund_id = body["refund"]["provider_refund_id"]
+        assert (
+            fake_stripe.refunds[stripe_refund_id]["metadata"]["refund_id"]
+            == (body["refund"]["refund_id"])
+        )
+        # While it is pending, only what is left after it may be refunded.
+        assert_problem(await refund(client, payment_id, admin, 1000), 422, "refund_exceeds_balance")
+
+        fake_stripe.settle_refund(stripe_refund_id, succeed=succeed)
+        event = fake_stripe.last_event("refund.updated" if succeed else "refund.failed")
+        assert (await deliver(client, event)).json()["outcome"] == "applied"
+        assert (await deliver(client, event)).json()["outcome"] == "duplicate"
+        record = await app.state.store.get(payment_id)
+        if succeed:
+            assert (record.status, record.amount_refunded) == ("partially_refunded", 2000)
+        else:
+            assert (record.status, record.amount_refunded) == ("succeeded", 0)
+            [failed] = await app.state.store.refunds(payment_id)
+            assert failed.failure_code == "expired_or_canceled_card"
+        assert record.amount_pending_refund == 0
+
+    async def test_verify_follows_a_pending_refund(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        admin = token("ops", admin=True)
+        payment_id = await paid_by_verify(client, fake_stripe, token("alice"))
+        fake_stripe.refunds_pending = True
+        answer = await refund(client, payment_id, admin)
+        fake_stripe.settle_refund(answer.json()["refund"]["provider_refund_id"], succeed=True)
+        # No webhook: verify asks Stripe about the refund that is still pending.
+        verified = await verify(client, payment_id, token=token("alice"))
+        assert (verified.json()["status"], verified.json()["amount_refunded"]) == (
+            "refunded",
+            PRO_PRICE,
+        )

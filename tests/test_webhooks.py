@@ -93,16 +93,51 @@ class TestSignedEvents:
         payment = await create_payment(client)
         payment_id = payment["payment_id"]
         await _deliver(client, _event("evt_paid", "payment.succeeded", payment_id))
-        await _deliver(
-            client, _event("evt_full", "payment.refunded", payment_id, amount_refunded=2900)
+
+        def refund(status: str, amount: int = 2900) -> dict[str, Any]:
+            # A refund made at the sandbox directly: no refund id of ours in it.
+            return {
+                "id": "sbre_made_elsewhere",
+                "amount": amount,
+                "currency": "EUR",
+                "status": status,
+            }
+
+        done = await _deliver(
+            client, _event("evt_done", "refund.succeeded", payment_id, refund=refund("succeeded"))
         )
+        assert done.json()["outcome"] == "applied"
         late = await _deliver(
-            client,
-            _event("evt_part", "payment.partially_refunded", payment_id, amount_refunded=900),
+            client, _event("evt_late", "refund.pending", payment_id, refund=refund("pending"))
         )
         assert late.json()["outcome"] == "rejected"
         record = await app.state.store.get(payment_id)
-        assert (record.status, record.amount_refunded) == ("refunded", 2900)
+        assert (record.status, record.amount_refunded, record.amount_pending_refund) == (
+            "refunded",
+            2900,
+            0,
+        )
+        [adopted] = await app.state.store.refunds(payment_id)
+        assert (adopted.status, adopted.provider_refund_id) == ("succeeded", "sbre_made_elsewhere")
+        # A refund the provider fails after calling it succeeded gives the money back to the
+        # balance; the payment itself never moves backwards.
+        failed = await _deliver(
+            client, _event("evt_fail", "refund.failed", payment_id, refund=refund("failed"))
+        )
+        assert failed.json()["outcome"] == "applied"
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_refunded) == ("refunded", 0)
+
+    async def test_a_refund_event_with_a_bad_refund_is_refused(
+        self, client: httpx.AsyncClient, app: Any
+    ) -> None:
+        payment = await create_payment(client)
+        for bad in ({"id": "sbre_x", "amount": "lots", "status": "succeeded"}, {"id": "x"}, []):
+            response = await _deliver(
+                client, _event("evt_bad", "refund.succeeded", payment["payment_id"], refund=bad)
+            )
+            assert_problem(response, 400, "invalid_payload")
+        assert await app.state.store.refunds(payment["payment_id"]) == []
 
     async def test_unknown_payment_and_type_are_acknowledged(
         self, client: httpx.AsyncClient

@@ -9,7 +9,7 @@ and maps vendor exceptions to ``app.errors`` (declined, unavailable, misconfigur
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from app.errors import OperationNotSupported
-from models.payment import PaymentStatus, Plan
+from models.payment import PaymentStatus, Plan, RefundStatus
 
 if TYPE_CHECKING:
     import httpx2
@@ -39,6 +39,24 @@ class Capability(StrEnum):
     WEBHOOKS = "webhooks"
 
 
+class LocalEvents:
+    """How a provider that lives inside this service (a timer of its own, not a vendor's
+    server) tells the service of a change it made, where a vendor would push a webhook.
+
+    The app connects the service once it is built; until then, and without a service,
+    events are dropped (the reconciler and verify still find the change)."""
+
+    def __init__(self) -> None:
+        self._sink: Callable[[str, WebhookEvent], Awaitable[None]] | None = None
+
+    def connect(self, sink: Callable[[str, WebhookEvent], Awaitable[None]]) -> None:
+        self._sink = sink
+
+    async def publish(self, provider: str, event: WebhookEvent) -> None:
+        if self._sink is not None:
+            await self._sink(provider, event)
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderDeps:
     """Shared clients handed to providers when the app starts."""
@@ -46,6 +64,7 @@ class ProviderDeps:
     redis: Redis
     http: httpx2.AsyncClient
     key_prefix: str = ""
+    events: LocalEvents = field(default_factory=LocalEvents)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,25 +115,33 @@ class IntentResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RefundResult:
+    """The provider's truth about one refund, as of now."""
+
+    provider_refund_id: str
+    amount: int
+    status: RefundStatus  # unknown vendor statuses are pending
+    currency: str | None = None
+    refund_id: str | None = None  # ours (rf_...), when the vendor carries it back
+    failure_code: str | None = None  # the vendor's reason, when it failed
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentState:
-    """The provider's truth about one payment, as of now."""
+    """The provider's truth about one payment, as of now.
+
+    ``status`` may say refunded or partially refunded; the service keeps refunds as records
+    of their own, so what counts is ``refunds``: the payment's refunds as the provider lists
+    them (None when this answer does not list them)."""
 
     payment_id: str
     status: PaymentStatus
     amount: int | None = None
     currency: str | None = None
-    amount_refunded: int = 0
     capture_id: str | None = None
     payment_method: str | None = None  # e.g. "card", "paypal", "sandbox"
     vendor_status: str | None = None  # the vendor's own word, for logs
-
-
-@dataclass(frozen=True, slots=True)
-class RefundResult:
-    refund_id: str
-    amount: int
-    status: str  # vendor-neutral: succeeded | pending | failed
-    amount_refunded_total: int | None = None  # when the vendor tells the running total
+    refunds: tuple[RefundResult, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +158,7 @@ class WebhookEvent:
     verified: bool
     payment_id: str | None = None
     status: PaymentStatus | None = None  # the state the event claims, if it names one
-    amount_refunded: int | None = None
+    refund: RefundResult | None = None  # the refund the event is about, if it is about one
     capture_id: str | None = None
     occurred_at: datetime | None = None
     # Our order reference (IntentRequest.reference) when the event carries it: events about a
@@ -233,12 +260,25 @@ class BasePaymentProvider(abc.ABC):
         self,
         payment_id: str,
         *,
+        refund_id: str,
         amount: int,
         currency: str,
         capture_id: str | None,
-        idempotency_key: str,
+        reason: str | None = None,
     ) -> RefundResult:
-        """Refund ``amount`` minor units of a paid payment."""
+        """Refund ``amount`` minor units of a paid payment.
+
+        ``refund_id`` is ours: it is the vendor's idempotency key (asking again with it never
+        refunds twice, so the service can repeat a call whose outcome it did not learn) and
+        travels with the refund where the vendor keeps metadata, so that its events lead back
+        to our record. A refund the vendor accepted answers its state, pending included; an
+        error means the vendor made no refund (or, ``ProviderUnavailable`` with
+        ``outcome_unknown``, that nobody knows yet)."""
+        raise OperationNotSupported(f"{self.name} does not support refunds")
+
+    async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
+        """The vendor's truth about one refund of ``payment_id``. Raises ``NotFound`` when
+        the vendor does not know it."""
         raise OperationNotSupported(f"{self.name} does not support refunds")
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:

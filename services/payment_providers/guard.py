@@ -45,15 +45,21 @@ class ProviderGuard:
 
     async def run(self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one provider call under the deadline and the provider's breaker."""
+        return await self.breaker(provider.name).call(
+            lambda: self.within_deadline(provider, operation)
+        )
 
-        async def bounded() -> T:
-            try:
-                async with asyncio.timeout(self._deadline_s):
-                    return await operation()
-            except TimeoutError as error:
-                # The request may have reached the vendor: the outcome is unknown.
-                raise ProviderUnavailable(
-                    f"{provider.name} did not answer in time", provider=provider.name
-                ) from error
-
-        return await self.breaker(provider.name).call(bounded)
+    async def within_deadline(
+        self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run ``operation`` under the deadline only, outside the breaker: for work that is
+        mostly local (checking a webhook's signature), which must neither be refused by an
+        open circuit nor count as the provider's success or failure."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await operation()
+        except TimeoutError as error:
+            # The request may have reached the vendor: the outcome is unknown.
+            raise ProviderUnavailable(
+                f"{provider.name} did not answer in time", provider=provider.name
+            ) from error

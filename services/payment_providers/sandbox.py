@@ -30,6 +30,7 @@ from app.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
     InvalidWebhookSignature,
+    NotFound,
     PaymentDeclined,
     PaymentNotFound,
     ProviderNotConfigured,
@@ -37,7 +38,7 @@ from app.errors import (
     ProviderUpstreamError,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, SandboxBehaviour, SandboxWebhooks
+from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour, SandboxWebhooks
 
 from .base import (
     BasePaymentProvider,
@@ -45,6 +46,7 @@ from .base import (
     HealthStatus,
     IntentRequest,
     IntentResult,
+    LocalEvents,
     LocalRecord,
     PaymentState,
     ProviderDeps,
@@ -102,20 +104,45 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 return {'ok', ARGV[2]}
 """
 
-# KEYS: session hash, refund idempotency key. ARGV: amount, TTL. Refunds only what was paid
-# and not yet refunded; the same idempotency key never refunds twice.
+# KEYS: session hash, refunds hash. ARGV: the sandbox's refund id, amount, the refund (JSON,
+# pending or succeeded). Refunds only what was paid and is neither refunded nor pending; the
+# same refund id (derived from the merchant's idempotency key) never refunds twice.
 _REFUND_LUA = """
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing then return {'replay', existing} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-local refunded = tonumber(redis.call('HGET', KEYS[1], 'refunded') or '0')
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'replay', refunded} end
-if status ~= 'succeeded' then return {'unpaid', 0} end
+if not status then return {'missing', ''} end
+if status ~= 'succeeded' then return {'unpaid', ''} end
 local paid = tonumber(redis.call('HGET', KEYS[1], 'amount'))
-local amount = tonumber(ARGV[1])
-if amount <= 0 or refunded + amount > paid then return {'exceeds', paid - refunded} end
-redis.call('HSET', KEYS[1], 'refunded', refunded + amount)
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-return {'ok', refunded + amount}
+local refunded = tonumber(redis.call('HGET', KEYS[1], 'refunded') or '0')
+local pending = tonumber(redis.call('HGET', KEYS[1], 'refund_pending') or '0')
+local amount = tonumber(ARGV[2])
+if amount <= 0 or refunded + pending + amount > paid then
+  return {'exceeds', tostring(paid - refunded - pending)}
+end
+if cjson.decode(ARGV[3])['status'] == 'succeeded' then
+  redis.call('HINCRBY', KEYS[1], 'refunded', amount)
+else
+  redis.call('HINCRBY', KEYS[1], 'refund_pending', amount)
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
+return {'ok', ARGV[3]}
+"""
+
+# KEYS: session hash, refunds hash. ARGV: the sandbox's refund id, final status. Settles a
+# pending refund once.
+_SETTLE_REFUND_LUA = """
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return {'missing', ''} end
+local refund = cjson.decode(raw)
+if refund['status'] ~= 'pending' then return {'settled', raw} end
+refund['status'] = ARGV[2]
+redis.call('HINCRBY', KEYS[1], 'refund_pending', -refund['amount'])
+if ARGV[2] == 'succeeded' then redis.call('HINCRBY', KEYS[1], 'refunded', refund['amount']) end
+local encoded = cjson.encode(refund)
+redis.call('HSET', KEYS[2], ARGV[1], encoded)
+return {'ok', encoded}
 """
 
 # KEYS: held-events list. ARGV: event body, TTL. With `reorder`, a payment's events wait here:
@@ -147,15 +174,15 @@ DELIVERY_LOG_LENGTH = 100
 SIGNATURE_HEADER = "Sandbox-Signature"
 SIGNATURE_TOLERANCE_S = 300
 
-# The sandbox's event types and the state each one claims.
+# The sandbox's event types and the state each one claims. refund.pending, refund.succeeded
+# and refund.failed carry the refund itself (data.refund) instead.
 _EVENT_STATUS = {
     "payment.succeeded": PaymentStatus.SUCCEEDED,
     "payment.failed": PaymentStatus.FAILED,
     "payment.canceled": PaymentStatus.CANCELED,
     "payment.authorized": PaymentStatus.REQUIRES_CAPTURE,
-    "payment.refunded": PaymentStatus.REFUNDED,
-    "payment.partially_refunded": PaymentStatus.PARTIALLY_REFUNDED,
 }
+REFUND_EVENT_PREFIX = "refund."
 
 
 def sign_webhook(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
@@ -234,8 +261,10 @@ class SandboxProvider(BasePaymentProvider):
         webhook_secret: str = "",
         http: httpx2.AsyncClient | None = None,
         behaviour: Mapping[str, Any] | None = None,
+        events: LocalEvents | None = None,
     ) -> None:
         self._redis = redis
+        self._events = events  # tells the service of refunds settled by a timer
         self._behaviour = dict(behaviour or {})  # for payments that bring none of their own
         self._http = http  # pushes webhooks; without it the sandbox sends none
         self._webhook_secret = webhook_secret
@@ -245,6 +274,7 @@ class SandboxProvider(BasePaymentProvider):
         self._settle = redis.register_script(_SETTLE_LUA)
         self._move = redis.register_script(_MOVE_LUA)
         self._refund = redis.register_script(_REFUND_LUA)
+        self._settle_refund = redis.register_script(_SETTLE_REFUND_LUA)
         self._hold = redis.register_script(_HOLD_LUA)
         # Deliveries run in the background; the provider keeps them to cancel them on close.
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -259,6 +289,7 @@ class SandboxProvider(BasePaymentProvider):
             webhook_secret=settings.sandbox_webhook_secret.get_secret_value(),
             http=deps.http,
             behaviour=settings.sandbox_behaviour,
+            events=deps.events,
         )
 
     def is_configured(self) -> bool:
@@ -297,6 +328,10 @@ class SandboxProvider(BasePaymentProvider):
             "cancel_url": request.cancel_url or "",
             "capture_method": request.options.get("capture_method") or "automatic",
             "refunded": 0,
+            "refund_pending": 0,
+            # How this payment's refunds behave: at once, or pending then settled.
+            "refund_mode": behaviour.get("refund") or "",
+            "refund_settle_ms": int(behaviour.get("refund_settle_ms") or 0),
             "created_at": int(time.time()),
         }
         if behaviour.get("webhooks") is not None:
@@ -396,7 +431,6 @@ class SandboxProvider(BasePaymentProvider):
             status=status,
             amount=amount,
             currency=fields["currency"],
-            amount_refunded=refunded,
             payment_method="sandbox",
             vendor_status=fields["status"],
         )
@@ -432,36 +466,100 @@ class SandboxProvider(BasePaymentProvider):
         self,
         payment_id: str,
         *,
+        refund_id: str,
         amount: int,
         currency: str,
         capture_id: str | None,
-        idempotency_key: str,
+        reason: str | None = None,
     ) -> RefundResult:
         self._require_enabled()
-        keys = [self._key(payment_id), f"{self._key(payment_id)}:refund:{idempotency_key}"]
-        result, total = await self._refund(keys=keys, args=[amount, SESSION_TTL_S])
+        session = await self.session(payment_id)
+        mode = session.get("refund_mode") or ""
+        settle_ms = int(session.get("refund_settle_ms") or 0)
+        # The sandbox's own refund id comes from ours, its idempotency key.
+        digest = hashlib.sha256(f"{self._prefix}{refund_id}".encode()).hexdigest()
+        sandbox_refund_id = f"sbre_{digest[:24]}"
+        refund = {
+            "id": sandbox_refund_id,
+            "refund_id": refund_id,
+            "amount": amount,
+            "currency": currency,
+            "status": "pending" if mode else "succeeded",
+            "outcome": "failed" if mode == "pending_then_failed" else "succeeded",
+            "settle_at_ms": int(time.time() * 1000) + settle_ms,
+        }
+        result, raw = await self._refund(
+            keys=[self._key(payment_id), self._refunds_key(payment_id)],
+            args=[sandbox_refund_id, amount, json.dumps(refund)],
+        )
         if result == "missing":
             raise PaymentNotFound(f"No payment {payment_id!r}")
         if result == "unpaid":
             raise InvalidStateTransition("Only a paid payment can be refunded")
         if result == "exceeds":
-            raise RefundExceedsBalance(f"At most {int(total)} minor units were left to refund")
+            raise RefundExceedsBalance(f"At most {int(raw)} minor units were left to refund")
+        stored = json.loads(raw)
         if result == "ok":
-            paid = int(await self._redis.hget(self._key(payment_id), "amount") or 0)
-            kind = "refunded" if int(total) >= paid else "partially_refunded"
-            await self._emit(payment_id, f"payment.{kind}", amount_refunded=int(total))
-        return RefundResult(
-            refund_id=f"sbre_{secrets.token_hex(8)}",
-            amount=amount,
-            status="succeeded",
-            amount_refunded_total=int(total),
+            await self._emit(payment_id, f"refund.{stored['status']}", refund=stored)
+            if stored["status"] == "pending":
+                self._spawn(self._settle_later(payment_id, stored, settle_ms))
+        return _refund_result(stored)
+
+    def _refunds_key(self, payment_id: str) -> str:
+        return f"{self._key(payment_id)}:refunds"
+
+    async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
+        self._require_enabled()
+        raw = await self._redis.hget(self._refunds_key(payment_id), provider_refund_id)
+        if not raw:
+            raise NotFound(f"No refund {provider_refund_id!r}")
+        refund = json.loads(raw)
+        if refund["status"] == "pending" and time.time() * 1000 >= refund["settle_at_ms"]:
+            # Due and not yet settled (the worker whose timer it was went away): settle now.
+            refund = await self._finish_refund(payment_id, refund) or refund
+        return _refund_result(refund)
+
+    async def _settle_later(self, payment_id: str, refund: dict[str, Any], delay_ms: int) -> None:
+        await asyncio.sleep(delay_ms / 1000)
+        try:
+            await self._finish_refund(payment_id, refund)
+        except Exception:  # the refund stays pending; get_refund settles it when asked
+            log.exception("sandbox.refund.settle_failed", extra={"payment_id": payment_id})
+
+    async def _finish_refund(
+        self, payment_id: str, refund: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Settle a pending refund as it was asked to end, and tell the service: by a pushed
+        webhook when the payment asked for them, otherwise directly."""
+        result, raw = await self._settle_refund(
+            keys=[self._key(payment_id), self._refunds_key(payment_id)],
+            args=[refund["id"], refund["outcome"]],
         )
+        if result != "ok":
+            return json.loads(raw) if raw else None
+        settled: dict[str, Any] = json.loads(raw)
+        event_type = f"refund.{settled['status']}"
+        fields = await self.session(payment_id)
+        if self.pushes_webhooks(fields):
+            await self._emit(payment_id, event_type, refund=settled, fields=fields)
+        elif self._events is not None:
+            event = WebhookEvent(
+                event_id=f"evt_sb_{secrets.token_hex(12)}",
+                event_type=event_type,
+                verified=True,
+                payment_id=payment_id,
+                refund=_refund_result(settled),
+            )
+            await self._events.publish(self.name, event)
+        return settled
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify the HMAC signature and normalize one sandbox event.
 
         Body: ``{"id": "evt_...", "type": "payment.succeeded", "created": <unix time>,
-        "data": {"payment_id": "sb_...", "amount_refunded": <minor units>}}``.
+        "data": {"payment_id": "sb_..."}}``; the refund.* events add ``data.refund``: ``{"id":
+        "sbre_...", "refund_id": "rf_...", "amount": <minor units>, "currency": "EUR",
+        "status": "pending" | "succeeded" | "failed"}``.
         """
         self._require_enabled()
         verify_webhook_signature(
@@ -472,7 +570,11 @@ class SandboxProvider(BasePaymentProvider):
             event_id, event_type = str(event["id"]), str(event["type"])
             data = event.get("data") or {}
             payment_id = data.get("payment_id")
-            refunded = data.get("amount_refunded")
+            refund = (
+                _refund_result(data["refund"])
+                if event_type.startswith(REFUND_EVENT_PREFIX)
+                else None
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise InvalidWebhookPayload("The body is not a sandbox event") from error
         if not (0 < len(event_id) <= 255) or (
@@ -485,7 +587,7 @@ class SandboxProvider(BasePaymentProvider):
             verified=True,
             payment_id=payment_id,
             status=_EVENT_STATUS.get(event_type),
-            amount_refunded=refunded if isinstance(refunded, int) else None,
+            refund=refund,
         )
 
     # -- pushed webhooks -------------------------------------------------------------------
@@ -495,7 +597,7 @@ class SandboxProvider(BasePaymentProvider):
         payment_id: str,
         event_type: str,
         *,
-        amount_refunded: int = 0,
+        refund: Mapping[str, Any] | None = None,
         fields: Mapping[str, str] | None = None,
     ) -> None:
         """Queue one event for delivery, if this payment asked for webhooks.
@@ -521,7 +623,9 @@ class SandboxProvider(BasePaymentProvider):
                 "id": f"evt_sb_{secrets.token_hex(12)}",
                 "type": event_type,
                 "created": int(time.time()),
-                "data": {"payment_id": payment_id, "amount_refunded": amount_refunded},
+                "data": {"payment_id": payment_id}
+                if refund is None
+                else {"payment_id": payment_id, "refund": dict(refund)},
             }
             body = json.dumps(event, separators=(",", ":"))
             batch = [body]
@@ -661,3 +765,25 @@ def _delivery_outcome(response: httpx2.Response) -> str | None:
         word = answer.get("outcome") or answer.get("code")
         return str(word) if word is not None else None
     return None
+
+
+def _refund_result(refund: Mapping[str, Any]) -> RefundResult:
+    """The sandbox's record of a refund (as stored and as sent in its events), in our terms."""
+    amount = refund["amount"]
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise ValueError("a refund's amount is a positive integer")
+    return RefundResult(
+        provider_refund_id=str(refund["id"]),
+        amount=amount,
+        status=_REFUND_STATUS.get(str(refund["status"]), RefundStatus.PENDING),
+        currency=str(refund["currency"]) if refund.get("currency") else None,
+        refund_id=str(refund["refund_id"]) if refund.get("refund_id") else None,
+        failure_code="sandbox_refund_failed" if refund["status"] == "failed" else None,
+    )
+
+
+_REFUND_STATUS = {
+    "pending": RefundStatus.PENDING,
+    "succeeded": RefundStatus.SUCCEEDED,
+    "failed": RefundStatus.FAILED,
+}

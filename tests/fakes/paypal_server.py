@@ -1084,7 +1084,8 @@ class FakePayPal:
         }
         if "custom_id" in capture:
             refund["custom_id"] = capture["custom_id"]
-        for field_name in ("invoice_id", "note_to_payer"):
+        # A custom_id in the request is the refund's own; without one, the capture's is kept.
+        for field_name in ("custom_id", "invoice_id", "note_to_payer"):
             if body and field_name in body:
                 refund[field_name] = body[field_name]
         self.refunds[refund_id] = refund

@@ -149,6 +149,7 @@ class FakeStripe:
     sessions: dict[str, Json] = field(default_factory=dict)
     charges: dict[str, Json] = field(default_factory=dict)
     refunds: dict[str, Json] = field(default_factory=dict)
+    refunds_pending: bool = False  # new refunds start pending (an asynchronous method)
     events: list[Json] = field(default_factory=list)
     requests: list[RecordedRequest] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
@@ -194,6 +195,7 @@ class FakeStripe:
             self.requests.clear()
             self.violations.clear()
             self._faults.clear()
+            self.refunds_pending = False
             self._idempotency.clear()
             self._session_private.clear()
             self._intent_session.clear()
@@ -217,6 +219,25 @@ class FakeStripe:
 
     def release_hangs(self) -> None:
         self._release.set()
+
+    def settle_refund(self, refund_id: str, *, succeed: bool) -> Json:
+        """End a pending refund as Stripe would: succeeded (refund.updated) or failed
+        (refund.failed, the charge's refunded amount given back)."""
+        with self._lock:
+            refund = self.refunds[refund_id]
+            refund["status"] = "succeeded" if succeed else "failed"
+            if not succeed:
+                refund["failure_reason"] = "expired_or_canceled_card"
+                charge = self.charges[refund["charge"]]
+                charge["amount_refunded"] -= refund["amount"]
+                charge["refunded"] = charge["amount_refunded"] >= charge["amount_captured"]
+            self._emit("refund.updated" if succeed else "refund.failed", refund)
+            return copy.deepcopy(refund)
+
+    def clear_faults(self) -> None:
+        """Drop the faults still queued by ``fail_next``: Stripe is well again."""
+        with self._lock:
+            self._faults.clear()
 
     def calls(self, method: str, path: str) -> list[RecordedRequest]:
         with self._lock:
@@ -948,7 +969,8 @@ class FakeStripe:
                 "metadata": body.get("metadata") or {},
                 "payment_intent": charge["payment_intent"],
                 "reason": body.get("reason"),
-                "status": "succeeded",
+                # Some methods refund asynchronously: pending until settle_refund says.
+                "status": "pending" if self.refunds_pending else "succeeded",
             }
         )
         self.refunds[refund["id"]] = refund

@@ -10,9 +10,15 @@ from itertools import pairwise
 import pytest
 from redis.asyncio import Redis
 
-from models.payment import PaymentRecord, PaymentStatus
+from models.payment import PaymentRecord, PaymentStatus, RefundStatus
 from services.payment_providers.base import LocalRecord
-from services.payment_store import TRANSITIONS, PaymentStore, TransitionOutcome
+from services.payment_store import (
+    TRANSITIONS,
+    PaymentStore,
+    RefundBegin,
+    RefundBeginOutcome,
+    TransitionOutcome,
+)
 from tests.conftest import RedisServer
 
 S = PaymentStatus
@@ -81,22 +87,6 @@ class TestTransitions:
         )
         assert len(await store.history("sb_e")) == 2
 
-    async def test_refunded_amount_only_grows(self, store: PaymentStore) -> None:
-        await store.create(_record("sb_r", S.SUCCEEDED))
-        await store.transition(
-            "sb_r", S.PARTIALLY_REFUNDED, cause="r1", fields={"amount_refunded": 1000}
-        )
-        more = await store.transition(
-            "sb_r", S.PARTIALLY_REFUNDED, cause="r2", fields={"amount_refunded": 1500}
-        )
-        stale = await store.transition(
-            "sb_r", S.PARTIALLY_REFUNDED, cause="old", fields={"amount_refunded": 500}
-        )
-        assert more.outcome is TransitionOutcome.APPLIED
-        assert stale.outcome is TransitionOutcome.UNCHANGED
-        record = await store.get("sb_r")
-        assert record is not None and record.amount_refunded == 1500
-
     async def test_concurrent_transitions_have_one_winner(self, store: PaymentStore) -> None:
         await store.create(_record("sb_c"))
         targets = [S.SUCCEEDED, S.FAILED, S.CANCELED, S.EXPIRED] * 10
@@ -162,3 +152,111 @@ class TestTransitions:
         )
         assert await store.create(record)
         assert await store.get("sb_utf8") == record
+
+
+class TestRefundRecords:
+    """A refund reserves its amount when asked for; only succeeded refunds count as refunded;
+    the payment's status follows them forwards only."""
+
+    async def _begin(self, store: PaymentStore, refund_id: str, amount: int | None) -> RefundBegin:
+        return await store.begin_refund(
+            "sb_f",
+            refund_id=refund_id,
+            provider="sandbox",
+            amount=amount,
+            currency="EUR",
+            reason=None,
+            cause="test",
+        )
+
+    async def test_pending_reserves_and_only_success_counts(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_f", S.SUCCEEDED))
+        first = await self._begin(store, "rf_1", 2000)
+        assert first.outcome is RefundBeginOutcome.CREATED
+        over = await self._begin(store, "rf_2", 1000)
+        assert (over.outcome, over.left) == (RefundBeginOutcome.EXCEEDS, 900)
+        record = await store.get("sb_f")
+        assert record is not None
+        assert (record.status, record.amount_refunded, record.amount_pending_refund) == (
+            S.SUCCEEDED,
+            0,
+            2000,
+        )
+        done = await store.apply_refund(
+            "sb_f", status=RefundStatus.SUCCEEDED, cause="t", refund_id="rf_1"
+        )
+        assert done.outcome is TransitionOutcome.APPLIED
+        record = await store.get("sb_f")
+        assert record is not None
+        assert (record.status, record.amount_refunded, record.amount_pending_refund) == (
+            S.PARTIALLY_REFUNDED,
+            2000,
+            0,
+        )
+        rest = await self._begin(store, "rf_3", None)  # all that is left
+        assert rest.refund is not None and rest.refund.amount == 900
+        await store.apply_refund("sb_f", status=RefundStatus.SUCCEEDED, cause="t", refund_id="rf_3")
+        record = await store.get("sb_f")
+        assert record is not None and (record.status, record.amount_refunded) == (S.REFUNDED, 2900)
+        assert [h.status for h in await store.history("sb_f")] == [
+            S.SUCCEEDED,
+            S.PARTIALLY_REFUNDED,
+            S.REFUNDED,
+        ]
+
+    async def test_failed_gives_the_balance_back_and_never_regresses(
+        self, store: PaymentStore
+    ) -> None:
+        await store.create(_record("sb_f", S.SUCCEEDED))
+        await self._begin(store, "rf_1", 2900)
+        failed = await store.apply_refund(
+            "sb_f", status=RefundStatus.FAILED, cause="t", refund_id="rf_1", failure_code="x"
+        )
+        assert failed.refund is not None and failed.refund.failure_code == "x"
+        late = await store.apply_refund(
+            "sb_f", status=RefundStatus.SUCCEEDED, cause="late", refund_id="rf_1"
+        )
+        assert late.outcome is TransitionOutcome.REJECTED
+        record = await store.get("sb_f")
+        assert record is not None
+        assert (record.status, record.amount_refunded, record.amount_pending_refund) == (
+            S.SUCCEEDED,
+            0,
+            0,
+        )
+        assert [h.status for h in await store.refund_history("sb_f", "rf_1")] == [
+            RefundStatus.PENDING,
+            RefundStatus.FAILED,
+        ]
+
+    async def test_same_id_is_one_refund_and_events_apply_once(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_f", S.SUCCEEDED))
+        assert (await self._begin(store, "rf_1", 500)).outcome is RefundBeginOutcome.CREATED
+        assert (await self._begin(store, "rf_1", 500)).outcome is RefundBeginOutcome.EXISTS
+        kwargs = {"status": RefundStatus.SUCCEEDED, "cause": "w", "event_id": "evt_1"}
+        first = await store.apply_refund(
+            "sb_f", refund_id="rf_1", provider_refund_id="re_1", **kwargs
+        )  # type: ignore[arg-type]
+        again = await store.apply_refund("sb_f", provider_refund_id="re_1", **kwargs)  # type: ignore[arg-type]
+        assert (first.outcome, again.outcome) == (
+            TransitionOutcome.APPLIED,
+            TransitionOutcome.DUPLICATE,
+        )
+        record = await store.get("sb_f")
+        assert record is not None and record.amount_refunded == 500
+
+    async def test_concurrent_refunds_never_exceed_the_payment(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_f", S.SUCCEEDED))
+        results = await asyncio.gather(*(self._begin(store, f"rf_{i}", 1000) for i in range(20)))
+        created = [r for r in results if r.outcome is RefundBeginOutcome.CREATED]
+        assert len(created) == 2
+        record = await store.get("sb_f")
+        assert record is not None and record.amount_pending_refund == 2000
+
+    async def test_a_refund_never_sent_is_forgotten(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_f", S.SUCCEEDED))
+        await self._begin(store, "rf_1", 2900)
+        assert await store.discard_refund("sb_f", "rf_1")
+        record = await store.get("sb_f")
+        assert record is not None and record.amount_pending_refund == 0
+        assert await store.refunds("sb_f") == []

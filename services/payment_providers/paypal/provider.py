@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from app.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
+    NotFound,
     OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
@@ -644,10 +645,11 @@ class PayPalProvider(BasePaymentProvider):
         self,
         payment_id: str,
         *,
+        refund_id: str,
         amount: int,
         currency: str,
         capture_id: str | None,
-        idempotency_key: str,
+        reason: str | None = None,
     ) -> RefundResult:
         order_id = self._order_id(payment_id)
         if capture_id is None:
@@ -672,7 +674,7 @@ class PayPalProvider(BasePaymentProvider):
         if not tx.is_paypal_id(capture_id):
             raise PaymentNotFound(f"No capture {capture_id!r} for payment {payment_id!r}")
         try:
-            body = tx.refund_request(amount, currency)
+            body = tx.refund_request(amount, currency, refund_id=refund_id, reason=reason)
         except tx.AmountNotRepresentable as error:
             raise OperationNotSupported(
                 f"PayPal cannot refund {currency.upper()} amounts with decimals"
@@ -683,20 +685,44 @@ class PayPalProvider(BasePaymentProvider):
             log_event="paypal.refund.create",
             payment_id=payment_id,
             body=body,
-            request_id=_request_id(idempotency_key),
+            # Our refund id is the key: asking again (a lost answer) never refunds twice.
+            request_id=_request_id(refund_id),
         )
-        result = tx.refund_result(refund, amount=amount, currency=currency)
+        result = self._refund_result(refund, amount=amount, currency=currency)
         log.info(
             "paypal.refund.created",
             extra={
                 "payment_id": payment_id,
-                "refund_id": result.refund_id,
+                "refund_id": refund_id,
+                "paypal_refund_id": result.provider_refund_id,
                 "amount": amount,
                 "currency": currency,
-                "refund_status": result.status,
+                "refund_status": str(result.status),
             },
         )
         return result
+
+    async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
+        self._order_id(payment_id)
+        if not tx.is_paypal_id(provider_refund_id):
+            raise NotFound(f"No refund {provider_refund_id!r}")
+        refund = await self._call(
+            "GET",
+            f"/v2/payments/refunds/{provider_refund_id}",
+            log_event="paypal.refund.get",
+            payment_id=payment_id,
+        )
+        return self._refund_result(refund)
+
+    def _refund_result(
+        self, refund: dict[str, Any], *, amount: int | None = None, currency: str | None = None
+    ) -> RefundResult:
+        try:
+            return tx.refund_result(refund, amount=amount, currency=currency)
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "PayPal answered a refund we cannot read", provider=self.name
+            ) from error
 
     # -- webhooks and health ---------------------------------------------------------------
 
@@ -709,8 +735,11 @@ class PayPalProvider(BasePaymentProvider):
         if not tx.is_event(payload):
             raise InvalidWebhookPayload("The webhook body is not a PayPal event")
         verified = await self._verify_signature(body, headers, payload)
-        event = tx.webhook_event(payload, verified=verified)
-        if event.event_type == tx.EVENT_CAPTURE_REFUNDED:
+        try:
+            event = tx.webhook_event(payload, verified=verified)
+        except ValueError as error:
+            raise InvalidWebhookPayload("The event's resource is not what its type says") from error
+        if event.refund is not None:
             event = await self._with_refunded_order(event)
         log.info(
             "paypal.webhook.received",
@@ -798,7 +827,6 @@ class PayPalProvider(BasePaymentProvider):
         return dataclasses.replace(
             event,
             payment_id=tx.payment_id_of(order_id) if order_id else None,
-            status=tx.refund_event_status(capture),
             reference=event.reference or tx.reference_of(capture),
         )
 

@@ -19,7 +19,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from models.payment import PaymentStatus
+from models.payment import PaymentStatus, RefundStatus
 from services.money import currency_exponent
 
 from ..base import IntentRequest, IntentResult, PaymentState, RefundResult, WebhookEvent
@@ -53,21 +53,27 @@ CAPTURE_STATUS: Mapping[str, PaymentStatus] = {
     "DECLINED": PaymentStatus.FAILED,
     "FAILED": PaymentStatus.FAILED,
 }
-REFUND_STATUS: Mapping[str, str] = {
-    "COMPLETED": "succeeded",
-    "PENDING": "pending",
-    "FAILED": "failed",
-    "CANCELLED": "failed",
+REFUND_STATUS: Mapping[str, RefundStatus] = {
+    "COMPLETED": RefundStatus.SUCCEEDED,
+    "PENDING": RefundStatus.PENDING,
+    "FAILED": RefundStatus.FAILED,
+    "CANCELLED": RefundStatus.CANCELED,
 }
-# Refunds that did not (or will not) give money back.
-REFUND_NOT_COUNTED = frozenset({"FAILED", "CANCELLED"})
+# Our refund ids, as we send them in a refund's custom_id. A refund made at PayPal directly
+# carries the capture's custom_id instead (our order reference).
+_OUR_REFUND_ID = re.compile(r"^rf_[0-9a-f]{24}$")
 
 EVENT_ORDER_APPROVED = "CHECKOUT.ORDER.APPROVED"
 EVENT_CAPTURE_COMPLETED = "PAYMENT.CAPTURE.COMPLETED"
 EVENT_CAPTURE_DENIED = "PAYMENT.CAPTURE.DENIED"
 EVENT_CAPTURE_REFUNDED = "PAYMENT.CAPTURE.REFUNDED"
+# PayPal gave money back on its own (a reversal): a refund we did not ask for.
+EVENT_CAPTURE_REVERSED = "PAYMENT.CAPTURE.REVERSED"
+# Events whose resource is a refund. A refund PayPal denies arrives as a refund resource whose
+# status says FAILED; whatever the event's name, the resource's status decides.
+REFUND_EVENTS = frozenset({EVENT_CAPTURE_REFUNDED, EVENT_CAPTURE_REVERSED})
 HANDLED_EVENTS = frozenset(
-    {EVENT_ORDER_APPROVED, EVENT_CAPTURE_COMPLETED, EVENT_CAPTURE_DENIED, EVENT_CAPTURE_REFUNDED}
+    {EVENT_ORDER_APPROVED, EVENT_CAPTURE_COMPLETED, EVENT_CAPTURE_DENIED, *REFUND_EVENTS}
 )
 
 _CAPTURE_LINK = re.compile(r"/v2/payments/captures/([A-Z0-9]{1,36})/?$")
@@ -201,10 +207,16 @@ def order_request(request: IntentRequest) -> dict[str, Any]:
     }
 
 
-def refund_request(amount: int, currency: str) -> dict[str, Any]:
+def refund_request(
+    amount: int, currency: str, *, refund_id: str, reason: str | None
+) -> dict[str, Any]:
     # Always with an amount: an empty body refunds "whatever is left", which is more than
-    # we mean whenever our view of the payment is behind PayPal's.
-    return {"amount": money(amount, currency)}
+    # we mean whenever our view of the payment is behind PayPal's. Our refund id goes in
+    # custom_id, so that the refund's events lead back to our record.
+    body: dict[str, Any] = {"amount": money(amount, currency), "custom_id": refund_id}
+    if reason:
+        body["note_to_payer"] = reason[:255]
+    return body
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -244,6 +256,8 @@ def reference_of(obj: PayPalObject) -> str | None:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str):
         custom_id = _first_unit(obj).get("custom_id")
+    if isinstance(custom_id, str) and _OUR_REFUND_ID.match(custom_id):
+        return None  # a refund's own id, not the order's reference
     return custom_id if isinstance(custom_id, str) and custom_id else None
 
 
@@ -262,15 +276,15 @@ def approval_url(order: PayPalObject) -> str | None:
     return link(order, "payer-action", "approve")
 
 
-def refunded_amount(order: PayPalObject) -> int:
-    total = 0
+def refunds_of(order: PayPalObject) -> tuple[RefundResult, ...]:
+    """The order's refunds, as PayPal lists them on its captures."""
+    results = []
     for refund in _objects(_payments(order).get("refunds")):
-        if refund.get("status") in REFUND_NOT_COUNTED:
-            continue
-        found = _minor(refund.get("amount"))
-        if found is not None:
-            total += found[0]
-    return total
+        try:
+            results.append(refund_result(refund))
+        except ValueError:
+            continue  # not shaped like a refund: nothing we can count
+    return tuple(results)
 
 
 def payment_method_of(order: PayPalObject) -> str | None:
@@ -295,11 +309,6 @@ def state_from_order(order: PayPalObject) -> PaymentState:
     capture = capture_of(order)
     status = status_of_order(order)
     amount = _minor(_first_unit(order).get("amount"))
-    refunded = refunded_amount(order)
-    if status is PaymentStatus.REFUNDED and refunded == 0:
-        # The capture says so even when the refunds are not listed: all of it went back.
-        captured = _minor(capture.get("amount")) if capture else None
-        refunded = captured[0] if captured else (amount[0] if amount else 0)
     captured_ok = capture is not None and capture.get("status") not in ("DECLINED", "FAILED")
     vendor = f"order {order.get('status')}"
     if capture is not None:
@@ -309,7 +318,7 @@ def state_from_order(order: PayPalObject) -> PaymentState:
         status=status,
         amount=amount[0] if amount else None,
         currency=amount[1] if amount else None,
-        amount_refunded=refunded,
+        refunds=refunds_of(order),
         capture_id=str(capture["id"]) if captured_ok and capture and "id" in capture else None,
         payment_method=payment_method_of(order),
         vendor_status=vendor,
@@ -324,18 +333,26 @@ def intent_result(order: PayPalObject) -> IntentResult:
     )
 
 
-def refund_result(refund: PayPalObject, *, amount: int, currency: str) -> RefundResult:
-    """``amount`` is what we asked for, used when PayPal's answer is minimal."""
+def refund_result(
+    refund: PayPalObject, *, amount: int | None = None, currency: str | None = None
+) -> RefundResult:
+    """A refund resource in our terms. ``amount`` and ``currency`` are what we asked for,
+    used when PayPal's answer is minimal (no representation). Raises ValueError for an
+    object that is not shaped like a refund."""
+    refund_id = refund.get("id")
+    if not is_paypal_id(refund_id):
+        raise ValueError("a PayPal refund without an id")
     refunded = _minor(refund.get("amount"))
-    breakdown = refund.get("seller_payable_breakdown")
-    total = (
-        _minor(breakdown.get("total_refunded_amount")) if isinstance(breakdown, Mapping) else None
-    )
+    if refunded is None and amount is None:
+        raise ValueError("a PayPal refund without an amount")
+    custom_id = refund.get("custom_id")
+    ours = custom_id if isinstance(custom_id, str) and _OUR_REFUND_ID.match(custom_id) else None
     return RefundResult(
-        refund_id=str(refund["id"]),
-        amount=refunded[0] if refunded else amount,
-        status=REFUND_STATUS.get(str(refund.get("status")), "pending"),
-        amount_refunded_total=total[0] if total and total[1] == currency.upper() else None,
+        provider_refund_id=str(refund_id),
+        amount=refunded[0] if refunded else int(amount or 0),
+        status=REFUND_STATUS.get(str(refund.get("status")), RefundStatus.PENDING),
+        currency=refunded[1] if refunded else currency,
+        refund_id=ours,
     )
 
 
@@ -398,17 +415,10 @@ def webhook_event(event: PayPalObject, *, verified: bool) -> WebhookEvent:
         payment_id = payment_id_of(resource_id) if resource_id else None
         status = PaymentStatus.REQUIRES_CAPTURE if event_type == EVENT_ORDER_APPROVED else None
         return WebhookEvent(**base, payment_id=payment_id, status=status)
-    if event_type == EVENT_CAPTURE_REFUNDED:
-        total = None
-        breakdown = resource.get("seller_payable_breakdown")
-        if isinstance(breakdown, Mapping):
-            found = _minor(breakdown.get("total_refunded_amount"))
-            total = found[0] if found else None
+    if event_type in REFUND_EVENTS:
+        # The refund names its capture, not its order: the provider looks the order up.
         return WebhookEvent(
-            **base,
-            status=PaymentStatus.PARTIALLY_REFUNDED,  # the provider refines it from the capture
-            amount_refunded=total,
-            capture_id=captured_id_of_refund(resource),
+            **base, refund=refund_result(resource), capture_id=captured_id_of_refund(resource)
         )
     if event_type.startswith("PAYMENT.CAPTURE."):
         order_id = _related_order_id(resource)
@@ -425,13 +435,6 @@ def webhook_event(event: PayPalObject, *, verified: bool) -> WebhookEvent:
             capture_id=resource_id if event_type == EVENT_CAPTURE_COMPLETED else None,
         )
     return WebhookEvent(**base)
-
-
-def refund_event_status(capture: PayPalObject) -> PaymentStatus:
-    """What a refund event means, from the capture it refunded."""
-    if capture.get("status") == "REFUNDED":
-        return PaymentStatus.REFUNDED
-    return PaymentStatus.PARTIALLY_REFUNDED
 
 
 def order_id_of_capture(capture: PayPalObject) -> str | None:

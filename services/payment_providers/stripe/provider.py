@@ -512,10 +512,11 @@ class StripeProvider(BasePaymentProvider):
         self,
         payment_id: str,
         *,
+        refund_id: str,
         amount: int,
         currency: str,
         capture_id: str | None,
-        idempotency_key: str,
+        reason: str | None = None,
     ) -> RefundResult:
         # ``capture_id`` is not needed: the intent names its charge. One read first, so that
         # an unpaid payment or a currency we did not expect is refused in our own words.
@@ -536,26 +537,47 @@ class StripeProvider(BasePaymentProvider):
                 "Stripe holds this payment in another currency", provider=self.name
             )
         intent_id = str(intent["id"])
+        metadata = tx.refund_metadata(refund_id=refund_id, payment_id=payment_id, reason=reason)
         refund = await self._call(
             "stripe.refund.create",
             lambda c: c.v1.refunds.create_async(
-                {"payment_intent": intent_id, "amount": amount, "expand": ["charge"]},
-                {"idempotency_key": idempotency_key},
+                {"payment_intent": intent_id, "amount": amount, "metadata": metadata},
+                # Our refund id is the key: asking again (a lost answer) never refunds twice.
+                {"idempotency_key": refund_id},
             ),
             payment_id=payment_id,
             is_refund=True,
         )
-        result = tx.refund_result(refund)
+        result = self._refund_result(refund)
         log.info(
             "stripe.refund.created",
             extra={
                 "payment_id": payment_id,
-                "refund_id": result.refund_id,
+                "refund_id": refund_id,
+                "stripe_refund_id": result.provider_refund_id,
+                "status": str(result.status),
                 "amount": amount,
                 "currency": currency,
             },
         )
         return result
+
+    async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
+        self._check_id(payment_id)
+        refund = await self._call(
+            "stripe.refund.retrieve",
+            lambda c: c.v1.refunds.retrieve_async(provider_refund_id),
+            payment_id=payment_id,
+        )
+        return self._refund_result(refund)
+
+    def _refund_result(self, refund: dict[str, Any]) -> RefundResult:
+        try:
+            return tx.refund_result(refund)
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "Stripe answered a refund we cannot read", provider=self.name
+            ) from error
 
     # -- webhooks and health ---------------------------------------------------------------
 
@@ -593,8 +615,11 @@ class StripeProvider(BasePaymentProvider):
             raise InvalidWebhookPayload("The webhook body is not JSON") from error
         if not tx.is_event(event):
             raise InvalidWebhookPayload("The webhook body is not a Stripe event")
-        normalized = tx.webhook_event(event)
-        if normalized.event_type == "charge.refunded" and normalized.reference is None:
+        try:
+            normalized = tx.webhook_event(event)
+        except ValueError as error:
+            raise InvalidWebhookPayload("The event's object is not what its type says") from error
+        if normalized.refund is not None and normalized.reference is None:
             normalized = await self._with_reference(normalized)
         log.info(
             "stripe.webhook.received",
@@ -608,9 +633,9 @@ class StripeProvider(BasePaymentProvider):
         return normalized
 
     async def _with_reference(self, event: WebhookEvent) -> WebhookEvent:
-        """Charges do not carry the intent's metadata: read our reference off the intent,
-        so that the service can find a payment it knows by its session ID."""
-        if event.payment_id is None:
+        """A refund made at Stripe directly does not carry our metadata: read our reference
+        off its intent, so that the service can find a payment it knows by its session ID."""
+        if event.payment_id is None or not event.payment_id.startswith("pi_"):
             return event
         intent = await self._call(
             "stripe.payment_intent.retrieve",

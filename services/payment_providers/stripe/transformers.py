@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from models.payment import PaymentStatus
+from models.payment import PaymentStatus, RefundStatus
 
 from ..base import IntentRequest, IntentResult, PaymentState, RefundResult, WebhookEvent
 
@@ -53,14 +53,19 @@ EVENT_STATUS: Mapping[str, PaymentStatus] = {
     "payment_intent.canceled": PaymentStatus.CANCELED,
     "payment_intent.amount_capturable_updated": PaymentStatus.REQUIRES_CAPTURE,
 }
-HANDLED_EVENTS = frozenset({*EVENT_STATUS, "checkout.session.completed", "charge.refunded"})
+# Events about one refund, carrying the Refund object. charge.refunded is not among them: it
+# carries the charge, whose refunds the refund.* events of the same change already name.
+REFUND_EVENTS = frozenset(
+    {"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"}
+)
+HANDLED_EVENTS = frozenset({*EVENT_STATUS, "checkout.session.completed", *REFUND_EVENTS})
 
-REFUND_STATUS: Mapping[str, str] = {
-    "succeeded": "succeeded",
-    "pending": "pending",
-    "requires_action": "pending",
-    "failed": "failed",
-    "canceled": "failed",
+REFUND_STATUS: Mapping[str, RefundStatus] = {
+    "succeeded": RefundStatus.SUCCEEDED,
+    "pending": RefundStatus.PENDING,
+    "requires_action": RefundStatus.PENDING,
+    "failed": RefundStatus.FAILED,
+    "canceled": RefundStatus.CANCELED,
 }
 
 
@@ -159,27 +164,18 @@ def payment_intent_id_of(session: StripeObject) -> str | None:
 
 
 def status_of_payment_intent(intent: StripeObject) -> PaymentStatus:
-    """The intent's status, refunds included when it had succeeded."""
-    status = PAYMENT_INTENT_STATUS.get(str(intent.get("status")), PaymentStatus.PENDING)
-    charge = _expanded(intent.get("latest_charge"))
-    if status is PaymentStatus.SUCCEEDED and charge is not None:
-        refunded = int(charge.get("amount_refunded") or 0)
-        if charge.get("refunded"):
-            return PaymentStatus.REFUNDED
-        if refunded > 0:
-            return PaymentStatus.PARTIALLY_REFUNDED
-    return status
+    """The intent's status. Refunds are followed one by one (refund.* events, the refunds
+    API), not read off the charge's running total."""
+    return PAYMENT_INTENT_STATUS.get(str(intent.get("status")), PaymentStatus.PENDING)
 
 
 def _charge_facts(intent: StripeObject | None) -> dict[str, Any]:
     charge = _expanded(intent.get("latest_charge")) if intent is not None else None
     if charge is None:
-        return {"amount_refunded": 0, "capture_id": None, "payment_method": None}
+        return {"capture_id": None, "payment_method": None}
     details = _expanded(charge.get("payment_method_details")) or {}
     method = details.get("type")
     return {
-        # An uncaptured charge released by a cancel shows as refunded; nothing was paid back.
-        "amount_refunded": int(charge.get("amount_refunded") or 0) if charge.get("captured") else 0,
         "capture_id": _id_of(charge) if charge.get("captured") else None,
         "payment_method": method if isinstance(method, str) else None,
     }
@@ -253,16 +249,38 @@ def intent_result_from_payment_intent(
     )
 
 
+def refund_metadata(*, refund_id: str, payment_id: str, reason: str | None) -> dict[str, str]:
+    """What we attach to a Refund, so that its events lead back to our record."""
+    metadata = {"refund_id": refund_id, "payment_id": payment_id}
+    if reason:
+        metadata["reason"] = reason[:500]  # Stripe's own `reason` is an enum, not free text
+    return metadata
+
+
 def refund_result(refund: StripeObject) -> RefundResult:
-    """``refund`` should have ``charge`` expanded, for the running total."""
-    charge = _expanded(refund.get("charge"))
-    total = charge.get("amount_refunded") if charge is not None else None
+    """A Refund object (from the API or an event) in our terms. Raises ValueError for an
+    object that is not shaped like one."""
+    amount = refund.get("amount")
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise ValueError("a Stripe refund's amount is a positive integer")
+    metadata = _expanded(refund.get("metadata")) or {}
+    ours = metadata.get("refund_id")
+    failure = refund.get("failure_reason")
     return RefundResult(
-        refund_id=str(refund["id"]),
-        amount=int(refund["amount"]),
-        status=REFUND_STATUS.get(str(refund.get("status")), "pending"),
-        amount_refunded_total=int(total) if total is not None else None,
+        provider_refund_id=_required_id(refund),
+        amount=amount,
+        status=REFUND_STATUS.get(str(refund.get("status")), RefundStatus.PENDING),
+        currency=_upper(refund.get("currency")),
+        refund_id=ours if isinstance(ours, str) and ours else None,
+        failure_code=failure if isinstance(failure, str) else None,
     )
+
+
+def _required_id(obj: StripeObject) -> str:
+    found = _id_of(obj)
+    if not found:
+        raise ValueError("a Stripe object without an id")
+    return found
 
 
 # -- webhooks ------------------------------------------------------------------------------
@@ -287,8 +305,9 @@ def reference_of(obj: StripeObject) -> str | None:
 
 
 def webhook_event(event: StripeObject) -> WebhookEvent:
-    """Normalize one verified event. ``charge.refunded`` may come back without a reference
-    (charges do not carry the intent's metadata): the provider looks it up."""
+    """Normalize one verified event. A refund made at Stripe directly comes without our
+    metadata: the provider looks the reference up on its intent. Raises ValueError for an
+    event whose object is not shaped as its type says."""
     event_type = str(event["type"])
     obj: StripeObject = event["data"]["object"]
     created = event.get("created")
@@ -315,15 +334,13 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
         return WebhookEvent(
             **base, payment_id=_id_of(obj), status=status, reference=reference_of(obj)
         )
-    if event_type == "charge.refunded":
-        refunded = int(obj.get("amount_refunded") or 0)
+    if event_type in REFUND_EVENTS:
+        metadata = _expanded(obj.get("metadata")) or {}
+        ours = metadata.get("payment_id")
         return WebhookEvent(
             **base,
-            payment_id=_id_of(obj.get("payment_intent")),
-            status=PaymentStatus.REFUNDED
-            if obj.get("refunded")
-            else PaymentStatus.PARTIALLY_REFUNDED,
-            amount_refunded=refunded,
+            payment_id=ours if isinstance(ours, str) else _id_of(obj.get("payment_intent")),
+            refund=refund_result(obj),
             reference=reference_of(obj),
         )
     # payment_intent.*
