@@ -524,6 +524,22 @@ class TestRefundedBehindOurBack:
         assert (record.status, record.amount_refunded) == ("partially_refunded", 1000)
 
 
+class TestUnverifiedEventsAreNeverDuplicates:
+    async def test_an_unsigned_delivery_does_not_swallow_the_signed_one(
+        self, client: httpx.AsyncClient, fake: FakePayPal, app: Any
+    ) -> None:
+        payment_id = await paypal_payment(client)
+        fake.approve(order_id(payment_id))
+        [approved] = events_for(fake, "CHECKOUT.ORDER.APPROVED", payment_id)
+        # Unsigned: re-read from PayPal and applied, but it proves nothing about the event id.
+        unsigned = await deliver(client, fake, approved, signed=False)
+        assert unsigned.json()["outcome"] == "applied", unsigned.text
+        signed = await deliver(client, fake, approved)
+        assert signed.json()["outcome"] != "duplicate", signed.text
+        again = await deliver(client, fake, approved)
+        assert again.json()["outcome"] == "duplicate"
+
+
 class TestWebhooksPayPalCannotVouchFor:
     """PayPal's verification API is down: no event is trusted, each one only makes the
     service read the order from PayPal."""

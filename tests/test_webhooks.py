@@ -4,6 +4,7 @@ applies once, late events never move a payment backwards, forgeries change nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from app.errors import ProviderUnavailable
+from services.payment_providers.breaker import BreakerState
 from services.payment_providers.sandbox import sign_webhook
 from tests.conftest import assert_problem, create_payment
 
@@ -193,3 +196,33 @@ class TestForgeries:
     async def test_signed_junk_is_400(self, client: httpx.AsyncClient, body: bytes) -> None:
         response = await _deliver(client, body)
         assert_problem(response, 400, "invalid_payload")
+
+
+class TestWebhooksAndTheBreaker:
+    """Checking a signature is our own work: an open circuit never refuses a webhook, and a
+    webhook never counts for or against the provider."""
+
+    async def test_an_open_circuit_does_not_refuse_webhooks(
+        self, client: httpx.AsyncClient, app: Any
+    ) -> None:
+        payment = await create_payment(client)
+        breaker = app.state.service.guard.breaker("sandbox")
+
+        async def unreachable() -> None:
+            raise ProviderUnavailable("down", provider="sandbox", outcome_unknown=False)
+
+        for _ in range(200):
+            if await breaker.state() == BreakerState.OPEN:
+                break
+            with contextlib.suppress(ProviderUnavailable):
+                await breaker.call(unreachable)
+        assert await breaker.state() == BreakerState.OPEN
+        response = await _deliver(
+            client, _event("evt_open", "payment.succeeded", payment["payment_id"])
+        )
+        assert response.json()["outcome"] == "applied", response.text
+        forged = await _deliver(
+            client, _event("evt_f", "payment.failed", payment["payment_id"]), secret="x" * 20
+        )
+        assert_problem(forged, 400, "invalid_signature")
+        assert await breaker.state() == BreakerState.OPEN  # neither closed nor reopened by them
