@@ -129,6 +129,9 @@ class HeldOutProvider(BasePaymentProvider):
     async def refund(self, *args: Any, **kwargs: Any) -> RefundResult:
         self._refuse()
 
+    async def get_refund(self, *args: Any, **kwargs: Any) -> RefundResult:
+        self._refuse()
+
     async def parse_webhook(self, *args: Any, **kwargs: Any) -> WebhookEvent:
         self._refuse()
 
