@@ -140,3 +140,8 @@ def intent_request(
 def order_id(payment_id: str) -> str:
     assert payment_id.startswith("pp_")
     return payment_id[3:]
+
+
+def refund_id(n: int) -> str:
+    """One of our refund ids (``rf_`` + 24 hex characters), the n-th of a test."""
+    return f"rf_{n:024x}"

@@ -57,11 +57,12 @@ class TestNotConfigured:
             provider.capture("pp_5O190127TN364715T", idempotency_key="k"),
             provider.refund(
                 "pp_5O190127TN364715T",
+                refund_id="rf_" + "0" * 24,
                 amount=100,
                 currency="EUR",
                 capture_id=None,
-                idempotency_key="k",
             ),
+            provider.get_refund("pp_5O190127TN364715T", "1JU08902781691411"),
             provider.parse_webhook(b"{}", {}),
         ]
         for call in calls:
@@ -188,7 +189,7 @@ class TestVerify:
         assert state.status is PaymentStatus.SUCCEEDED
         assert state.capture_id == captured.capture_id
         assert state.capture_id in fake_paypal.captures
-        assert state.amount_refunded == 0
+        assert state.refunds == ()  # PayPal lists the order's refunds: none yet
         assert state.payment_id == result.payment_id
 
     async def test_approval_through_the_buyer_page(

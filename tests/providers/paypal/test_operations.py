@@ -6,15 +6,16 @@ import pytest
 
 from app.errors import (
     InvalidStateTransition,
+    NotFound,
     OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, Plan
+from models.payment import PaymentStatus, Plan, RefundStatus
 from services.payment_providers.paypal import PayPalProvider
 from tests.fakes.paypal_server import FakePayPal
-from tests.providers.paypal.conftest import intent_request, order_id
+from tests.providers.paypal.conftest import intent_request, order_id, refund_id
 
 
 async def approved(provider: PayPalProvider, fake: FakePayPal, plan: Plan | None = None) -> str:
@@ -117,33 +118,52 @@ class TestRefund:
     ) -> None:
         payment_id = await captured(provider, fake_paypal)
         state = await provider.verify_payment(payment_id)
+        assert state.capture_id is not None
 
         first = await provider.refund(
             payment_id,
+            refund_id=refund_id(1),
             amount=500,
             currency="EUR",
             capture_id=state.capture_id,
-            idempotency_key="r1",
         )
-        assert (first.amount, first.status, first.amount_refunded_total) == (500, "succeeded", 500)
+        assert (first.amount, first.status, first.currency, first.refund_id) == (
+            500,
+            RefundStatus.SUCCEEDED,
+            "EUR",
+            refund_id(1),
+        )
+        assert first.provider_refund_id in fake_paypal.refunds
         partial = await provider.verify_payment(payment_id)
-        assert partial.status is PaymentStatus.PARTIALLY_REFUNDED
-        assert partial.amount_refunded == 500
+        assert partial.status is PaymentStatus.PARTIALLY_REFUNDED  # PayPal's word on the capture
+        assert partial.refunds == (first,)
+        capture = fake_paypal.captures[state.capture_id]
+        assert capture["status"] == "PARTIALLY_REFUNDED"
 
         rest = await provider.refund(
             payment_id,
+            refund_id=refund_id(2),
             amount=1400,
             currency="EUR",
             capture_id=state.capture_id,
-            idempotency_key="r2",
         )
-        assert (rest.amount, rest.amount_refunded_total) == (1400, 1900)
+        assert (rest.amount, rest.status, rest.refund_id) == (
+            1400,
+            RefundStatus.SUCCEEDED,
+            refund_id(2),
+        )
+        assert rest.provider_refund_id != first.provider_refund_id
         full = await provider.verify_payment(payment_id)
         assert full.status is PaymentStatus.REFUNDED
-        assert full.amount_refunded == 1900
+        assert full.refunds == (first, rest)
+        # The capture at PayPal shows the total: all of it went back.
+        assert capture["status"] == "REFUNDED"
+        [last] = [r for r in fake_paypal.refunds.values() if r["id"] == rest.provider_refund_id]
+        breakdown = last["seller_payable_breakdown"]
+        assert breakdown["total_refunded_amount"] == {"currency_code": "EUR", "value": "19.00"}
         assert [c.body for c in fake_paypal.calls("POST") if c.path.endswith("/refund")] == [
-            {"amount": {"currency_code": "EUR", "value": "5.00"}},
-            {"amount": {"currency_code": "EUR", "value": "14.00"}},
+            {"amount": {"currency_code": "EUR", "value": "5.00"}, "custom_id": refund_id(1)},
+            {"amount": {"currency_code": "EUR", "value": "14.00"}, "custom_id": refund_id(2)},
         ]
 
     async def test_without_a_capture_id_the_order_names_it(
@@ -151,24 +171,78 @@ class TestRefund:
     ) -> None:
         payment_id = await captured(provider, fake_paypal)
         result = await provider.refund(
-            payment_id, amount=1900, currency="EUR", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=1900, currency="EUR", capture_id=None
         )
-        assert result.amount_refunded_total == 1900
-        assert (await provider.verify_payment(payment_id)).status is PaymentStatus.REFUNDED
+        assert (result.amount, result.status) == (1900, RefundStatus.SUCCEEDED)
+        state = await provider.verify_payment(payment_id)
+        assert state.status is PaymentStatus.REFUNDED
+        assert state.capture_id is not None
+        [call] = [c for c in fake_paypal.calls("POST") if c.path.endswith("/refund")]
+        assert call.path == f"/v2/payments/captures/{state.capture_id}/refund"
+
+    async def test_the_refund_carries_our_refund_id(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        payment_id = await captured(provider, fake_paypal)
+        result = await provider.refund(
+            payment_id,
+            refund_id=refund_id(7),
+            amount=300,
+            currency="EUR",
+            capture_id=None,
+            reason="Damaged in transit",
+        )
+        assert result.refund_id == refund_id(7)
+        stored = fake_paypal.refunds[result.provider_refund_id]
+        # Our id is the refund's custom_id (not the order reference the capture carries)...
+        assert stored["custom_id"] == refund_id(7)
+        assert stored["note_to_payer"] == "Damaged in transit"
+        # ...and the PayPal-Request-Id, so that asking again never refunds twice.
+        [call] = [c for c in fake_paypal.calls("POST") if c.path.endswith("/refund")]
+        assert call.request_id == refund_id(7)
+
+    async def test_get_refund_reads_it_back(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        payment_id = await captured(provider, fake_paypal)
+        made = await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=800, currency="EUR", capture_id=None
+        )
+        found = await provider.get_refund(payment_id, made.provider_refund_id)
+        assert found == made
+        assert (found.amount, found.currency, found.status, found.refund_id) == (
+            800,
+            "EUR",
+            RefundStatus.SUCCEEDED,
+            refund_id(1),
+        )
+        assert fake_paypal.calls("GET", f"/v2/payments/refunds/{made.provider_refund_id}")
+
+    async def test_get_refund_of_an_unknown_refund(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        payment_id = await captured(provider, fake_paypal)
+        with pytest.raises(NotFound):
+            await provider.get_refund(payment_id, "1JU08902781691411")
+        count = len(fake_paypal.requests)
+        with pytest.raises(NotFound):  # not shaped like a PayPal id: PayPal is not asked
+            await provider.get_refund(payment_id, "../captures/x")
+        assert len(fake_paypal.requests) == count
 
     async def test_more_than_is_left(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
     ) -> None:
         payment_id = await captured(provider, fake_paypal)
-        await provider.refund(
-            payment_id, amount=1500, currency="EUR", capture_id=None, idempotency_key="r1"
+        first = await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=1500, currency="EUR", capture_id=None
         )
         with pytest.raises(RefundExceedsBalance):
             await provider.refund(
-                payment_id, amount=500, currency="EUR", capture_id=None, idempotency_key="r2"
+                payment_id, refund_id=refund_id(2), amount=500, currency="EUR", capture_id=None
             )
         state = await provider.verify_payment(payment_id)
-        assert state.amount_refunded == 1500
+        assert state.refunds == (first,)
+        assert len(fake_paypal.refunds) == 1
 
     async def test_after_a_full_refund(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
@@ -177,42 +251,48 @@ class TestRefund:
         state = await provider.verify_payment(payment_id)
         await provider.refund(
             payment_id,
+            refund_id=refund_id(1),
             amount=1900,
             currency="EUR",
             capture_id=state.capture_id,
-            idempotency_key="r1",
         )
         with pytest.raises(RefundExceedsBalance):
             await provider.refund(
                 payment_id,
+                refund_id=refund_id(2),
                 amount=1,
                 currency="EUR",
                 capture_id=state.capture_id,
-                idempotency_key="r2",
             )
+        assert len(fake_paypal.refunds) == 1
 
-    async def test_a_retry_with_the_same_key_refunds_once(
+    async def test_a_retry_with_the_same_refund_id_refunds_once(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
     ) -> None:
         payment_id = await captured(provider, fake_paypal)
         first = await provider.refund(
-            payment_id, amount=700, currency="EUR", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=700, currency="EUR", capture_id=None
         )
         again = await provider.refund(
-            payment_id, amount=700, currency="EUR", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=700, currency="EUR", capture_id=None
         )
         assert again == first
-        assert (await provider.verify_payment(payment_id)).amount_refunded == 700
+        assert again.provider_refund_id == first.provider_refund_id
+        assert list(fake_paypal.refunds) == [first.provider_refund_id]
+        assert (await provider.verify_payment(payment_id)).refunds == (first,)
 
     async def test_yen(self, provider: PayPalProvider, fake_paypal: FakePayPal) -> None:
         plan = Plan(code="jp", name="Basic JP", amount=1900, currency="JPY")
         payment_id = await captured(provider, fake_paypal, plan)
         result = await provider.refund(
-            payment_id, amount=900, currency="JPY", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=900, currency="JPY", capture_id=None
         )
-        assert result.amount_refunded_total == 900
+        assert (result.amount, result.currency) == (900, "JPY")
         [call] = [c for c in fake_paypal.calls("POST") if c.path.endswith("/refund")]
-        assert call.body == {"amount": {"currency_code": "JPY", "value": "900"}}
+        assert call.body == {
+            "amount": {"currency_code": "JPY", "value": "900"},
+            "custom_id": refund_id(1),
+        }
 
     async def test_nothing_to_refund_before_capture(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
@@ -220,17 +300,18 @@ class TestRefund:
         payment_id = await approved(provider, fake_paypal)
         with pytest.raises(InvalidStateTransition):
             await provider.refund(
-                payment_id, amount=100, currency="EUR", capture_id=None, idempotency_key="r1"
+                payment_id, refund_id=refund_id(1), amount=100, currency="EUR", capture_id=None
             )
+        assert fake_paypal.refunds == {}
 
     async def test_unknown_capture(self, provider: PayPalProvider, fake_paypal: FakePayPal) -> None:
         with pytest.raises(PaymentNotFound):
             await provider.refund(
                 "pp_5O190127TN364715T",
+                refund_id=refund_id(1),
                 amount=100,
                 currency="EUR",
                 capture_id="3C679366HH908993F",
-                idempotency_key="r1",
             )
 
 

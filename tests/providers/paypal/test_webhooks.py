@@ -10,10 +10,17 @@ from typing import Any
 import pytest
 
 from app.errors import InvalidWebhookPayload, ProviderUnavailable
-from models.payment import PaymentStatus, Plan
+from models.payment import PaymentStatus, Plan, RefundStatus
+from services.payment_providers.base import RefundResult
 from services.payment_providers.paypal import PayPalProvider
 from tests.fakes.paypal_server import FakePayPal, WebhookSigner
-from tests.providers.paypal.conftest import WEBHOOK_ID, MakeProvider, intent_request, order_id
+from tests.providers.paypal.conftest import (
+    WEBHOOK_ID,
+    MakeProvider,
+    intent_request,
+    order_id,
+    refund_id,
+)
 
 VERIFY = "/v1/notifications/verify-webhook-signature"
 
@@ -90,27 +97,104 @@ class TestVerifiedEvents:
     ) -> None:
         payment_id = await paid(provider, fake_paypal)
         reference = fake_paypal.orders[order_id(payment_id)]["purchase_units"][0]["custom_id"]
-        await provider.refund(
-            payment_id, amount=500, currency="EUR", capture_id=None, idempotency_key="r1"
+        first = await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
         )
-        partial = await deliver(
-            provider, fake_paypal, fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")
-        )
+        sent = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")
+        partial = await deliver(provider, fake_paypal, sent)
         assert partial.verified is True
-        assert partial.status is PaymentStatus.PARTIALLY_REFUNDED
-        assert partial.amount_refunded == 500
+        # A refund event claims no payment status: it carries the refund, followed on its own.
+        assert partial.status is None
+        assert partial.refund == RefundResult(
+            provider_refund_id=first.provider_refund_id,
+            amount=500,
+            status=RefundStatus.SUCCEEDED,
+            currency="EUR",
+            refund_id=refund_id(1),
+        )
         assert partial.payment_id == payment_id  # found through the refunded capture
+        assert partial.capture_id == (await provider.verify_payment(payment_id)).capture_id
+        # The refund's custom_id is our refund id; the reference comes off the capture.
+        assert sent["resource"]["custom_id"] == refund_id(1)
         assert partial.reference == reference
 
-        await provider.refund(
-            payment_id, amount=1400, currency="EUR", capture_id=None, idempotency_key="r2"
+        rest = await provider.refund(
+            payment_id, refund_id=refund_id(2), amount=1400, currency="EUR", capture_id=None
         )
         full = await deliver(
             provider, fake_paypal, fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")
         )
-        assert full.status is PaymentStatus.REFUNDED
-        assert full.amount_refunded == 1900
+        assert full.status is None
+        assert full.refund is not None
+        assert (full.refund.provider_refund_id, full.refund.amount, full.refund.refund_id) == (
+            rest.provider_refund_id,
+            1400,
+            refund_id(2),
+        )
+        assert full.refund.status is RefundStatus.SUCCEEDED
         assert full.payment_id == payment_id
+        assert full.reference == reference
+
+    async def test_a_refund_made_at_paypal_directly(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        # Made on paypal.com, not by us: the refund keeps the capture's custom_id (our order
+        # reference), so it carries no refund id of ours.
+        payment_id = await paid(provider, fake_paypal)
+        reference = fake_paypal.orders[order_id(payment_id)]["purchase_units"][0]["custom_id"]
+        await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
+        )
+        resource = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")["resource"]
+        resource["custom_id"] = reference
+        sent = fake_paypal.build_event("PAYMENT.CAPTURE.REFUNDED", resource, resource_type="refund")
+        event = await deliver(provider, fake_paypal, sent)
+        assert event.refund is not None
+        assert event.refund.refund_id is None
+        assert event.refund.provider_refund_id == resource["id"]
+        assert (event.payment_id, event.reference) == (payment_id, reference)
+
+    async def test_a_reversal_is_a_refund_we_did_not_ask_for(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        payment_id = await paid(provider, fake_paypal)
+        reference = fake_paypal.orders[order_id(payment_id)]["purchase_units"][0]["custom_id"]
+        await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=1900, currency="EUR", capture_id=None
+        )
+        resource = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")["resource"]
+        resource["id"] = "8MC585209K746392H"
+        resource["custom_id"] = reference
+        sent = fake_paypal.build_event("PAYMENT.CAPTURE.REVERSED", resource, resource_type="refund")
+        event = await deliver(provider, fake_paypal, sent)
+        assert (event.event_type, event.verified, event.status) == (
+            "PAYMENT.CAPTURE.REVERSED",
+            True,
+            None,
+        )
+        assert event.refund == RefundResult(
+            provider_refund_id="8MC585209K746392H",
+            amount=1900,
+            status=RefundStatus.SUCCEEDED,
+            currency="EUR",
+        )
+        assert (event.payment_id, event.reference) == (payment_id, reference)
+
+    @pytest.mark.parametrize(
+        "resource",
+        [
+            {"status": "COMPLETED", "amount": {"currency_code": "EUR", "value": "5.00"}},
+            {"id": "../v1/oauth2/token", "status": "COMPLETED"},
+            {"id": "1JU08902781691411", "status": "COMPLETED"},
+            {"id": "1JU08902781691411", "amount": {"currency_code": "EUR", "value": "five"}},
+        ],
+    )
+    async def test_a_refund_event_whose_resource_is_not_a_refund(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal, resource: dict[str, Any]
+    ) -> None:
+        sent = fake_paypal.build_event("PAYMENT.CAPTURE.REFUNDED", resource, resource_type="refund")
+        with pytest.raises(InvalidWebhookPayload):
+            await deliver(provider, fake_paypal, sent)
 
     async def test_an_event_type_we_do_not_handle(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
@@ -257,21 +341,44 @@ class TestUntrustedEvents:
     ) -> None:
         payment_id = await paid(provider, fake_paypal)
         await provider.refund(
-            payment_id, amount=500, currency="EUR", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
         )
         sent = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")
         fake_paypal.fail_next("unavailable", times=3, path_prefix="/v2/payments/captures/")
         event = await deliver(provider, fake_paypal, sent, signer=forger)
         assert event.verified is False
         assert event.payment_id is None
-        assert event.reference == sent["resource"]["custom_id"]
+        # The refund's custom_id is our refund id, not an order reference: it is what the
+        # event still carries back to our record.
+        assert event.reference is None
+        assert event.refund is not None
+        assert event.refund.refund_id == refund_id(1)
+
+    async def test_unverified_direct_refund_whose_capture_cannot_be_read(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal, forger: WebhookSigner
+    ) -> None:
+        # A refund made at PayPal directly keeps the capture's custom_id: our order reference.
+        payment_id = await paid(provider, fake_paypal)
+        reference = fake_paypal.orders[order_id(payment_id)]["purchase_units"][0]["custom_id"]
+        await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
+        )
+        resource = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")["resource"]
+        resource["custom_id"] = reference
+        sent = fake_paypal.build_event("PAYMENT.CAPTURE.REFUNDED", resource, resource_type="refund")
+        fake_paypal.fail_next("unavailable", times=3, path_prefix="/v2/payments/captures/")
+        event = await deliver(provider, fake_paypal, sent, signer=forger)
+        assert event.verified is False
+        assert event.payment_id is None
+        assert event.reference == reference
+        assert event.refund is not None and event.refund.refund_id is None
 
     async def test_verified_refund_whose_capture_cannot_be_read_is_delivered_again(
         self, provider: PayPalProvider, fake_paypal: FakePayPal
     ) -> None:
         payment_id = await paid(provider, fake_paypal)
         await provider.refund(
-            payment_id, amount=500, currency="EUR", capture_id=None, idempotency_key="r1"
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
         )
         sent = fake_paypal.last_event("PAYMENT.CAPTURE.REFUNDED")
         fake_paypal.fail_next("unavailable", times=3, path_prefix="/v2/payments/captures/")

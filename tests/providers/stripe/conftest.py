@@ -113,3 +113,8 @@ def intent_request(
         base_url="https://payments.example.com",
         **fields,
     )
+
+
+def refund_id(n: int) -> str:
+    """One of our refund ids (``rf_`` + 24 hex characters), the n-th of a test."""
+    return f"rf_{n:024x}"

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from app.errors import InvalidStateTransition, ProviderUpstreamError, RefundExceedsBalance
-from models.payment import PaymentStatus
+from app.errors import (
+    InvalidStateTransition,
+    NotFound,
+    ProviderUpstreamError,
+    RefundExceedsBalance,
+)
+from models.payment import PaymentStatus, RefundStatus
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.stripe_server import FakeStripe
-from tests.providers.stripe.conftest import intent_request
+from tests.providers.stripe.conftest import intent_request, refund_id
 
 MODES = ["hosted", "embedded"]
 
@@ -80,7 +87,10 @@ class TestCancel:
         payment_id = await _paid(provider, fake_stripe, mode, capture_method="manual")
         state = await provider.cancel(payment_id, idempotency_key="cancel-auth")
         assert state.status is PaymentStatus.CANCELED
-        assert state.amount_refunded == 0  # a released authorization paid nothing back
+        # A released authorization paid nothing back: nothing was captured (the charge shows
+        # as refunded at Stripe, but verify no longer reads refunds off the charge).
+        assert state.capture_id is None
+        assert state.refunds is None
         assert (await provider.verify_payment(payment_id)).status is PaymentStatus.CANCELED
 
     async def test_cancelling_twice_answers_the_same(
@@ -100,6 +110,15 @@ class TestCancel:
         assert (await provider.verify_payment(payment_id)).status is PaymentStatus.SUCCEEDED
 
 
+def _charge(fake: FakeStripe, payment_id: str) -> dict[str, Any]:
+    """The fake's charge behind ``payment_id`` (a session or an intent)."""
+    if payment_id.startswith("cs_"):
+        intent_id = fake.sessions[payment_id]["payment_intent"]
+    else:
+        intent_id = payment_id
+    return fake.charges[fake.payment_intents[intent_id]["latest_charge"]]
+
+
 @pytest.mark.parametrize("mode", MODES)
 class TestRefund:
     async def test_partial_then_full(
@@ -108,38 +127,94 @@ class TestRefund:
         payment_id = await _paid(provider, fake_stripe, mode)
 
         partial = await provider.refund(
-            payment_id, amount=500, currency="EUR", capture_id=None, idempotency_key="refund-1"
+            payment_id, refund_id=refund_id(1), amount=500, currency="EUR", capture_id=None
         )
-        assert partial.refund_id.startswith("re_")
-        assert (partial.amount, partial.status, partial.amount_refunded_total) == (
+        assert partial.provider_refund_id.startswith("re_")
+        assert (partial.amount, partial.status, partial.currency, partial.refund_id) == (
             500,
-            "succeeded",
-            500,
+            RefundStatus.SUCCEEDED,
+            "EUR",
+            refund_id(1),
         )
+        charge = _charge(fake_stripe, payment_id)
+        assert (charge["amount_refunded"], charge["refunded"]) == (500, False)
         state = await provider.verify_payment(payment_id)
-        assert (state.status, state.amount_refunded, state.amount) == (
-            PaymentStatus.PARTIALLY_REFUNDED,
-            500,
-            1900,
-        )
+        # verify no longer turns a refunded charge into (partially) refunded: the service
+        # follows each refund on its own, and the payment stays paid.
+        assert (state.status, state.amount, state.refunds) == (PaymentStatus.SUCCEEDED, 1900, None)
 
         rest = await provider.refund(
-            payment_id, amount=1400, currency="EUR", capture_id=None, idempotency_key="refund-2"
+            payment_id, refund_id=refund_id(2), amount=1400, currency="EUR", capture_id=None
         )
-        assert rest.amount_refunded_total == 1900
+        assert (rest.amount, rest.status, rest.refund_id) == (
+            1400,
+            RefundStatus.SUCCEEDED,
+            refund_id(2),
+        )
+        assert rest.provider_refund_id != partial.provider_refund_id
+        assert (charge["amount_refunded"], charge["refunded"]) == (1900, True)
         state = await provider.verify_payment(payment_id)
-        assert (state.status, state.amount_refunded) == (PaymentStatus.REFUNDED, 1900)
+        assert state.status is PaymentStatus.SUCCEEDED  # as above: refunds are not its business
+
+    async def test_the_refund_carries_our_ids(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode)
+        result = await provider.refund(
+            payment_id,
+            refund_id=refund_id(3),
+            amount=300,
+            currency="EUR",
+            capture_id=None,
+            reason="Damaged in transit",
+        )
+        [call] = fake_stripe.calls("POST", "/v1/refunds")
+        # Our refund id is Stripe's idempotency key, so that asking again never refunds twice.
+        assert call.idempotency_key == refund_id(3)
+        assert call.body["metadata"] == {
+            "refund_id": refund_id(3),
+            "payment_id": payment_id,
+            "reason": "Damaged in transit",
+        }
+        assert fake_stripe.refunds[result.provider_refund_id]["metadata"]["refund_id"] == (
+            refund_id(3)
+        )
+        assert result.refund_id == refund_id(3)
+
+    async def test_get_refund_reads_it_back(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode)
+        made = await provider.refund(
+            payment_id, refund_id=refund_id(1), amount=800, currency="EUR", capture_id=None
+        )
+        found = await provider.get_refund(payment_id, made.provider_refund_id)
+        assert found == made
+        assert (found.amount, found.currency, found.status, found.refund_id) == (
+            800,
+            "EUR",
+            RefundStatus.SUCCEEDED,
+            refund_id(1),
+        )
+        assert fake_stripe.calls("GET", f"/v1/refunds/{made.provider_refund_id}")
+
+    async def test_get_refund_of_an_unknown_refund(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode)
+        with pytest.raises(NotFound):
+            await provider.get_refund(payment_id, "re_3DoesNotExist0000000000")
 
     async def test_more_than_is_left_is_refused(
         self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
     ) -> None:
         payment_id = await _paid(provider, fake_stripe, mode)
         await provider.refund(
-            payment_id, amount=1000, currency="EUR", capture_id=None, idempotency_key="r-1"
+            payment_id, refund_id=refund_id(1), amount=1000, currency="EUR", capture_id=None
         )
         with pytest.raises(RefundExceedsBalance) as caught:
             await provider.refund(
-                payment_id, amount=1000, currency="EUR", capture_id=None, idempotency_key="r-2"
+                payment_id, refund_id=refund_id(2), amount=1000, currency="EUR", capture_id=None
             )
         assert caught.value.status == 422
         assert "unrefunded" not in caught.value.detail  # Stripe's words stay in the logs
@@ -150,26 +225,28 @@ class TestRefund:
     ) -> None:
         payment_id = await _paid(provider, fake_stripe, mode)
         await provider.refund(
-            payment_id, amount=1900, currency="EUR", capture_id=None, idempotency_key="r-all"
+            payment_id, refund_id=refund_id(1), amount=1900, currency="EUR", capture_id=None
         )
         with pytest.raises(RefundExceedsBalance):
             await provider.refund(
-                payment_id, amount=1, currency="EUR", capture_id=None, idempotency_key="r-more"
+                payment_id, refund_id=refund_id(2), amount=1, currency="EUR", capture_id=None
             )
+        assert len(fake_stripe.refunds) == 1
 
     async def test_a_retried_refund_refunds_once(
         self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
     ) -> None:
         payment_id = await _paid(provider, fake_stripe, mode)
         first = await provider.refund(
-            payment_id, amount=700, currency="EUR", capture_id=None, idempotency_key="r-same"
+            payment_id, refund_id=refund_id(1), amount=700, currency="EUR", capture_id=None
         )
         second = await provider.refund(
-            payment_id, amount=700, currency="EUR", capture_id=None, idempotency_key="r-same"
+            payment_id, refund_id=refund_id(1), amount=700, currency="EUR", capture_id=None
         )
         assert first == second
-        assert len(fake_stripe.refunds) == 1
-        assert (await provider.verify_payment(payment_id)).amount_refunded == 700
+        assert second.provider_refund_id == first.provider_refund_id
+        assert list(fake_stripe.refunds) == [first.provider_refund_id]
+        assert _charge(fake_stripe, payment_id)["amount_refunded"] == 700
 
     async def test_an_unpaid_payment_has_nothing_to_refund(
         self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
@@ -178,10 +255,10 @@ class TestRefund:
         with pytest.raises(InvalidStateTransition):
             await provider.refund(
                 result.payment_id,
+                refund_id=refund_id(1),
                 amount=100,
                 currency="EUR",
                 capture_id=None,
-                idempotency_key="r-unpaid",
             )
         assert fake_stripe.refunds == {}
         assert fake_stripe.calls("POST", "/v1/refunds") == []
@@ -192,6 +269,6 @@ class TestRefund:
         payment_id = await _paid(provider, fake_stripe, mode)
         with pytest.raises(ProviderUpstreamError):
             await provider.refund(
-                payment_id, amount=100, currency="USD", capture_id=None, idempotency_key="r-usd"
+                payment_id, refund_id=refund_id(1), amount=100, currency="USD", capture_id=None
             )
         assert fake_stripe.calls("POST", "/v1/refunds") == []

@@ -8,18 +8,21 @@ import json
 import time
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from app.errors import InvalidWebhookPayload, InvalidWebhookSignature
-from models.payment import PaymentStatus
-from services.payment_providers.base import WebhookEvent
+from models.payment import PaymentStatus, RefundStatus
+from services.payment_providers.base import RefundResult, WebhookEvent
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.stripe_server import FakeStripe
 from tests.providers.stripe.conftest import (
+    SECRET_KEY,
     WEBHOOK_SECRET,
     MakeProvider,
     intent_request,
     logged,
+    refund_id,
 )
 
 
@@ -131,59 +134,183 @@ class TestHandledEvents:
         )
         assert (parsed.status, parsed.reference) == (PaymentStatus.REQUIRES_CAPTURE, reference)
 
-    async def test_charge_refunded_partly_then_fully(
-        self, provider: StripeProvider, fake_stripe: FakeStripe
-    ) -> None:
-        session_id, reference = await _hosted(provider)
-        intent = fake_stripe.pay(session_id)
-        await provider.refund(
-            session_id, amount=400, currency="EUR", capture_id=None, idempotency_key="r-1"
-        )
-        partly = await _deliver(provider, fake_stripe.last_event("charge.refunded"))
-        assert (partly.status, partly.amount_refunded, partly.payment_id, partly.reference) == (
-            PaymentStatus.PARTIALLY_REFUNDED,
-            400,
-            intent["id"],
-            reference,
-        )
-        await provider.refund(
-            session_id, amount=1500, currency="EUR", capture_id=None, idempotency_key="r-2"
-        )
-        fully = await _deliver(provider, fake_stripe.last_event("charge.refunded"))
-        assert (fully.status, fully.amount_refunded, fully.reference) == (
-            PaymentStatus.REFUNDED,
-            1900,
-            reference,
-        )
-
-    async def test_charge_refunded_reads_the_reference_off_the_intent(
-        self, provider: StripeProvider, fake_stripe: FakeStripe
-    ) -> None:
-        session_id, reference = await _hosted(provider)
-        intent = fake_stripe.pay(session_id)
-        await provider.refund(
-            session_id, amount=400, currency="EUR", capture_id=None, idempotency_key="r-1"
-        )
-        event = fake_stripe.last_event("charge.refunded")
-        assert event["data"]["object"]["metadata"] == {}  # charges lack the intent's metadata
-        before = len(fake_stripe.calls("GET", f"/v1/payment_intents/{intent['id']}"))
-        assert (await _deliver(provider, event)).reference == reference
-        after = len(fake_stripe.calls("GET", f"/v1/payment_intents/{intent['id']}"))
-        assert after == before + 1
-
-    async def test_charge_refunded_with_its_own_metadata_needs_no_lookup(
+    async def test_refund_created_partly_then_fully(
         self, provider: StripeProvider, fake_stripe: FakeStripe
     ) -> None:
         session_id, _ = await _hosted(provider)
         fake_stripe.pay(session_id)
-        fake_stripe.set_charge_metadata(session_id, {"reference": "ord_on_the_charge"})
+        first = await provider.refund(
+            session_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
+        )
+        event = fake_stripe.last_event("refund.created")
+        partly = await _deliver(provider, event)
+        # A refund event claims no payment status: it carries the refund, found by the
+        # payment_id we put in its metadata.
+        assert partly == WebhookEvent(
+            event_id=event["id"],
+            event_type="refund.created",
+            verified=True,
+            payment_id=session_id,
+            refund=RefundResult(
+                provider_refund_id=first.provider_refund_id,
+                amount=400,
+                status=RefundStatus.SUCCEEDED,
+                currency="EUR",
+                refund_id=refund_id(1),
+            ),
+            occurred_at=datetime.fromtimestamp(event["created"], UTC),
+        )
+
+        rest = await provider.refund(
+            session_id, refund_id=refund_id(2), amount=1500, currency="EUR", capture_id=None
+        )
+        fully = await _deliver(provider, fake_stripe.last_event("refund.created"))
+        assert (fully.payment_id, fully.status) == (session_id, None)
+        assert fully.refund is not None
+        assert (fully.refund.provider_refund_id, fully.refund.amount, fully.refund.refund_id) == (
+            rest.provider_refund_id,
+            1500,
+            refund_id(2),
+        )
+        # The charge at Stripe shows the total.
+        charge = fake_stripe.last_event("charge.refunded")["data"]["object"]
+        assert (charge["amount_refunded"], charge["refunded"]) == (1900, True)
+
+    async def test_refund_with_our_metadata_needs_no_lookup(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        session_id, _ = await _hosted(provider)
+        fake_stripe.pay(session_id)
         await provider.refund(
-            session_id, amount=400, currency="EUR", capture_id=None, idempotency_key="r-1"
+            session_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
         )
         count = len(fake_stripe.requests)
-        parsed = await _deliver(provider, fake_stripe.last_event("charge.refunded"))
-        assert parsed.reference == "ord_on_the_charge"
+        parsed = await _deliver(provider, fake_stripe.last_event("refund.created"))
+        assert parsed.payment_id == session_id  # metadata.payment_id, not the refund's intent
         assert len(fake_stripe.requests) == count
+
+    async def test_refund_of_an_embedded_payment(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        request = intent_request(options={"ui_mode": "embedded"})
+        result = await provider.create_payment_intent(request)
+        fake_stripe.pay(result.payment_id)
+        await provider.refund(
+            result.payment_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
+        )
+        parsed = await _deliver(provider, fake_stripe.last_event("refund.created"))
+        assert parsed.payment_id == result.payment_id
+        assert parsed.refund is not None and parsed.refund.refund_id == refund_id(1)
+        assert parsed.reference == request.reference
+
+    async def test_refund_made_at_stripe_directly_reads_the_reference_off_the_intent(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        session_id, reference = await _hosted(provider)
+        intent = fake_stripe.pay(session_id)
+        # Made in Stripe's dashboard, not by us: no metadata of ours on the refund.
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"{fake_stripe.url}/v1/refunds",
+                data={"payment_intent": intent["id"], "amount": "400"},
+                headers={"Authorization": f"Bearer {SECRET_KEY}"},
+            )
+        assert answer.status_code == 200, answer.text
+        event = fake_stripe.last_event("refund.created")
+        assert event["data"]["object"]["metadata"] == {}
+        path = f"/v1/payment_intents/{intent['id']}"
+        before = len(fake_stripe.calls("GET", path))
+        parsed = await _deliver(provider, event)
+        assert len(fake_stripe.calls("GET", path)) == before + 1
+        # Found by the refund's intent and our reference read off it, as the service knows
+        # this payment by its session ID.
+        assert (parsed.payment_id, parsed.reference) == (intent["id"], reference)
+        assert parsed.refund == RefundResult(
+            provider_refund_id=answer.json()["id"],
+            amount=400,
+            status=RefundStatus.SUCCEEDED,
+            currency="EUR",
+        )
+
+    @pytest.mark.parametrize(
+        ("event_type", "status", "failure"),
+        [
+            ("refund.updated", "pending", None),
+            ("refund.failed", "failed", "expired_or_canceled_card"),
+            ("charge.refund.updated", "canceled", None),
+            ("refund.updated", "requires_action", None),
+        ],
+    )
+    async def test_later_refund_events_carry_the_refund_as_it_is_now(
+        self,
+        provider: StripeProvider,
+        fake_stripe: FakeStripe,
+        event_type: str,
+        status: str,
+        failure: str | None,
+    ) -> None:
+        session_id, _ = await _hosted(provider)
+        fake_stripe.pay(session_id)
+        made = await provider.refund(
+            session_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
+        )
+        refund = dict(fake_stripe.refunds[made.provider_refund_id])
+        refund.update({"status": status, "failure_reason": failure})
+        parsed = await _deliver(provider, fake_stripe.build_event(event_type, refund))
+        assert (parsed.event_type, parsed.payment_id, parsed.status) == (
+            event_type,
+            session_id,
+            None,
+        )
+        assert parsed.refund == RefundResult(
+            provider_refund_id=made.provider_refund_id,
+            amount=400,
+            status={
+                "pending": RefundStatus.PENDING,
+                "requires_action": RefundStatus.PENDING,
+                "failed": RefundStatus.FAILED,
+                "canceled": RefundStatus.CANCELED,
+            }[status],
+            currency="EUR",
+            refund_id=refund_id(1),
+            failure_code=failure,
+        )
+
+    async def test_charge_refunded_is_no_longer_handled(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        # Each refund comes with its own refund.* event; charge.refunded only says the total.
+        session_id, _ = await _hosted(provider)
+        fake_stripe.pay(session_id)
+        await provider.refund(
+            session_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
+        )
+        event = fake_stripe.last_event("charge.refunded")
+        count = len(fake_stripe.requests)
+        parsed = await _deliver(provider, event)
+        assert (parsed.event_id, parsed.event_type, parsed.verified) == (
+            event["id"],
+            "charge.refunded",
+            True,
+        )
+        assert (parsed.status, parsed.refund, parsed.payment_id) == (None, None, None)
+        assert len(fake_stripe.requests) == count
+
+    @pytest.mark.parametrize(
+        "change",
+        [{"amount": None}, {"amount": 0}, {"amount": "400"}, {"amount": True}, {"id": None}],
+    )
+    async def test_a_refund_event_whose_object_is_not_a_refund(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, change: dict[str, object]
+    ) -> None:
+        session_id, _ = await _hosted(provider)
+        fake_stripe.pay(session_id)
+        made = await provider.refund(
+            session_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
+        )
+        refund = {**fake_stripe.refunds[made.provider_refund_id], **change}
+        with pytest.raises(InvalidWebhookPayload):
+            await _deliver(provider, fake_stripe.build_event("refund.created", refund))
 
     async def test_other_event_types_carry_no_status(
         self, provider: StripeProvider, fake_stripe: FakeStripe
