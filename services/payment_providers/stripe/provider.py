@@ -619,7 +619,11 @@ class StripeProvider(BasePaymentProvider):
             normalized = tx.webhook_event(event)
         except ValueError as error:
             raise InvalidWebhookPayload("The event's object is not what its type says") from error
-        if normalized.refund is not None and normalized.reference is None:
+        if (
+            normalized.refund is not None
+            and normalized.refund.refund_id is None  # ours carry our payment id already
+            and normalized.reference is None
+        ):
             normalized = await self._with_reference(normalized)
         log.info(
             "stripe.webhook.received",

@@ -198,10 +198,13 @@ class TestHandledEvents:
         await provider.refund(
             result.payment_id, refund_id=refund_id(1), amount=400, currency="EUR", capture_id=None
         )
+        before = len(fake_stripe.requests)
         parsed = await _deliver(provider, fake_stripe.last_event("refund.created"))
         assert parsed.payment_id == result.payment_id
         assert parsed.refund is not None and parsed.refund.refund_id == refund_id(1)
-        assert parsed.reference == request.reference
+        # Our refund names our payment: no read of the intent for a reference is needed.
+        assert parsed.reference is None
+        assert len(fake_stripe.requests) == before
 
     async def test_refund_made_at_stripe_directly_reads_the_reference_off_the_intent(
         self, provider: StripeProvider, fake_stripe: FakeStripe
