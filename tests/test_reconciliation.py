@@ -350,9 +350,7 @@ class TestUnknownOutcome:
         assert_problem(refused, 503, "provider_unavailable")
         assert (await app.state.reconciler.stats())["queued"] == 1
         # Nobody knows whether Stripe made it: the refund stays pending, its amount reserved.
-        refunds = await client.get(
-            f"/api/v1/payment/{payment_id}/refunds", headers=bearer(admin)
-        )
+        refunds = await client.get(f"/api/v1/payment/{payment_id}/refunds", headers=bearer(admin))
         assert refunds.json()["amount_pending_refund"] == 1900
         assert refunds.json()["refunds"][0]["status"] == "pending"
 
