@@ -10,7 +10,6 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,7 +71,6 @@ log = logging.getLogger("payments.service")
 
 T = TypeVar("T")
 
-SERVED_RECEIPTS_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +102,6 @@ class PaymentService:
             reconcile_after_s=self._reconcile_after_s,
         )
         self._background: set[asyncio.Task[None]] = set()
-        # Receipts already served: payment -> (owner, file name). A receipt is issued once, for
-        # a payment that stays paid, to an owner who never changes, so a repeat download is
-        # answered from memory without asking Redis again.
-        self._served_receipts: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
 
     @property
     def providers(self) -> PaymentProviderFactory:
@@ -713,19 +707,12 @@ class PaymentService:
         )
 
     async def receipt_pdf(self, payment_id: str, user: User) -> tuple[str, bytes]:
-        served = self._served_receipts.get(payment_id)
-        if served is not None and (user.is_admin or served[0] == user.sub):
-            data = self._receipts.in_memory(payment_id)
-            if data is not None:
-                return served[1], data
+        # The record is read on every download: a refund that succeeded since the last one
+        # changes what the receipt says (ReceiptService.key_of), on whichever worker it did.
         record = await self._receipt_record(payment_id, user)
         info = self._receipts.info(record, self._plan_of(record))
         data = await self._receipts.pdf(record, info.plan)
-        filename = f"receipt-{info.receipt_number}.pdf"
-        self._served_receipts[payment_id] = (record.owner, filename)
-        if len(self._served_receipts) > SERVED_RECEIPTS_MAX:
-            self._served_receipts.popitem(last=False)
-        return filename, data
+        return f"receipt-{info.receipt_number}.pdf", data
 
     def _plan_of(self, record: PaymentRecord) -> Plan:
         # A plan removed from the catalogue after the sale still gets a receipt.

@@ -128,6 +128,14 @@ class ReceiptService:
         shard = hashlib.sha256(payment_id.encode()).hexdigest()[:2]
         return self._directory / shard / f"{payment_id}.pdf"
 
+    @staticmethod
+    def key_of(record: PaymentRecord) -> str:
+        """Which rendering of the receipt ``record`` needs: one per sum of succeeded refunds,
+        so that a receipt shows what went back once (and only once) it has."""
+        if record.amount_refunded <= 0:
+            return record.payment_id
+        return f"{record.payment_id}-r{record.amount_refunded}"
+
     def info(self, record: PaymentRecord, plan: Plan) -> ReceiptInfo:
         paid_at = record.paid_at or record.updated_at
         return ReceiptInfo(
@@ -159,6 +167,13 @@ class ReceiptService:
             "provider": record.provider,
             "payment_id": record.payment_id,
             "customer_email": record.customer_email,
+            # Succeeded refunds only: a pending one has given nothing back yet.
+            "refunded": (
+                format_amount(record.amount_refunded, record.currency)
+                if record.amount_refunded > 0
+                else None
+            ),
+            "net": format_amount(record.amount - record.amount_refunded, record.currency),
         }
 
     def in_memory(self, payment_id: str) -> bytes | None:
@@ -167,7 +182,7 @@ class ReceiptService:
 
     async def pdf(self, record: PaymentRecord, plan: Plan) -> bytes:
         """The receipt's bytes: from memory, from disk, or rendered now (once)."""
-        key = record.payment_id
+        key = self.key_of(record)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -181,15 +196,16 @@ class ReceiptService:
 
     async def ensure(self, record: PaymentRecord, plan: Plan) -> None:
         """Make sure the receipt exists on disk (called when a payment succeeds)."""
-        if self._cache.get(record.payment_id) is not None:
+        key = self.key_of(record)
+        if self._cache.get(key) is not None:
             return
-        if await asyncio.to_thread(self.path_for(record.payment_id).exists):
+        if await asyncio.to_thread(self.path_for(key).exists):
             return
         data = await self._render_once(record, plan)
-        self._cache.put(record.payment_id, data)
+        self._cache.put(key, data)
 
     async def _render_once(self, record: PaymentRecord, plan: Plan) -> bytes:
-        key = record.payment_id
+        key = self.key_of(record)
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)

@@ -8,11 +8,13 @@ succeed or fail, telling the service directly or by pushed webhooks.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from typing import Any
 
 import httpx
 import pytest
+from pypdf import PdfReader
 
 from tests.conftest import assert_problem, bearer, create_payment, pay_in_sandbox
 
@@ -263,3 +265,30 @@ class TestCreateIdempotencyOutlivesItsLease:
         assert answer.json() == retry.json()
         created = [r for r in caplog.records if r.getMessage() == "payment.created"]
         assert len(created) == 1, "the retry started a second create"
+
+
+class TestReceiptShowsSucceededRefunds:
+    async def test_pending_refunds_are_not_on_it_succeeded_ones_are(
+        self, client: httpx.AsyncClient, admin: dict[str, str], token: Any
+    ) -> None:
+        alice = bearer(token("alice"))
+        payment = await create_payment(
+            client,
+            token=token("alice"),
+            sandbox={"refund": "pending_then_succeeded", "refund_settle_ms": SETTLE_MS},
+        )
+        payment_id = payment["payment_id"]
+        await pay_in_sandbox(client, payment_id)
+        url = f"/api/v1/payment/receipt/{payment_id}/pdf"
+        assert "Refunded" not in _pdf_text((await client.get(url, headers=alice)).content)
+        assert (await _refund(client, payment_id, admin, amount=900)).status_code == 202
+        # Pending: nothing went back yet, so the receipt says nothing of it.
+        assert "Refunded" not in _pdf_text((await client.get(url, headers=alice)).content)
+        await _until_settled(client, payment_id, admin)
+        text = _pdf_text((await client.get(url, headers=alice)).content)
+        assert "Refunded" in text and "9.00" in text
+        assert "Net paid" in text and "20.00" in text
+
+
+def _pdf_text(data: bytes) -> str:
+    return "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(data)).pages)
