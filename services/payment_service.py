@@ -72,7 +72,6 @@ log = logging.getLogger("payments.service")
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True, slots=True)
 class WebhookAck:
     event_id: str

@@ -207,7 +207,9 @@ def verify_webhook_signature(secret: str, body: bytes, header: str | None, *, no
     if abs(now - timestamp) > SIGNATURE_TOLERANCE_S:
         raise InvalidWebhookSignature("Signature timestamp outside the tolerance")
     expected = sign_webhook(secret, body, timestamp=timestamp).split("v1=", 1)[1]
-    if not hmac.compare_digest(expected, parts.get("v1", "")):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    given = parts.get("v1", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(expected.encode(), given):
         raise InvalidWebhookSignature("Signature does not match")
 
 
@@ -567,7 +569,9 @@ class SandboxProvider(BasePaymentProvider):
         )
         try:
             event = load_json(body)
-            event_id, event_type = str(event["id"]), str(event["type"])
+            event_id, event_type = event["id"], event["type"]
+            if not isinstance(event_id, str) or not isinstance(event_type, str):
+                raise TypeError("an event's id and type are strings")
             data = event.get("data") or {}
             payment_id = data.get("payment_id")
             refund = (

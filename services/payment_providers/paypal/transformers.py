@@ -112,6 +112,10 @@ def from_paypal_value(value: Any, currency: str) -> int:
         major = Decimal(str(value))
     except InvalidOperation as error:
         raise ValueError(f"not an amount: {value!r}") from error
+    # Nothing PayPal moves is infinite, NaN or beyond 10^18 major units; refusing those first
+    # also keeps a value like "1e300000" from costing seconds of CPU in int() below.
+    if not major.is_finite() or major.adjusted() > 18:
+        raise ValueError(f"not an amount: {value!r}")
     minor = major.scaleb(currency_exponent(currency))
     if minor != minor.to_integral_value():
         raise ValueError(f"{value} {currency} is finer than the currency's minor unit")

@@ -593,6 +593,9 @@ class StripeProvider(BasePaymentProvider):
         except UnicodeDecodeError as error:
             # Stripe signs text; a body that is not text cannot carry its signature.
             raise InvalidWebhookSignature("The webhook body is not UTF-8 text") from error
+        if signature is not None and not signature.isascii():
+            # The SDK's comparison raises TypeError on non-ASCII text: Stripe sends none.
+            raise InvalidWebhookSignature("The Stripe-Signature header is not ASCII")
         try:
             stripe.WebhookSignature.verify_header(
                 payload, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_S

@@ -315,9 +315,7 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
         "event_id": str(event["id"]),
         "event_type": event_type,
         "verified": True,
-        "occurred_at": datetime.fromtimestamp(created, UTC)
-        if isinstance(created, int | float)
-        else None,
+        "occurred_at": _moment(created),
     }
     if event_type not in HANDLED_EVENTS:
         return WebhookEvent(**base)
@@ -350,3 +348,13 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
         status=EVENT_STATUS[event_type],
         reference=reference_of(obj),
     )
+
+
+def _moment(created: Any) -> datetime | None:
+    """An event's ``created``, when it is a time at all (not 1e300, not a bool)."""
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(created, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
