@@ -84,6 +84,7 @@ def service_env(redis_url: str, receipts_dir: Path) -> dict[str, str]:
             "RECEIPTS_DIR": str(receipts_dir),
             "JWT_SECRET_KEY": E2E_JWT_SECRET,
             "ENVIRONMENT": "test",
+            "RETURN_URL_HOSTS": "shop.example",  # where the tests send customers back
             "RECEIPT_WARM_UP": "false",
             "PAYMENT_PROVIDER": "sandbox",
             "PYTHONUNBUFFERED": "1",
