@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from app.errors import ServiceError
+from services.errors import ServiceError
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -25,9 +25,10 @@ from fastapi import Depends, Request
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
-from app.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
-from app.security import User, decode_access_token
+from app.security import decode_access_token
 from app.settings import Settings
+from models.user import User
+from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
 from services.payment_service import PaymentService
 from services.payment_store import PaymentStore
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ServiceError, StoreUnavailable
+from services.errors import ServiceError, StoreUnavailable
 
 log = logging.getLogger("payments.errors")
 

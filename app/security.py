@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from jose import JWTError, jwt
 
-from app.errors import InvalidToken
 from app.settings import Settings
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    sub: str
-    role: str | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
+from models.user import User
+from services.errors import InvalidToken
 
 
 def create_access_token(

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from app.deps import Admin, PaymentServiceDep
-from app.errors import StoreUnavailable
 from models.payment import ProviderHealth, ServiceHealth
 from routers.docs import problems
+from services.errors import StoreUnavailable
 from services.payment_providers.base import BasePaymentProvider
 from services.payment_providers.breaker import BreakerState
 from services.payment_service import PaymentService

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, StringConstraints, TypeAdapter, ValidationError
 
 from app.deps import Access, Caller, Need, RateLimit
-from app.errors import PaymentNotFound
 from models.payment import (
     PAYMENT_ID_PATTERN,
     CreateIntentRequest,
@@ -25,6 +24,7 @@ from models.payment import (
     VerifyRequest,
 )
 from routers.docs import problems
+from services.errors import PaymentNotFound
 
 router = APIRouter(prefix="/api/v1/payment", tags=["payments"])
 

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.deps import Admin, PaymentServiceDep
-from app.errors import NotFound, ServiceError, UnknownProvider
 from models.payment import ProviderName
 from routers.docs import problems
+from services.errors import NotFound, ServiceError, UnknownProvider
 from services.payment_providers.base import BasePaymentProvider, Capability
 from services.provider_configs import (
     ProviderConfigStore,

@@ -10,9 +10,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app.deps import PaymentServiceDep
-from app.errors import InvalidStateTransition
 from models.payment import PAYMENT_ID_PATTERN
 from routers.docs import problems
+from services.errors import InvalidStateTransition
 from services.money import format_amount
 from services.payment_providers.sandbox import Outcome
 from services.receipt_render import TEMPLATES_DIR

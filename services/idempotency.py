@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from app.errors import IdempotencyKeyReused, IdempotencyRequestInProgress, StoreUnavailable
+from services.errors import IdempotencyKeyReused, IdempotencyRequestInProgress, StoreUnavailable
 from services.payment_store import IdempotencyState, PaymentStore
 
 log = logging.getLogger("payments.idempotency")

@@ -17,18 +17,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from app.errors import (
-    InvalidStateTransition,
-    OperationNotSupported,
-    PaymentNotFound,
-    ProviderNotConfigured,
-    ProviderUnavailable,
-    ProviderUpstreamError,
-    ReceiptNotAvailable,
-    RedirectNotAllowed,
-    ServiceError,
-    UnknownPlan,
-)
 from models.payment import (
     CreateIntentRequest,
     IntentResponse,
@@ -41,6 +29,18 @@ from models.payment import (
     ReceiptResponse,
     RefundListResponse,
     RefundRequest,
+)
+from services.errors import (
+    InvalidStateTransition,
+    OperationNotSupported,
+    PaymentNotFound,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    ProviderUpstreamError,
+    ReceiptNotAvailable,
+    RedirectNotAllowed,
+    ServiceError,
+    UnknownPlan,
 )
 from services.idempotency import IdempotencyClaims
 from services.payment_providers.base import (
@@ -61,8 +61,8 @@ from services.refunds import RefundAnswer, RefundService
 from services.views import API_PREFIX, payment_response
 
 if TYPE_CHECKING:
-    from app.security import User
     from app.settings import Settings
+    from models.user import User
     from services.payment_providers.factory import PaymentProviderFactory
     from services.provider_manager import ProviderManager
     from services.receipt_service import ReceiptService

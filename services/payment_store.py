@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.errors import StoreUnavailable
 from models.payment import (
     HistoryEntry,
     PaymentRecord,
@@ -27,6 +26,7 @@ from models.payment import (
     RefundRecord,
     RefundStatus,
 )
+from services.errors import StoreUnavailable
 from services.payment_providers.base import LocalRecord
 from services.redis_wire import Command, RedisWire, as_dict, eval_command
 

@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, Field, SecretStr
 from redis.asyncio import Redis
 
-from app.errors import NotFound, ServiceError
+from services.errors import NotFound, ServiceError
 from services.payment_store import store_errors
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from app.errors import ServiceError
+from services.errors import ServiceError
 from services.payment_providers.factory import PaymentProviderFactory, discover_provider_classes
 from services.payment_providers.placeholders import HeldOutProvider
 from services.provider_configs import StoredLayer, UnreadableConfigs

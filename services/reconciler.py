@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
-from app.errors import ServiceError
+from services.errors import ServiceError
 from services.payment_store import OPEN_STATUSES, store_errors
 
 if TYPE_CHECKING:

@@ -25,14 +25,6 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
-from app.errors import (
-    IdempotencyKeyReused,
-    InvalidStateTransition,
-    PaymentNotFound,
-    ProviderUnavailable,
-    RefundExceedsBalance,
-    ServiceError,
-)
 from models.payment import (
     PaymentRecord,
     PaymentStatus,
@@ -41,6 +33,14 @@ from models.payment import (
     RefundRequest,
     RefundResponse,
     RefundStatus,
+)
+from services.errors import (
+    IdempotencyKeyReused,
+    InvalidStateTransition,
+    PaymentNotFound,
+    ProviderUnavailable,
+    RefundExceedsBalance,
+    ServiceError,
 )
 from services.idempotency import IdempotencyClaims
 from services.payment_providers.base import BasePaymentProvider, RefundResult
@@ -54,7 +54,7 @@ from services.payment_store import (
 from services.views import payment_response, refund_view
 
 if TYPE_CHECKING:
-    from app.security import User
+    from models.user import User
     from services.payment_providers.factory import PaymentProviderFactory
     from services.payment_providers.guard import ProviderGuard
 

@@ -13,9 +13,9 @@ import pytest
 from jose import jwt
 from pydantic import SecretStr
 
-from app.errors import InvalidToken
 from app.security import create_access_token, decode_access_token
 from app.settings import Settings
+from services.errors import InvalidToken
 from tests.conftest import JWT_SECRET, assert_problem, bearer, create_payment, pay_in_sandbox
 
 

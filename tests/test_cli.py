@@ -14,9 +14,9 @@ from cryptography.fernet import Fernet
 from jose import jwt
 from redis.asyncio import Redis
 
-from app.errors import InvalidToken
 from app.security import decode_access_token
 from app.settings import Settings
+from services.errors import InvalidToken
 from services.provider_configs import ProviderConfigStore, SecretBox
 from tests.conftest import JWT_SECRET, RedisServer
 

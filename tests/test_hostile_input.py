@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.errors import InvalidWebhookPayload
+from services.errors import InvalidWebhookPayload
 from services.payment_providers.payloads import MAX_DEPTH, load_json, nests_deeper_than
 from services.payment_providers.sandbox import sign_webhook
 from tests.conftest import STRIPE_SECRET_KEY, assert_problem, bearer, create_payment

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.errors import ProviderUnavailable
+from services.errors import ProviderUnavailable
 from services.payment_providers.breaker import BreakerState
 from services.payment_providers.sandbox import sign_webhook
 from tests.conftest import assert_problem, create_payment

@@ -3,7 +3,7 @@
 A provider is a stateless adapter between the service and one vendor's API. It converts the
 vendor's data to the types below at its edge (it never returns SDK objects), maps unknown
 vendor statuses to ``PENDING`` (only an explicit success or failure from the vendor is final),
-and maps vendor exceptions to ``app.errors`` (declined, unavailable, misconfigured, upstream).
+and maps vendor exceptions to ``services.errors`` (declined, unavailable, misconfigured, upstream).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from app.errors import OperationNotSupported
 from models.payment import PaymentStatus, Plan, RefundStatus
+from services.errors import OperationNotSupported
 
 if TYPE_CHECKING:
     import httpx2

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import RedisError
 
-from app.errors import ProviderUnavailable, ProviderUpstreamError, ServiceError
+from services.errors import ProviderUnavailable, ProviderUpstreamError, ServiceError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from app.errors import PaymentNotFound, ProviderNotConfigured, UnknownProvider
+from services.errors import PaymentNotFound, ProviderNotConfigured, UnknownProvider
 
 from .base import BasePaymentProvider, ProviderDeps
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from app.errors import ProviderUnavailable
+from services.errors import ProviderUnavailable
 
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 

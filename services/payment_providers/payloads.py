@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any
 
-from app.errors import InvalidWebhookPayload
+from services.errors import InvalidWebhookPayload
 
 # Deeper than any vendor's event (Stripe's and PayPal's reach about ten levels, the sandbox's
 # three) and far shallower than the interpreter's recursion limit.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from app.errors import ProviderNotConfigured
+from services.errors import ProviderNotConfigured
 
 from .base import (
     BasePaymentProvider,

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from app.errors import ProviderUnavailable
+from services.errors import ProviderUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("payments.providers")

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.errors import (
+from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour, SandboxWebhooks
+from services.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
     InvalidWebhookSignature,
@@ -38,7 +39,6 @@ from app.errors import (
     ProviderUpstreamError,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour, SandboxWebhooks
 
 from .base import (
     BasePaymentProvider,

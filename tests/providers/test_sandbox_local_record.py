@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 from redis.asyncio import Redis
 
-from app.errors import PaymentNotFound, ProviderNotConfigured
 from models.payment import PaymentRecord, PaymentStatus, Plan, RefundStatus
+from services.errors import PaymentNotFound, ProviderNotConfigured
 from services.payment_providers.base import IntentRequest, PaymentState
 from services.payment_providers.sandbox import SandboxProvider
 from services.payment_store import PaymentStore

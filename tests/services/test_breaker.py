@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.errors import (
+from services.errors import (
     InvalidStateTransition,
     InvalidWebhookSignature,
     OperationNotSupported,

@@ -17,8 +17,8 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
-from app.errors import ProviderNotConfigured
 from models.payment import PaymentStatus
+from services.errors import ProviderNotConfigured
 from services.payment_providers.base import (
     BasePaymentProvider,
     Capability,

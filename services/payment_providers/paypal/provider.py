@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.errors import (
+from models.payment import PaymentStatus
+from services.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
     NotFound,
@@ -41,7 +42,6 @@ from app.errors import (
     RefundExceedsBalance,
     ServiceError,
 )
-from models.payment import PaymentStatus
 
 from ..base import (
     BasePaymentProvider,

@@ -26,7 +26,8 @@ import httpx2
 import stripe
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.errors import (
+from models.payment import PaymentStatus
+from services.errors import (
     IdempotencyKeyReused,
     InvalidStateTransition,
     InvalidWebhookPayload,
@@ -41,7 +42,6 @@ from app.errors import (
     RefundExceedsBalance,
     ServiceError,
 )
-from models.payment import PaymentStatus
 
 from ..base import (
     BasePaymentProvider,

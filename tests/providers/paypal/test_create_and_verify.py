@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.errors import OperationNotSupported, PaymentNotFound, ProviderNotConfigured
 from models.payment import PaymentStatus, Plan
+from services.errors import OperationNotSupported, PaymentNotFound, ProviderNotConfigured
 from services.payment_providers.base import Capability, ProviderDeps
 from services.payment_providers.factory import discover_provider_classes
 from services.payment_providers.paypal import PayPalProvider

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from app.errors import PaymentDeclined, ProviderMisconfigured, ProviderUnavailable
 from models.payment import PaymentStatus
+from services.errors import PaymentDeclined, ProviderMisconfigured, ProviderUnavailable
 from services.payment_providers.paypal import PayPalProvider
 from services.payment_providers.resilience import NO_RETRY
 from tests.fakes.paypal_server import FakePayPal

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import (
+from models.payment import PaymentStatus, Plan, RefundStatus
+from services.errors import (
     InvalidStateTransition,
     NotFound,
     OperationNotSupported,
@@ -12,7 +13,6 @@ from app.errors import (
     PaymentNotFound,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, Plan, RefundStatus
 from services.payment_providers.paypal import PayPalProvider
 from tests.fakes.paypal_server import FakePayPal
 from tests.providers.paypal.conftest import intent_request, order_id, refund_id

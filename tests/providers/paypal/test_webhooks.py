@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidWebhookPayload, ProviderUnavailable
 from models.payment import PaymentStatus, Plan, RefundStatus
+from services.errors import InvalidWebhookPayload, ProviderUnavailable
 from services.payment_providers.base import RefundResult
 from services.payment_providers.paypal import PayPalProvider
 from tests.fakes.paypal_server import FakePayPal, WebhookSigner

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 from pydantic import SecretStr
 
-from app.errors import OperationNotSupported, PaymentNotFound, ProviderNotConfigured
 from app.settings import Settings
 from models.payment import PaymentStatus
+from services.errors import OperationNotSupported, PaymentNotFound, ProviderNotConfigured
 from services.payment_providers.base import Capability, ProviderDeps
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.stripe_server import FakeStripe

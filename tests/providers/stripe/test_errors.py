@@ -7,13 +7,13 @@ import logging
 
 import pytest
 
-from app.errors import (
+from models.payment import PaymentStatus
+from services.errors import (
     IdempotencyKeyReused,
     PaymentDeclined,
     ProviderMisconfigured,
     ProviderUnavailable,
 )
-from models.payment import PaymentStatus
 from services.payment_providers.resilience import RetryPolicy
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.server import free_port

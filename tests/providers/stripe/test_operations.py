@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from app.errors import (
+from models.payment import PaymentStatus, RefundStatus
+from services.errors import (
     InvalidStateTransition,
     NotFound,
     ProviderUpstreamError,
     RefundExceedsBalance,
 )
-from models.payment import PaymentStatus, RefundStatus
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.stripe_server import FakeStripe
 from tests.providers.stripe.conftest import intent_request, refund_id

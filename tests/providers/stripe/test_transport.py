@@ -11,7 +11,7 @@ from typing import Literal
 
 import pytest
 
-from app.errors import ProviderUnavailable
+from services.errors import ProviderUnavailable
 from services.payment_providers.resilience import NO_RETRY
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.server import free_port

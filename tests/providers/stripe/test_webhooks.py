@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from app.errors import InvalidWebhookPayload, InvalidWebhookSignature
 from models.payment import PaymentStatus, RefundStatus
+from services.errors import InvalidWebhookPayload, InvalidWebhookSignature
 from services.payment_providers.base import RefundResult, WebhookEvent
 from services.payment_providers.stripe import StripeProvider
 from tests.fakes.stripe_server import FakeStripe

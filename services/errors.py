@@ -1,4 +1,4 @@
-"""The service's error tree.
+"""The service's domain error tree: a status and a stable code each; app/problems.py renders them.
 
 Every error a client can see is a ``ServiceError``: it carries the HTTP status, a stable
 machine ``code`` and a human ``detail``, and is rendered as RFC 9457 problem details by

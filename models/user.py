@@ -1,0 +1,15 @@
+"""Who is calling: the identity a verified bearer token names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    sub: str
+    role: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
