@@ -29,6 +29,7 @@ from app.security import decode_access_token
 from app.settings import Settings
 from models.user import User
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
+from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_service import PaymentService
 from services.payment_store import PaymentStore
 
@@ -192,6 +193,14 @@ async def get_service(request: Request) -> PaymentService:
 
 
 PaymentServiceDep = Annotated[PaymentService, Depends(get_service)]
+
+
+async def get_sandbox_checkout(request: Request) -> SandboxCheckout:
+    checkout: SandboxCheckout = request.app.state.sandbox_checkout
+    return checkout
+
+
+SandboxCheckoutDep = Annotated[SandboxCheckout, Depends(get_sandbox_checkout)]
 
 # Operator routes: an admin's token, no rate limit.
 Admin = Annotated[Caller, Depends(Access(need=Need.ADMIN))]

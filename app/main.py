@@ -21,6 +21,7 @@ from routers import health, payments, providers, sandbox
 from services.payment_providers.base import LocalEvents, ProviderDeps
 from services.payment_providers.breaker import BreakerPolicy
 from services.payment_providers.guard import ProviderGuard
+from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_service import PaymentService
 from services.payment_store import PaymentStore
 from services.provider_configs import ProviderConfigStore, SecretBox
@@ -108,6 +109,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.provider_configs = configs
     app.state.service = service
     app.state.reconciler = reconciler
+    app.state.sandbox_checkout = SandboxCheckout(lambda: manager.current)
     if settings.receipt_warm_up:
         await receipts.warm_up()
     log.info(

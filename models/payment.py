@@ -259,6 +259,18 @@ class CreateIntentRequest(BaseModel):
     def provider_name(self) -> str | None:
         return self.provider or self.payment_method
 
+    def provider_options(self) -> dict[str, Any]:
+        """What the providers read besides the plan (IntentRequest.options): each takes what
+        is meant for it and ignores the rest."""
+        options: dict[str, Any] = {
+            key: value
+            for key, value in (("ui_mode", self.ui_mode), ("capture_method", self.capture_method))
+            if value is not None
+        }
+        if self.sandbox is not None:
+            options["sandbox"] = self.sandbox.model_dump()
+        return options
+
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that make two requests the same request, for idempotency."""
         return {

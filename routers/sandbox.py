@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app.deps import PaymentServiceDep
+from app.deps import SandboxCheckoutDep
 from models.payment import PAYMENT_ID_PATTERN
 from routers.docs import problems
 from services.errors import InvalidStateTransition
@@ -45,9 +45,9 @@ def _page(request: Request, session: dict[str, str], payment_id: str, **extra: o
     summary="The sandbox's hosted checkout page",
 )
 async def checkout_page(
-    payment_id: SandboxId, request: Request, service: PaymentServiceDep
+    payment_id: SandboxId, request: Request, checkout: SandboxCheckoutDep
 ) -> Response:
-    session = await service.sandbox_session(payment_id)
+    session = await checkout.session(payment_id)
     return _page(request, session, payment_id)
 
 
@@ -61,13 +61,13 @@ async def settle(
     payment_id: SandboxId,
     outcome: Annotated[Literal["succeeded", "failed", "canceled"], Form()],
     request: Request,
-    service: PaymentServiceDep,
+    checkout: SandboxCheckoutDep,
 ) -> Response:
     chosen: Outcome = outcome
     try:
-        session = await service.settle_sandbox(payment_id, chosen)
+        session = await checkout.settle(payment_id, chosen)
     except InvalidStateTransition:
-        session = await service.sandbox_session(payment_id)
+        session = await checkout.session(payment_id)
         return _page(request, session, payment_id, already_settled=True)
     target = session.get("cancel_url") if outcome == "canceled" else session.get("return_url")
     target = target or session.get("return_url")

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from models.payment import (
@@ -32,7 +32,6 @@ from models.payment import (
 )
 from services.errors import (
     InvalidStateTransition,
-    OperationNotSupported,
     PaymentNotFound,
     ProviderNotConfigured,
     ProviderUnavailable,
@@ -51,7 +50,6 @@ from services.payment_providers.base import (
     WebhookEvent,
 )
 from services.payment_providers.guard import ProviderGuard
-from services.payment_providers.sandbox import Outcome, SandboxProvider
 from services.payment_store import (
     IdempotencyAnswer,
     PaymentStore,
@@ -193,13 +191,7 @@ class PaymentService:
         """Create at the first provider that can take it, then store the payment and (with a
         key) the answer to replay, in one round trip."""
         reference = f"ord_{secrets.token_hex(12)}"
-        options: dict[str, Any] = {
-            key: value
-            for key, value in (("ui_mode", body.ui_mode), ("capture_method", body.capture_method))
-            if value is not None
-        }
-        if body.sandbox is not None:
-            options["sandbox"] = body.sandbox.model_dump()
+        options = body.provider_options()
         request = IntentRequest(
             reference=reference,
             plan=plan,
@@ -251,7 +243,6 @@ class PaymentService:
             cause="api:create-intent",
             idempotency=answer,
             reconcile_after_s=self._reconcile_after_s,
-            local_record=result.local_record,
         ):
             # The vendor replayed an earlier object for this key (our first attempt stored it
             # but could not record its answer): answer with what we stored then.
@@ -339,20 +330,10 @@ class PaymentService:
     async def verify(self, payment_id: str, user: User | None) -> PaymentResponse:
         """Ask the payment's provider for the truth and apply it."""
         provider = self.providers.for_payment_id(payment_id)
-        local_key = provider.local_record_key(payment_id)
-        if local_key is None:
-            record = await self._visible(payment_id, user)
-            if record.status is PaymentStatus.REFUNDED:
-                return payment_response(record)  # nothing can change any more
-            state = await self._guard.run(provider, partial(provider.verify_payment, payment_id))
-        else:
-            # The provider's record lives beside the payment: both in one round trip, and
-            # nothing to time out or trip a breaker over.
-            found, fields = await self._store.get_with_local_record(payment_id, local_key)
-            record = _seen_by(found, payment_id, user)
-            if record.status is PaymentStatus.REFUNDED:
-                return payment_response(record)
-            state = provider.state_from_local_record(payment_id, fields)
+        record = await self._visible(payment_id, user)
+        if record.status is PaymentStatus.REFUNDED:
+            return payment_response(record)  # nothing can change any more
+        state = await self._guard.run(provider, partial(provider.verify_payment, payment_id))
         record = await self._apply(record, state, cause="verify")
         if record.amount_pending_refund > 0:
             await self._refunds.follow_pending(record, cause="verify")
@@ -564,12 +545,16 @@ class PaymentService:
         )
         return await self._apply_event(provider, event)
 
-    async def apply_provider_event(self, provider_name: str, event: WebhookEvent) -> None:
+    async def apply_provider_event(
+        self, provider_name: str, event: WebhookEvent, cause: str
+    ) -> None:
         """An event from a provider that lives inside this service (see LocalEvents)."""
         provider = self.providers.get_configured(provider_name)
-        await self._apply_event(provider, event)
+        await self._apply_event(provider, event, cause=cause)
 
-    async def _apply_event(self, provider: BasePaymentProvider, event: WebhookEvent) -> WebhookAck:
+    async def _apply_event(
+        self, provider: BasePaymentProvider, event: WebhookEvent, *, cause: str | None = None
+    ) -> WebhookAck:
         record = await self._find_event_payment(provider, event)
         if record is None or (event.status is None and event.refund is None):
             log.info(
@@ -584,7 +569,7 @@ class PaymentService:
             return WebhookAck(event_id=event.event_id, outcome="ignored")
         # Only a verified event may make a later delivery of the same event a duplicate.
         dedupe_id = f"{provider.name}:{event.event_id}" if event.verified else None
-        cause = f"webhook:{event.event_id}"
+        cause = cause or f"webhook:{event.event_id}"
         if event.refund is not None:
             outcome = await self._apply_refund_event(provider, record, event, cause, dedupe_id)
         else:
@@ -644,32 +629,6 @@ class PaymentService:
         if record is not None and record.provider != provider.name:
             return None
         return record
-
-    # -- sandbox checkout ------------------------------------------------------------------
-
-    def sandbox(self) -> SandboxProvider:
-        provider = self.providers.get_configured("sandbox")
-        if not isinstance(provider, SandboxProvider):
-            raise OperationNotSupported("The sandbox provider is not the built-in one")
-        return provider
-
-    async def sandbox_session(self, payment_id: str) -> dict[str, str]:
-        return await self.sandbox().session(payment_id)
-
-    async def settle_sandbox(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
-        """The customer clicked Pay, Decline or Cancel on the sandbox's checkout page. The
-        sandbox tells the service at once, as a provider's webhook would, unless the payment
-        asked for pushed webhooks: then, as with a real vendor's page, the service hears of
-        it only through them."""
-        sandbox = self.sandbox()
-        session = await sandbox.settle(payment_id, outcome)
-        if sandbox.pushes_webhooks(session):
-            return session
-        record = await self._store.get(payment_id)
-        if record is not None:
-            state = sandbox.state_of(payment_id, session)
-            await self._apply(record, state, cause="sandbox:checkout")
-        return session
 
     # -- receipts --------------------------------------------------------------------------
 

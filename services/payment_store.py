@@ -27,7 +27,6 @@ from models.payment import (
     RefundStatus,
 )
 from services.errors import StoreUnavailable
-from services.payment_providers.base import LocalRecord
 from services.redis_wire import Command, RedisWire, as_dict, eval_command
 
 S = PaymentStatus
@@ -114,11 +113,9 @@ return {outcome, current, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: payment hash, history list[, a built-in provider's own record of the payment].
-# ARGV: payment fields (a JSON object of strings), history entry JSON[, the record's fields
-# (JSON), its TTL in seconds]. The provider's record is written only if it does not exist.
-# Fields travel as one JSON argument, not as field/value arguments: each argument is encoded
-# in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
+# KEYS: payment hash, history list. ARGV: payment fields (a JSON object of strings), history
+# entry JSON. Fields travel as one JSON argument, not as field/value arguments: each argument
+# is encoded in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local function hset_json(key, encoded)
@@ -131,10 +128,6 @@ local function hset_json(key, encoded)
 end
 hset_json(KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then
-  hset_json(KEYS[3], ARGV[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-end
 return 1
 """
 
@@ -509,14 +502,11 @@ class PaymentStore:
         cause: str = "api",
         idempotency: IdempotencyAnswer | None = None,
         reconcile_after_s: float | None = None,
-        local_record: LocalRecord | None = None,
     ) -> bool:
         """Store a new payment, its reference index and, when given, the idempotency answer,
         in one round trip. False when a payment with that ID exists already.
 
-        ``local_record`` is a built-in provider's own record of the payment, written by the
-        same script as the payment (its key shares the payment's slot). With
-        ``reconcile_after_s``, an open payment is also queued for reconciliation then, so
+        With ``reconcile_after_s``, an open payment is also queued for reconciliation then, so
         that a lost webhook cannot leave it open for good.
 
         The commands run in order on one connection, so the answer is never stored before the
@@ -527,9 +517,6 @@ class PaymentStore:
             _json(_record_to_fields(record)),
             _history_entry(record.status, None, cause, record.created_at),
         ]
-        if local_record is not None:
-            keys.append(local_record.key)
-            args += [_json(local_record.fields), local_record.ttl_s]
         commands: list[Command] = [
             eval_command(_CREATE_LUA, keys, *args),
             # Our order reference <-> the provider's ID: how events that name only our
@@ -550,18 +537,6 @@ class PaymentStore:
             (reply,) = await self._wire.execute(("HGETALL", self._payment_key(payment_id)))
         fields = as_dict(reply)
         return _record_from_fields(fields) if fields else None
-
-    async def get_with_local_record(
-        self, payment_id: str, local_key: str
-    ) -> tuple[PaymentRecord | None, dict[str, str]]:
-        """The payment and a built-in provider's record of it (``local_key``, in the same
-        slot), in one round trip."""
-        async with store_errors():
-            payment, record = await self._wire.execute(
-                ("HGETALL", self._payment_key(payment_id)), ("HGETALL", local_key)
-            )
-        fields = as_dict(payment)
-        return (_record_from_fields(fields) if fields else None), as_dict(record)
 
     async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
         mapping = await self.lookup_mapping(provider, "payment", local_id=reference)

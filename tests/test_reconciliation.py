@@ -64,7 +64,7 @@ class TestLostWebhook:
         payment = await create_payment(client, token=alice)
         payment_id = payment["payment_id"]
         # The customer pays at the provider; its notice to us never arrives.
-        await app.state.service.sandbox().settle(payment_id, "succeeded")
+        await app.state.sandbox_checkout.sandbox().settle(payment_id, "succeeded")
         assert (await app.state.store.get(payment_id)).status == "pending"
 
         run = await run_until(app, payment_id)
@@ -93,7 +93,7 @@ class TestLostWebhook:
         self, client: httpx.AsyncClient, app: Any
     ) -> None:
         payment_id = (await create_payment(client))["payment_id"]
-        await app.state.service.sandbox().settle(payment_id, "failed")
+        await app.state.sandbox_checkout.sandbox().settle(payment_id, "failed")
         run = await run_until(app, payment_id)
         assert run.payments[payment_id] == "failed"
         assert (await app.state.store.get(payment_id)).status == "failed"

@@ -161,7 +161,7 @@ class TestPendingRefunds:
         payment_id = await _paid(
             client, refund="pending_then_succeeded", refund_settle_ms=SETTLE_MS
         )
-        sandbox = app.state.service.sandbox()
+        sandbox = app.state.sandbox_checkout.sandbox()
         response = await _refund(client, payment_id, admin, amount=2900)
         assert response.status_code == 202
         # The sandbox's worker goes away before its timer fires: nobody tells the service.
@@ -196,7 +196,7 @@ class TestRefundIdempotency:
         listing = await _refunds(client, payment_id, admin)
         assert len(listing["refunds"]) == 1 and listing["amount_refunded"] == 1000
         # The provider refunded once too.
-        sandbox = app.state.service.sandbox()
+        sandbox = app.state.sandbox_checkout.sandbox()
         state = await sandbox.verify_payment(payment_id)
         assert state.status == "partially_refunded"
         session = await sandbox.session(payment_id)

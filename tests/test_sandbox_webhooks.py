@@ -70,7 +70,7 @@ async def live(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def sandbox_of(app: Any) -> SandboxProvider:
-    provider: SandboxProvider = app.state.service.sandbox()
+    provider: SandboxProvider = app.state.sandbox_checkout.sandbox()
     return provider
 
 

@@ -47,14 +47,18 @@ class LocalEvents:
     events are dropped (the reconciler and verify still find the change)."""
 
     def __init__(self) -> None:
-        self._sink: Callable[[str, WebhookEvent], Awaitable[None]] | None = None
+        self._sink: EventSink | None = None
 
-    def connect(self, sink: Callable[[str, WebhookEvent], Awaitable[None]]) -> None:
+    def connect(self, sink: EventSink) -> None:
         self._sink = sink
 
-    async def publish(self, provider: str, event: WebhookEvent) -> None:
+    async def publish(self, provider: str, event: WebhookEvent, *, cause: str) -> None:
+        """``cause`` is what the payment's history will say moved it."""
         if self._sink is not None:
-            await self._sink(provider, event)
+            await self._sink(provider, event, cause)
+
+
+EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,27 +95,12 @@ class IntentRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class LocalRecord:
-    """A hash a built-in provider keeps in the service's Redis, written only if ``key`` does not
-    exist yet, with an expiry. ``key`` must carry the payment's hash tag (``{payment_id}``), so
-    that it lives in the payment's Redis Cluster slot and one script can write both."""
-
-    key: str
-    fields: Mapping[str, str]
-    ttl_s: int
-
-
-@dataclass(frozen=True, slots=True)
 class IntentResult:
     payment_id: str  # carries the provider's prefix, so the factory can route it back
     status: PaymentStatus
     redirect_url: str | None = None
     client_secret: str | None = None
     publishable_key: str | None = None
-    # For a provider that keeps its records in the service's own Redis (the built-in sandbox):
-    # its record of the payment, which the store writes in the same atomic step as the payment
-    # itself, so that neither exists without the other. Other providers leave it None.
-    local_record: LocalRecord | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +128,7 @@ class PaymentState:
     amount: int | None = None
     currency: str | None = None
     capture_id: str | None = None
-    payment_method: str | None = None  # e.g. "card", "paypal", "sandbox"
+    payment_method: str | None = None  # e.g. "card", a wallet: how the customer paid
     vendor_status: str | None = None  # the vendor's own word, for logs
     refunds: tuple[RefundResult, ...] | None = None
 
@@ -162,8 +151,8 @@ class WebhookEvent:
     capture_id: str | None = None
     occurred_at: datetime | None = None
     # Our order reference (IntentRequest.reference) when the event carries it: events about a
-    # vendor object other than the one whose ID we stored (a Stripe PaymentIntent made by a
-    # Checkout Session) are found by it.
+    # vendor object other than the one whose ID we stored (a payment object the vendor made
+    # for the checkout we created) are found by it.
     reference: str | None = None
 
 
@@ -230,21 +219,6 @@ class BasePaymentProvider(abc.ABC):
     async def verify_payment(self, payment_id: str) -> PaymentState:
         """Ask the vendor for the payment's current truth. Raises ``PaymentNotFound`` when
         the vendor does not know the ID, and the technical errors above."""
-
-    # -- providers whose records live in the service's own Redis -----------------------------
-
-    def local_record_key(self, payment_id: str) -> str | None:
-        """The key of this provider's own record of ``payment_id`` in the service's Redis,
-        for a built-in provider that keeps one there (the sandbox); None for providers reached
-        over the network. The key carries the payment's hash tag, so the store reads it in
-        the same round trip as the payment and ``state_from_local_record`` answers a verify
-        without another call."""
-        return None
-
-    def state_from_local_record(self, payment_id: str, fields: Mapping[str, str]) -> PaymentState:
-        """What ``verify_payment`` would answer, from the record at ``local_record_key``
-        (empty when it does not exist)."""
-        raise OperationNotSupported(f"{self.name} keeps no records in the service's store")
 
     # -- optional operations ---------------------------------------------------------------
 

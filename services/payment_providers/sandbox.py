@@ -47,7 +47,6 @@ from .base import (
     IntentRequest,
     IntentResult,
     LocalEvents,
-    LocalRecord,
     PaymentState,
     ProviderDeps,
     RefundResult,
@@ -343,9 +342,10 @@ class SandboxProvider(BasePaymentProvider):
             session["webhook_url"] = request.base_url.rstrip("/") + WEBHOOK_PATH
         key = self._key(payment_id)
         fields = {name: str(value) for name, value in session.items()}
+        # Opened once: the same key finds the same session, as a vendor's idempotency would.
+        args = [str(SESSION_TTL_S), *(item for pair in fields.items() for item in pair)]
+        await self._open(keys=[key], args=args)
         if behaviour.get("fail") == "lost_answer":
-            args = [str(SESSION_TTL_S), *(item for pair in fields.items() for item in pair)]
-            await self._open(keys=[key], args=args)
             raise ProviderUnavailable(
                 "sandbox: the payment was created but the answer was lost", provider=self.name
             )
@@ -353,8 +353,6 @@ class SandboxProvider(BasePaymentProvider):
             payment_id=payment_id,
             status=PaymentStatus.PENDING,
             redirect_url=request.base_url.rstrip("/") + self.checkout_path(payment_id),
-            # The store writes the session with the payment, in one script.
-            local_record=LocalRecord(key=key, fields=fields, ttl_s=SESSION_TTL_S),
         )
 
     def _inject_fault_before(self, fault: str | None) -> None:
@@ -394,6 +392,23 @@ class SandboxProvider(BasePaymentProvider):
         await self._emit(payment_id, f"payment.{status}", fields=session)
         return session
 
+    async def settle_from_checkout(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
+        """The customer clicked Pay, Decline or Cancel on the checkout page. The sandbox tells
+        the service at once, as a vendor's webhook would, unless the payment asked for pushed
+        webhooks: then, as with a real vendor's page, the service hears of it only by them."""
+        session = await self.settle(payment_id, outcome)
+        if not self.pushes_webhooks(session) and self._events is not None:
+            event_type = f"payment.{session['status']}"
+            event = WebhookEvent(
+                event_id=f"evt_sb_{secrets.token_hex(12)}",
+                event_type=event_type,
+                verified=True,
+                payment_id=payment_id,
+                status=_EVENT_STATUS.get(event_type),
+            )
+            await self._events.publish(self.name, event, cause="sandbox:checkout")
+        return session
+
     @staticmethod
     def pushes_webhooks(session: Mapping[str, str]) -> bool:
         """Whether this payment's events reach the service only through pushed webhooks."""
@@ -408,15 +423,6 @@ class SandboxProvider(BasePaymentProvider):
 
     async def verify_payment(self, payment_id: str) -> PaymentState:
         return self.state_of(payment_id, await self.session(payment_id))
-
-    def local_record_key(self, payment_id: str) -> str:
-        return self._key(payment_id)
-
-    def state_from_local_record(self, payment_id: str, fields: Mapping[str, str]) -> PaymentState:
-        self._require_enabled()
-        if not fields:
-            raise PaymentNotFound(f"No payment {payment_id!r}")
-        return self.state_of(payment_id, fields)
 
     @staticmethod
     def state_of(payment_id: str, fields: Mapping[str, str]) -> PaymentState:
@@ -552,7 +558,7 @@ class SandboxProvider(BasePaymentProvider):
                 payment_id=payment_id,
                 refund=_refund_result(settled),
             )
-            await self._events.publish(self.name, event)
+            await self._events.publish(self.name, event, cause=f"sandbox:{event_type}")
         return settled
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:

@@ -11,7 +11,6 @@ import pytest
 from redis.asyncio import Redis
 
 from models.payment import PaymentRecord, PaymentStatus, RefundStatus
-from services.payment_providers.base import LocalRecord
 from services.payment_store import (
     TRANSITIONS,
     PaymentStore,
@@ -115,33 +114,6 @@ class TestTransitions:
         assert (await store.find_by_reference("sandbox", "ord_sb_once")) == record
         mapping = await store.lookup_mapping("sandbox", "payment", external_id="sb_once")
         assert mapping is not None and mapping.local_id == "ord_sb_once"
-
-    async def test_create_writes_the_providers_record_with_the_payment(
-        self, store: PaymentStore, redis_server: RedisServer
-    ) -> None:
-        client = Redis.from_url(redis_server.url, decode_responses=True)
-        try:
-            key = "unit:sandbox:{sb_local}"
-            session = LocalRecord(key=key, fields={"status": "open", "amount": "2900"}, ttl_s=60)
-            assert await store.create(_record("sb_local"), local_record=session)
-            assert await client.hgetall(key) == {"status": "open", "amount": "2900"}
-            assert 0 < await client.ttl(key) <= 60
-            # A replay writes neither the payment nor the provider's record again.
-            await client.hset(key, "status", "paid")
-            again = LocalRecord(key=key, fields={"status": "open"}, ttl_s=60)
-            assert not await store.create(_record("sb_local", S.FAILED), local_record=again)
-            assert await client.hget(key, "status") == "paid"
-            record = await store.get("sb_local")
-            assert record is not None and record.status is S.PENDING
-            # A record that exists already (the provider wrote it, its answer was lost) stays.
-            other = "unit:sandbox:{sb_kept}"
-            await client.hset(other, "status", "open")
-            fresh = LocalRecord(key=other, fields={"status": "overwritten"}, ttl_s=60)
-            assert await store.create(_record("sb_kept"), local_record=fresh)
-            assert await client.hgetall(other) == {"status": "open"}
-            assert await store.get("sb_kept") is not None
-        finally:
-            await client.aclose()
 
     async def test_fields_round_trip_whatever_their_characters(self, store: PaymentStore) -> None:
         record = _record("sb_utf8").model_copy(
