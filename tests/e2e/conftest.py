@@ -84,7 +84,9 @@ def service_env(redis_url: str, receipts_dir: Path) -> dict[str, str]:
             "RECEIPTS_DIR": str(receipts_dir),
             "JWT_SECRET_KEY": E2E_JWT_SECRET,
             "ENVIRONMENT": "test",
-            "RETURN_URL_HOSTS": "shop.example",  # where the tests send customers back
+            # Where the tests send customers back: a named shop, or the local one the browser
+            # tests serve on loopback.
+            "RETURN_URL_HOSTS": "shop.example,127.0.0.1",
             "RECEIPT_WARM_UP": "false",
             "PAYMENT_PROVIDER": "sandbox",
             "PYTHONUNBUFFERED": "1",
