@@ -28,10 +28,16 @@ from fastapi.security.base import SecurityBase
 from app.security import decode_access_token
 from app.settings import Settings
 from models.user import User
+from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
+from services.operations import PaymentOperations
+from services.payment_providers.factory import PaymentProviderFactory
+from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
-from services.payment_service import PaymentService
+from services.payment_receipts import PaymentReceipts
+from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
+from services.provider_manager import ProviderManager
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,7 +70,7 @@ class RateLimit:
 @dataclass(frozen=True, slots=True)
 class Caller:
     user: User | None
-    service: PaymentService
+    service: PlatformParts  # transitional, for the operator routers (see PlatformParts)
     address: str  # "ip:<client address>": who a tokenless caller is
     headers: Mapping[str, str]  # RateLimit-* for the response, when limits are on
 
@@ -187,12 +193,52 @@ def _host(hop: str) -> str:
         return hop
 
 
-async def get_service(request: Request) -> PaymentService:
-    service: PaymentService = request.app.state.service
+@dataclass(frozen=True, slots=True)
+class PlatformParts:
+    """What the operator routers read today (store, provider manager, breakers). Transitional:
+    the provider-admin service takes their place, and this goes."""
+
+    store: PaymentStore
+    manager: ProviderManager
+    guard: ProviderGuard
+
+    @property
+    def providers(self) -> PaymentProviderFactory:
+        return self.manager.current
+
+
+async def get_service(request: Request) -> PlatformParts:
+    service: PlatformParts = request.app.state.service
     return service
 
 
-PaymentServiceDep = Annotated[PaymentService, Depends(get_service)]
+PaymentServiceDep = Annotated[PlatformParts, Depends(get_service)]
+
+
+async def get_checkout(request: Request) -> CheckoutService:
+    service: CheckoutService = request.app.state.checkout
+    return service
+
+
+async def get_payment_state(request: Request) -> PaymentStateService:
+    service: PaymentStateService = request.app.state.payment_state
+    return service
+
+
+async def get_operations(request: Request) -> PaymentOperations:
+    service: PaymentOperations = request.app.state.operations
+    return service
+
+
+async def get_receipts(request: Request) -> PaymentReceipts:
+    service: PaymentReceipts = request.app.state.receipts
+    return service
+
+
+CheckoutDep = Annotated[CheckoutService, Depends(get_checkout)]
+PaymentStateDep = Annotated[PaymentStateService, Depends(get_payment_state)]
+OperationsDep = Annotated[PaymentOperations, Depends(get_operations)]
+ReceiptsDep = Annotated[PaymentReceipts, Depends(get_receipts)]
 
 
 async def get_sandbox_checkout(request: Request) -> SandboxCheckout:

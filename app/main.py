@@ -13,22 +13,30 @@ import httpx2
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app.deps import PlatformParts
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.settings import Settings
 from routers import health, payments, providers, sandbox
+from services.catalogue import Catalogue
+from services.checkout import CheckoutConfig, CheckoutService
+from services.idempotency import IdempotencyClaims
+from services.operations import PaymentOperations
 from services.payment_providers.base import LocalEvents, ProviderDeps
+from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.breaker import BreakerPolicy
 from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
-from services.payment_service import PaymentService
+from services.payment_receipts import PaymentReceipts
+from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import ProviderManager, StoredConfigsUnreadable
 from services.receipt_service import ReceiptService
 from services.reconciler import Reconciler
 from services.redis_wire import RedisWire
+from services.refunds import RefundService
 
 log = logging.getLogger("payments.app")
 
@@ -95,10 +103,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         deadline_s=settings.provider_deadline_seconds,
     )
-    service = PaymentService(settings, store, manager, receipts, guard)
-    local_events.connect(service.apply_provider_event)
+    def providers() -> PaymentProviderFactory:
+        """The providers as configured now: a hot swap replaces them between requests."""
+        return manager.current
+
+    reconcile_after_s = settings.reconcile_schedule[0] if settings.reconcile_enabled else None
+    catalogue = Catalogue(settings.plans)
+    claims = IdempotencyClaims(store, lease_s=settings.idempotency_lease_seconds)
+    refunds = RefundService(store, providers, guard, claims, reconcile_after_s=reconcile_after_s)
+    payment_receipts = PaymentReceipts(store, providers, catalogue, receipts)
+    payment_state = PaymentStateService(
+        store, providers, guard, refunds, on_paid=payment_receipts.render_soon
+    )
+    local_events.connect(payment_state.apply_provider_event)
+    checkout = CheckoutService(
+        CheckoutConfig(
+            public_base_url=settings.public_base_url,
+            redirect_hosts=settings.redirect_hosts,
+            reconcile_after_s=reconcile_after_s,
+        ),
+        catalogue,
+        store,
+        providers,
+        guard,
+        claims,
+    )
+    operations = PaymentOperations(
+        payment_state, store, providers, guard, refunds, reconcile_after_s=reconcile_after_s
+    )
     reconciler = Reconciler(
-        service,
+        payment_state,
         store,
         redis,
         schedule_s=settings.reconcile_schedule,
@@ -107,9 +141,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.store = store
     app.state.provider_configs = configs
-    app.state.service = service
+    app.state.checkout = checkout
+    app.state.payment_state = payment_state
+    app.state.operations = operations
+    app.state.receipts = payment_receipts
+    app.state.guard = guard
+    app.state.service = PlatformParts(store, manager, guard)
     app.state.reconciler = reconciler
-    app.state.sandbox_checkout = SandboxCheckout(lambda: manager.current)
+    app.state.sandbox_checkout = SandboxCheckout(providers)
     if settings.receipt_warm_up:
         await receipts.warm_up()
     log.info(
@@ -127,7 +166,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await reconciler.aclose()
-        await service.drain()
+        await payment_receipts.drain()
         receipts.close()
         await manager.aclose()
         await http.aclose()

@@ -10,13 +10,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.deps import Admin, PaymentServiceDep
+from app.deps import Admin, PaymentServiceDep, PlatformParts
 from models.payment import ProviderHealth, ServiceHealth
 from routers.docs import problems
 from services.errors import StoreUnavailable
 from services.payment_providers.base import BasePaymentProvider
 from services.payment_providers.breaker import BreakerState
-from services.payment_service import PaymentService
 from services.provider_configs import SecretsProblem, UnreadableConfigs
 
 router = APIRouter(tags=["health"])
@@ -60,7 +59,7 @@ class AdminHealth(ServiceHealth):
 
 
 async def _provider_health(
-    provider: BasePaymentProvider, service: PaymentService, unreadable: UnreadableConfigs | None
+    provider: BasePaymentProvider, service: PlatformParts, unreadable: UnreadableConfigs | None
 ) -> ProviderHealth:
     if unreadable is not None and provider.name in unreadable.providers:
         return ProviderHealth(

@@ -10,7 +10,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, StringConstraints, TypeAdapter, ValidationError
 
-from app.deps import Access, Caller, Need, RateLimit
+from app.deps import (
+    Access,
+    Caller,
+    CheckoutDep,
+    Need,
+    OperationsDep,
+    PaymentStateDep,
+    RateLimit,
+    ReceiptsDep,
+)
 from models.payment import (
     PAYMENT_ID_PATTERN,
     CreateIntentRequest,
@@ -109,9 +118,9 @@ def _checked_id(payment_id: str) -> str:
     openapi_extra={"parameters": [_IDEMPOTENCY_KEY_PARAMETER]},
 )
 async def create_intent(
-    body: CreateIntentRequest, request: Request, caller: CreateIntentCaller
+    body: CreateIntentRequest, request: Request, caller: CreateIntentCaller, checkout: CheckoutDep
 ) -> Response:
-    created = await caller.service.create_intent(
+    created = await checkout.create_intent(
         body,
         user=caller.user,
         caller=caller.address,
@@ -127,8 +136,8 @@ async def create_intent(
     responses=problems(*_COMMON, 502),
     summary="Ask the provider for the payment's state and apply it",
 )
-async def verify(body: VerifyRequest, caller: VerifyCaller) -> Response:
-    return _json(await caller.service.verify(body.payment_id, caller.user), caller)
+async def verify(body: VerifyRequest, caller: VerifyCaller, payments: PaymentStateDep) -> Response:
+    return _json(await payments.verify(body.payment_id, caller.user), caller)
 
 
 @router.get(
@@ -137,8 +146,10 @@ async def verify(body: VerifyRequest, caller: VerifyCaller) -> Response:
     responses=problems(*_COMMON, 409),
     summary="Receipt details (owner or admin)",
 )
-async def receipt(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
-    return _json(await caller.service.receipt(_checked_id(payment_id), caller.signed_in), caller)
+async def receipt(
+    payment_id: PaymentIdPath, caller: ReceiptUserCaller, receipts: ReceiptsDep
+) -> Response:
+    return _json(await receipts.receipt(_checked_id(payment_id), caller.signed_in), caller)
 
 
 @router.get(
@@ -150,8 +161,10 @@ async def receipt(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Respo
     },
     summary="Download the receipt PDF (owner or admin)",
 )
-async def receipt_pdf(payment_id: PaymentIdPath, caller: ReceiptPdfUserCaller) -> Response:
-    filename, data = await caller.service.receipt_pdf(_checked_id(payment_id), caller.signed_in)
+async def receipt_pdf(
+    payment_id: PaymentIdPath, caller: ReceiptPdfUserCaller, receipts: ReceiptsDep
+) -> Response:
+    filename, data = await receipts.receipt_pdf(_checked_id(payment_id), caller.signed_in)
     return Response(
         data,
         media_type="application/pdf",
@@ -173,9 +186,10 @@ async def webhook(
     provider: Annotated[str, Path(pattern=r"^[a-z0-9_\-]{1,64}$")],
     request: Request,
     caller: WebhookCaller,
+    payments: PaymentStateDep,
 ) -> Response:
     body = await request.body()
-    ack = await caller.service.handle_webhook(provider, body, request.headers)
+    ack = await payments.handle_webhook(provider, body, request.headers)
     return JSONResponse(
         {"received": True, "event_id": ack.event_id, "outcome": ack.outcome},
         headers=caller.headers,
@@ -188,8 +202,10 @@ async def webhook(
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an approved PayPal order",
 )
-async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> Response:
-    captured = await caller.service.capture(
+async def capture_paypal(
+    payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
+) -> Response:
+    captured = await operations.capture(
         _checked_id(payment_id), caller.user, provider_name="paypal"
     )
     return _json(captured, caller)
@@ -201,8 +217,10 @@ async def capture_paypal(payment_id: PaymentIdPath, caller: CaptureCaller) -> Re
     responses=problems(401, 404, 429, 503),
     summary="A payment's provider attempts and status changes (owner or admin)",
 )
-async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
-    return _json(await caller.service.history(_checked_id(payment_id), caller.signed_in), caller)
+async def history(
+    payment_id: PaymentIdPath, caller: ReceiptUserCaller, payments: PaymentStateDep
+) -> Response:
+    return _json(await payments.history(_checked_id(payment_id), caller.signed_in), caller)
 
 
 @router.post(
@@ -211,8 +229,10 @@ async def history(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Respo
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an authorized payment",
 )
-async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> Response:
-    return _json(await caller.service.capture(_checked_id(payment_id), caller.user), caller)
+async def capture(
+    payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
+) -> Response:
+    return _json(await operations.capture(_checked_id(payment_id), caller.user), caller)
 
 
 @router.post(
@@ -221,8 +241,10 @@ async def capture(payment_id: PaymentIdPath, caller: CaptureCaller) -> Response:
     responses=problems(*_COMMON, 409, 502),
     summary="Cancel a payment that has not been captured",
 )
-async def cancel(payment_id: PaymentIdPath, caller: CancelCaller) -> Response:
-    return _json(await caller.service.cancel(_checked_id(payment_id), caller.user), caller)
+async def cancel(
+    payment_id: PaymentIdPath, caller: CancelCaller, operations: OperationsDep
+) -> Response:
+    return _json(await operations.cancel(_checked_id(payment_id), caller.user), caller)
 
 
 @router.post(
@@ -240,9 +262,10 @@ async def refund(
     payment_id: PaymentIdPath,
     request: Request,
     caller: RefundAdminCaller,
+    operations: OperationsDep,
     body: RefundRequest | None = None,
 ) -> Response:
-    answer = await caller.service.refund(
+    answer = await operations.refund(
         _checked_id(payment_id),
         body or RefundRequest(),
         user=caller.signed_in,
@@ -257,5 +280,7 @@ async def refund(
     responses=problems(401, 404, 429, 503),
     summary="A payment's refunds with their status and history (owner or admin)",
 )
-async def refunds(payment_id: PaymentIdPath, caller: ReceiptUserCaller) -> Response:
-    return _json(await caller.service.refunds(_checked_id(payment_id), caller.signed_in), caller)
+async def refunds(
+    payment_id: PaymentIdPath, caller: ReceiptUserCaller, operations: OperationsDep
+) -> Response:
+    return _json(await operations.refunds(_checked_id(payment_id), caller.signed_in), caller)

@@ -29,7 +29,7 @@ from services.errors import ServiceError
 from services.payment_store import OPEN_STATUSES, store_errors
 
 if TYPE_CHECKING:
-    from services.payment_service import PaymentService
+    from services.payment_state import PaymentStateService
     from services.payment_store import PaymentStore
 
 log = logging.getLogger("payments.reconcile")
@@ -73,7 +73,7 @@ class ReconcileRun:
 class Reconciler:
     def __init__(
         self,
-        service: PaymentService,
+        service: PaymentStateService,
         store: PaymentStore,
         redis: Redis,
         *,

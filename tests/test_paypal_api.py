@@ -351,8 +351,8 @@ class TestWebhooks:
         [check] = fake.calls("POST", VERIFY_SIGNATURE)
         assert check.status == 200
 
-        await app.state.service.drain()
-        assert app.state.service._receipts.path_for(payment_id).exists()
+        await app.state.receipts.drain()
+        assert app.state.receipts.renderer.path_for(payment_id).exists()
         meta = await client.get(f"{API}/receipt/{payment_id}", headers=bearer(alice))
         assert meta.status_code == 200, meta.text
         assert meta.json()["amount_formatted"] == "€29.00"

@@ -79,7 +79,7 @@ class TestLostWebhook:
             "succeeded",
             "reconcile",
         )
-        await app.state.service.drain()
+        await app.state.receipts.drain()
         pdf = await client.get(f"/api/v1/payment/receipt/{payment_id}/pdf", headers=bearer(alice))
         assert pdf.status_code == 200
         text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.content)).pages)
@@ -209,7 +209,7 @@ def worker_reconciler(app: Any, *, lease_s: float) -> Reconciler:
     """One more worker's reconciler on the app's Redis, with a leader lease this short."""
     settings = app.state.settings
     return Reconciler(
-        app.state.service,
+        app.state.payment_state,
         app.state.store,
         app.state.store._redis,
         schedule_s=settings.reconcile_schedule,

@@ -270,8 +270,8 @@ class TestWebhooks:
         assert response.json() == {"received": True, "event_id": event["id"], "outcome": "applied"}
         assert await stored_status(app, payment_id) == "succeeded"
         assert len(fake_stripe.requests) == reads_before  # a verified event is taken as is
-        await app.state.service.drain()
-        assert app.state.service._receipts.path_for(payment_id).exists()
+        await app.state.receipts.drain()
+        assert app.state.receipts.renderer.path_for(payment_id).exists()
         meta = await client.get(f"{API}/receipt/{payment_id}", headers=bearer(alice))
         assert meta.status_code == 200, meta.text
         history = await app.state.store.history(payment_id)

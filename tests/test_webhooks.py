@@ -58,8 +58,8 @@ class TestSignedEvents:
         assert response.status_code == 200, response.text
         assert response.json() == {"received": True, "event_id": "evt_1", "outcome": "applied"}
         assert await _status(client, app, payment["payment_id"]) == "succeeded"
-        await app.state.service.drain()
-        assert app.state.service._receipts.path_for(payment["payment_id"]).exists()
+        await app.state.receipts.drain()
+        assert app.state.receipts.renderer.path_for(payment["payment_id"]).exists()
         history = await app.state.store.history(payment["payment_id"])
         assert history[-1].cause == "webhook:evt_1"
 
@@ -206,7 +206,7 @@ class TestWebhooksAndTheBreaker:
         self, client: httpx.AsyncClient, app: Any
     ) -> None:
         payment = await create_payment(client)
-        breaker = app.state.service.guard.breaker("sandbox")
+        breaker = app.state.guard.breaker("sandbox")
 
         async def unreachable() -> None:
             raise ProviderUnavailable("down", provider="sandbox", outcome_unknown=False)

@@ -46,8 +46,8 @@ class TestReceiptRendering:
         self, client: httpx.AsyncClient, app: Any, token: Any, renders: _Renders
     ) -> None:
         payment_id = await _paid(client, token("alice"))
-        await app.state.service.drain()
-        path: Path = app.state.service._receipts.path_for(payment_id)
+        await app.state.receipts.drain()
+        path: Path = app.state.receipts.renderer.path_for(payment_id)
         assert path.exists() and path.read_bytes().startswith(b"%PDF-")
         assert renders.payment_ids == [payment_id]
         assert not list(path.parent.glob(".*.tmp")), "a temporary file was left behind"
@@ -57,11 +57,11 @@ class TestReceiptRendering:
     ) -> None:
         alice = token("alice")
         payment_id = await _paid(client, alice)
-        await app.state.service.drain()
+        await app.state.receipts.drain()
         # Lose the stored file and the memory copy: the next readers must render it again.
-        service = app.state.service
-        service._receipts.path_for(payment_id).unlink()
-        service._receipts._cache = type(service._receipts._cache)(1 << 20)
+        renderer = app.state.receipts.renderer
+        renderer.path_for(payment_id).unlink()
+        renderer._cache = type(renderer._cache)(1 << 20)
         renders.payment_ids.clear()
 
         responses = await asyncio.gather(
