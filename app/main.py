@@ -24,8 +24,8 @@ from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
 from services.operations import PaymentOperations
 from services.payment_providers.base import LocalEvents, ProviderDeps
-from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.breaker import BreakerPolicy
+from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
