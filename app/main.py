@@ -33,7 +33,7 @@ from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import ProviderManager, StoredConfigsUnreadable
-from services.receipt_service import ReceiptService
+from services.receipt_service import ReceiptConfig, ReceiptService
 from services.reconciler import Reconciler
 from services.redis_wire import RedisWire
 from services.refunds import RefundService
@@ -91,7 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await wire.aclose()
         await redis.aclose()
         raise StoredConfigsUnreadable(f"refusing to start in production: {unreadable.reason}")
-    receipts = ReceiptService(settings, executor=app.state.receipt_executor)
+    receipts = ReceiptService(receipt_config(settings), executor=app.state.receipt_executor)
     guard = ProviderGuard(
         redis,
         key_prefix=settings.redis_key_prefix,
@@ -103,6 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         deadline_s=settings.provider_deadline_seconds,
     )
+
     def providers() -> PaymentProviderFactory:
         """The providers as configured now: a hot swap replaces them between requests."""
         return manager.current
@@ -175,6 +176,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         collector.restore()
 
 
+def receipt_config(settings: Settings) -> ReceiptConfig:
+    return ReceiptConfig(
+        merchant_name=settings.merchant_name,
+        merchant_address=settings.merchant_address,
+        merchant_vat_id=settings.merchant_vat_id,
+        directory=settings.receipts_dir,
+        render_workers=settings.receipt_render_workers,
+        memory_cache_bytes=settings.receipt_memory_cache_bytes,
+    )
+
+
 @dataclass(frozen=True)
 class _Collector:
     thresholds: tuple[int, int, int]
@@ -211,13 +223,9 @@ def create_app(
         version="0.1.0",
         summary="Sells the plan catalogue through interchangeable payment providers.",
         lifespan=lifespan,
-        # One flat list of routes, not include_router: FastAPI 0.165 keeps an included router
-        # as a nested matcher that is walked, with its scope bookkeeping, on every request
-        # (a third of a cached PDF download's CPU). The routes are the routers' own, prefix
-        # and tags included; the OpenAPI document is the same. (No dependency_overrides are
-        # wired to them: nothing here uses overrides.)
-        routes=[route for module in ROUTERS for route in module.router.routes],
     )
+    for module in ROUTERS:
+        app.include_router(module.router)
     app.state.settings = settings
     app.state.receipt_executor = receipt_executor
     install_problem_handlers(app)

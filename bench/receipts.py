@@ -13,11 +13,12 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.main import receipt_config
 from app.settings import Settings
 from models.payment import PaymentRecord, PaymentStatus, Plan
 from services import receipt_render
@@ -129,9 +130,7 @@ class _Receipts:
     def __init__(self, settings: Settings, processes: int, directory: Path) -> None:
         self.pool = new_render_pool(processes)
         self.service = ReceiptService(
-            settings.model_copy(
-                update={"receipts_dir": directory, "receipt_render_workers": processes}
-            ),
+            replace(receipt_config(settings), directory=directory, render_workers=processes),
             executor=self.pool,
         )
 

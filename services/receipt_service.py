@@ -13,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app.settings import Settings
 from models.payment import PaymentRecord, Plan
 from services import receipt_render
 from services.money import format_amount
@@ -81,6 +80,18 @@ def new_render_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReceiptConfig:
+    """Who sells, where receipts are kept and how they are rendered."""
+
+    merchant_name: str
+    merchant_address: str
+    merchant_vat_id: str | None
+    directory: Path
+    render_workers: int = 1
+    memory_cache_bytes: int = 16 * 1024 * 1024
+
+
 class ReceiptService:
     """Renders receipts in a process pool and stores them under ``RECEIPTS_DIR``.
 
@@ -88,16 +99,18 @@ class ReceiptService:
     processes the atomic rename makes a duplicate render harmless: both write the same bytes.
     """
 
-    def __init__(self, settings: Settings, *, executor: ProcessPoolExecutor | None = None) -> None:
-        self._settings = settings
-        self._directory = settings.receipts_dir
-        self._workers = settings.receipt_render_workers
+    def __init__(
+        self, config: ReceiptConfig, *, executor: ProcessPoolExecutor | None = None
+    ) -> None:
+        self._config = config
+        self._directory = config.directory
+        self._workers = config.render_workers
         # An executor handed in (one shared pool for many apps, as in the tests) is not ours
         # to shut down.
         self._pool: ProcessPoolExecutor | None = executor
         self._owns_pool = executor is None
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
-        self._cache = _ByteCache(settings.receipt_memory_cache_bytes)
+        self._cache = _ByteCache(config.memory_cache_bytes)
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -150,12 +163,12 @@ class ReceiptService:
         )
 
     def _context(self, info: ReceiptInfo, record: PaymentRecord) -> dict[str, Any]:
-        settings = self._settings
+        config = self._config
         return {
             "merchant": {
-                "name": settings.merchant_name,
-                "address": settings.merchant_address,
-                "vat_id": settings.merchant_vat_id,
+                "name": config.merchant_name,
+                "address": config.merchant_address,
+                "vat_id": config.merchant_vat_id,
             },
             "receipt_number": info.receipt_number,
             "paid_at": info.paid_at.strftime("%d %B %Y, %H:%M UTC"),
