@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import httpx2
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from app.deps import PlatformParts
 from app.logging import configure_logging
@@ -30,12 +29,11 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
-from services.payment_store import PaymentStore
+from services.payment_store import PaymentStore, redis_client
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import ProviderManager, StoredConfigsUnreadable
 from services.receipt_service import ReceiptConfig, ReceiptService
 from services.reconciler import Reconciler
-from services.redis_wire import RedisWire
 from services.refunds import RefundService
 
 log = logging.getLogger("payments.app")
@@ -47,29 +45,14 @@ GC_YOUNG_THRESHOLD = 20_000
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    # The client connects lazily and reconnects by itself: the service starts, and answers
-    # 503, while Redis is down, and recovers when it is back.
-    redis = Redis.from_url(
+    # One client, standalone or Cluster; it connects lazily and reconnects by itself.
+    redis = redis_client(
         settings.redis_url,
-        decode_responses=True,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        health_check_interval=30,
-    )
-    # The requests' own commands go through a pool of their own whose connections have no
-    # per-read timeouts: the wire gives each batch one deadline (see services.redis_wire).
-    wire = RedisWire(
-        Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=None,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            health_check_interval=30,
-        ),
+        cluster=settings.redis_cluster,
         timeout_s=settings.redis_timeout_seconds,
     )
     http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
-    store = PaymentStore(redis, prefix=settings.redis_key_prefix, wire=wire)
+    store = PaymentStore(redis, prefix=settings.redis_key_prefix)
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
     )
@@ -88,7 +71,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Production never serves without the credentials an operator stored: say why, stop.
         await manager.aclose()
         await http.aclose()
-        await wire.aclose()
         await redis.aclose()
         raise StoredConfigsUnreadable(f"refusing to start in production: {unreadable.reason}")
     receipts = ReceiptService(receipt_config(settings), executor=app.state.receipt_executor)
@@ -171,7 +153,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         receipts.close()
         await manager.aclose()
         await http.aclose()
-        await wire.aclose()
         await redis.aclose()
         collector.restore()
 

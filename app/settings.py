@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster: REDIS_URL names any one of its nodes, the client finds the rest.
+    redis_cluster: bool = False
     redis_key_prefix: str = "payments:"
     redis_timeout_seconds: float = 2.0
 
@@ -124,6 +126,22 @@ class Settings(BaseSettings):
     # Faults for every sandbox payment that brings none of its own (JSON, as create-intent's
     # `sandbox` object), e.g. {"fail": "unavailable"} to rehearse a provider outage.
     sandbox_behaviour: dict[str, Any] | None = None
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix_leaves_hash_tags_alone(cls, value: str) -> str:
+        # Redis Cluster hashes a key's first {...} only: a brace in the prefix would decide the
+        # slot of every key instead of the keys' own hash tags.
+        if "{" in value or "}" in value:
+            raise ValueError("REDIS_KEY_PREFIX must not contain '{' or '}'")
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_has_one_database(self) -> Settings:
+        database = urlsplit(self.redis_url).path.strip("/")
+        if self.redis_cluster and database not in ("", "0"):
+            raise ValueError("REDIS_URL names a database other than 0: a Redis Cluster has only 0")
+        return self
 
     @field_validator("payment_fallback", mode="before")
     @classmethod

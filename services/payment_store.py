@@ -1,20 +1,30 @@
-"""Payment state in Redis.
+"""Payment state in Redis, standalone or Cluster, through redis-py's public API.
 
 Every state change is one Lua script, so a transition, its history entry and the webhook event
-that caused it are applied together or not at all. Keys carry a configurable prefix and a
-per-payment hash tag (``pay:{id}``) so that a payment's keys live in one Redis Cluster slot.
+that caused it are applied together or not at all. Keys carry a configurable prefix and a hash
+tag, so that the keys of every script and every MULTI live in one Redis Cluster slot: a
+payment's keys share ``pay:{id}``, a mapping's two hashes ``map:{provider:entity}``, the
+reconciliation queue, its steps, stats and leader lock ``{recon}``. Commands that span slots
+(create's batch) go in a pipeline without MULTI, which the cluster client splits by node.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -27,9 +37,30 @@ from models.payment import (
     RefundStatus,
 )
 from services.errors import StoreUnavailable
-from services.redis_wire import Command, RedisWire, as_dict, eval_command
 
 S = PaymentStatus
+
+# The service's one Redis client: redis-py's standalone client, or its cluster client with
+# REDIS_CLUSTER. Both speak the same commands, scripts and pipelines.
+RedisClient: TypeAlias = Redis | RedisCluster
+
+
+def redis_client(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
+    """The client for ``url``; with ``cluster``, for the Redis Cluster that ``url`` names any
+    node of (the client learns the others and their slots from it).
+
+    It connects lazily and reconnects by itself: the service starts, and answers 503, while
+    Redis is down, and recovers when it is back."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 30,
+    }
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
+
 
 # The only moves a payment can make. Paid states never go back to unpaid ones; a failed,
 # canceled or expired payment may still turn out paid when the provider says money moved.
@@ -113,10 +144,22 @@ return {outcome, current, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: payment hash, history list. ARGV: payment fields (a JSON object of strings), history
-# entry JSON. Fields travel as one JSON argument, not as field/value arguments: each argument
-# is encoded in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
+# The two writes of create that must happen in order, each on the keys of one slot; ARGV[1]
+# says which.
+#   'payment'  KEYS: payment hash, history list. ARGV: payment fields (a JSON object of
+#              strings), history entry JSON. 0 when the payment exists already.
+#   'answer'   KEYS: idempotency hash. ARGV: the response to replay (JSON), TTL in seconds.
+# One script for both so that they share one digest: after Redis has lost its script cache (a
+# restart, a failover, SCRIPT FLUSH), both fail with NOSCRIPT in a batch or neither does, and
+# the answer, sent after the payment, can never be stored while the payment was refused.
+# Fields travel as one JSON argument, not as field/value arguments: each argument is encoded
+# in Python, and the thirty-odd of a payment were a tenth of create-intent's CPU.
 _CREATE_LUA = """
+if ARGV[1] == 'answer' then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'response', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local function hset_json(key, encoded)
   local flat = {}
@@ -126,8 +169,8 @@ local function hset_json(key, encoded)
   end
   redis.call('HSET', key, unpack(flat))
 end
-hset_json(KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
+hset_json(KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -135,13 +178,6 @@ return 1
 _MAPPING_LUA = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-# KEYS: idempotency hash. ARGV: the response to replay (JSON), TTL in seconds.
-_IDEMPOTENCY_DONE_LUA = """
-redis.call('HSET', KEYS[1], 'state', 'done', 'response', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -409,6 +445,19 @@ def _history_entry(
     return HistoryEntry(at=at, status=status, previous=previous, cause=cause).model_dump_json()
 
 
+@dataclass(frozen=True, slots=True)
+class _ScriptCall:
+    """One call of a registered script, to send in a batch."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[str | int | float] = field(default_factory=list)
+
+    async def run(self) -> Any:
+        """Call it alone: by digest, loading the script first if Redis has lost it."""
+        return await self.script(keys=self.keys, args=self.args)
+
+
 class PaymentStore:
     """Payments, their history, idempotency records and rate-limit counters in Redis.
 
@@ -416,12 +465,14 @@ class PaymentStore:
     Redis is back.
     """
 
-    def __init__(self, redis: Redis, *, prefix: str = "", wire: RedisWire | None = None) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str = "") -> None:
         self._redis = redis
-        # The requests' own commands (create, verify, receipts, idempotency, rate limits) go
-        # through the wire; the rest through redis-py's commands.
-        self._wire = wire or RedisWire(redis)
+        self._cluster = isinstance(redis, RedisCluster)
         self._prefix = prefix
+        self._create = redis.register_script(_CREATE_LUA)
+        self._mapping = redis.register_script(_MAPPING_LUA)
+        self._idempotency_begin = redis.register_script(_IDEMPOTENCY_BEGIN_LUA)
+        self._rate_limit = redis.register_script(_RATE_LIMIT_LUA)
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._reconcile_claim = redis.register_script(_RECONCILE_CLAIM_LUA)
         self._refund_begin = redis.register_script(_REFUND_BEGIN_LUA)
@@ -447,18 +498,18 @@ class PaymentStore:
         base = f"{self._prefix}map:{{{provider}:{entity}}}"
         return f"{base}:local", f"{base}:external"
 
-    def _mapping_command(
+    def _mapping_call(
         self, provider: str, entity: str, local_id: str, external_id: str
-    ) -> Command:
-        return eval_command(
-            _MAPPING_LUA, self._mapping_keys(provider, entity), local_id, external_id
+    ) -> _ScriptCall:
+        return _ScriptCall(
+            self._mapping, list(self._mapping_keys(provider, entity)), [local_id, external_id]
         )
 
     async def add_mapping(
         self, provider: str, entity: str, local_id: str, external_id: str
     ) -> None:
         async with store_errors():
-            await self._wire.execute(self._mapping_command(provider, entity, local_id, external_id))
+            await self._mapping_call(provider, entity, local_id, external_id).run()
 
     async def lookup_mapping(
         self,
@@ -503,39 +554,76 @@ class PaymentStore:
         idempotency: IdempotencyAnswer | None = None,
         reconcile_after_s: float | None = None,
     ) -> bool:
-        """Store a new payment, its reference index and, when given, the idempotency answer,
-        in one round trip. False when a payment with that ID exists already.
+        """Store a new payment, its reference index and, when given, the idempotency answer.
+        False when a payment with that ID exists already.
 
         With ``reconcile_after_s``, an open payment is also queued for reconciliation then, so
         that a lost webhook cannot leave it open for good.
 
-        The commands run in order on one connection, so the answer is never stored before the
-        payment exists (and the scripts go as EVAL, see ``eval_command``).
+        The answer is never stored before the payment exists. On a standalone Redis all of it
+        is one round trip: one pipeline, whose commands Redis runs in order on one connection,
+        the payment's first. On a Redis Cluster the payment, the mapping, the answer and the
+        queue live in different slots, mostly on different nodes, and the cluster client sends
+        each node its share of a pipeline at the same time, so order holds only within a
+        node: there the payment is written on its own first, and the rest follows in a second
+        round trip (one per node, in parallel) once Redis has said the payment is stored.
         """
-        keys = self._keys(record.payment_id)[:2]
-        args: list[str | int] = [
-            _json(_record_to_fields(record)),
-            _history_entry(record.status, None, cause, record.created_at),
-        ]
-        commands: list[Command] = [
-            eval_command(_CREATE_LUA, keys, *args),
-            # Our order reference <-> the provider's ID: how events that name only our
-            # reference (or another vendor object of the same payment) find the payment.
-            self._mapping_command(record.provider, "payment", record.reference, record.payment_id),
+        payment = _ScriptCall(
+            self._create,
+            self._keys(record.payment_id)[:2],
+            [
+                "payment",
+                _json(_record_to_fields(record)),
+                _history_entry(record.status, None, cause, record.created_at),
+            ],
+        )
+        # Our order reference <-> the provider's ID: how events that name only our reference
+        # (or another vendor object of the same payment) find the payment.
+        after = [
+            self._mapping_call(record.provider, "payment", record.reference, record.payment_id)
         ]
         if idempotency is not None:
-            commands.append(self._idempotency_answer_command(idempotency))
+            after.append(self._answer_call(idempotency))
+        queue = None
         if reconcile_after_s is not None and record.status in OPEN_STATUSES:
-            due = record.created_at.timestamp() + reconcile_after_s
-            commands.append(["ZADD", self._recon_queue, "NX", repr(due), record.payment_id])
+            queue = (record.payment_id, record.created_at.timestamp() + reconcile_after_s)
         async with store_errors():
-            results = await self._wire.execute(*commands)
-        return bool(results[0])
+            if self._cluster:
+                created = await payment.run()
+                await self._batch(after, reconcile=queue)
+            else:
+                created, *_ = await self._batch([payment, *after], reconcile=queue)
+        return bool(created)
+
+    async def _batch(
+        self, calls: Sequence[_ScriptCall], *, reconcile: tuple[str, float] | None = None
+    ) -> list[Any]:
+        """Run ``calls`` in order in one pipeline (without MULTI: they may span slots), then,
+        with ``reconcile``, queue that payment at that time unless it is queued already.
+
+        Scripts go by digest (EVALSHA) and not through the pipeline's own script support,
+        which asks SCRIPT EXISTS first, a round trip of its own (and a cluster pipeline has
+        none). A call that met an empty script cache runs again through its ``Script``, which
+        loads it: in order, so a step runs again only after those before it.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            if reconcile is not None:
+                payment_id, due = reconcile
+                pipe.zadd(self._recon_queue, {payment_id: due}, nx=True)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, call in enumerate(calls):
+            if isinstance(replies[index], NoScriptError):
+                replies[index] = await call.run()
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         async with store_errors():
-            (reply,) = await self._wire.execute(("HGETALL", self._payment_key(payment_id)))
-        fields = as_dict(reply)
+            fields = cast(dict[str, str], await self._redis.hgetall(self._payment_key(payment_id)))
         return _record_from_fields(fields) if fields else None
 
     async def find_by_reference(self, provider: str, reference: str) -> PaymentRecord | None:
@@ -723,29 +811,24 @@ class PaymentStore:
         self, scope: str, key: str, fingerprint: str, *, pending_ttl_ms: int = 60_000
     ) -> IdempotencyBegin:
         async with store_errors():
-            ((state, response),) = await self._wire.execute(
-                eval_command(
-                    _IDEMPOTENCY_BEGIN_LUA,
-                    [self._idempotency_key(scope, key)],
-                    fingerprint,
-                    pending_ttl_ms,
-                )
+            state, response = await self._idempotency_begin(
+                keys=[self._idempotency_key(scope, key)], args=[fingerprint, pending_ttl_ms]
             )
         return IdempotencyBegin(
             state=IdempotencyState(state), response=json.loads(response) if response else None
         )
 
-    def _idempotency_answer_command(self, answer: IdempotencyAnswer) -> Command:
-        return eval_command(
-            _IDEMPOTENCY_DONE_LUA,
+    def _answer_call(self, answer: IdempotencyAnswer) -> _ScriptCall:
+        # The answer step of create's script (see _CREATE_LUA for why it is one script).
+        return _ScriptCall(
+            self._create,
             [self._idempotency_key(answer.scope, answer.key)],
-            json.dumps(answer.response),
-            answer.ttl_s,
+            ["answer", json.dumps(answer.response), answer.ttl_s],
         )
 
     async def idempotency_complete(self, answer: IdempotencyAnswer) -> None:
         async with store_errors():
-            await self._wire.execute(self._idempotency_answer_command(answer))
+            await self._answer_call(answer).run()
 
     async def idempotency_renew(self, scope: str, key: str, *, lease_ms: int) -> bool:
         """Extend an in-progress claim by ``lease_ms``; False when it is no longer ours to
@@ -765,8 +848,8 @@ class PaymentStore:
     async def hit_rate_limit(self, bucket: str, window_s: int) -> tuple[int, float]:
         """Count one hit in ``bucket``'s current window: (hits so far, seconds left)."""
         async with store_errors():
-            ((hits, ttl_ms),) = await self._wire.execute(
-                eval_command(_RATE_LIMIT_LUA, [f"{self._prefix}rl:{{{bucket}}}"], window_s * 1000)
+            hits, ttl_ms = await self._rate_limit(
+                keys=[f"{self._prefix}rl:{{{bucket}}}"], args=[window_s * 1000]
             )
         return int(hits), int(ttl_ms) / 1000
 
@@ -814,6 +897,18 @@ class PaymentStore:
         return int(queued), int(due)
 
 
+# Redis out of reach: the connection (or a cluster node's), its timeout, a cluster that has
+# lost a slot's every node or that the client cannot reach at all.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
+
+
 class store_errors:
     """Turn Redis connection trouble into ``StoreUnavailable``."""
 
@@ -821,7 +916,7 @@ class store_errors:
         return None
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        if isinstance(exc, _UNAVAILABLE):
             raise StoreUnavailable("The payment store is unavailable; retry shortly") from exc
 
 

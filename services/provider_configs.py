@@ -22,10 +22,9 @@ from typing import Any, assert_never, cast
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, Field, SecretStr
-from redis.asyncio import Redis
 
 from services.errors import NotFound, ServiceError
-from services.payment_store import store_errors
+from services.payment_store import RedisClient, store_errors
 
 
 class SecretsKeyMissing(ServiceError):
@@ -165,7 +164,7 @@ def secret_values(model: BaseModel) -> dict[str, str]:
 
 
 class ProviderConfigStore:
-    def __init__(self, redis: Redis, *, prefix: str, box: SecretBox) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str, box: SecretBox) -> None:
         self.redis = redis
         self.prefix = prefix
         self._redis = redis

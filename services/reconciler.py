@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-
 from services.errors import ServiceError
-from services.payment_store import OPEN_STATUSES, store_errors
+from services.payment_store import OPEN_STATUSES, RedisClient, store_errors
 
 if TYPE_CHECKING:
     from services.payment_state import PaymentStateService
@@ -75,7 +73,7 @@ class Reconciler:
         self,
         service: PaymentStateService,
         store: PaymentStore,
-        redis: Redis,
+        redis: RedisClient,
         *,
         schedule_s: list[float],
         interval_s: float,

@@ -22,9 +22,9 @@ from services.errors import OperationNotSupported
 
 if TYPE_CHECKING:
     import httpx2
-    from redis.asyncio import Redis
 
     from app.settings import Settings
+    from services.payment_store import RedisClient
 
 
 class Capability(StrEnum):
@@ -65,7 +65,7 @@ EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 class ProviderDeps:
     """Shared clients handed to providers when the app starts."""
 
-    redis: Redis
+    redis: RedisClient
     http: httpx2.AsyncClient
     key_prefix: str = ""
     events: LocalEvents = field(default_factory=LocalEvents)

@@ -44,8 +44,9 @@ from redis.exceptions import RedisError
 from services.errors import ProviderUnavailable, ProviderUpstreamError, ServiceError
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
+
+    from services.payment_store import RedisClient
 
 T = TypeVar("T")
 log = logging.getLogger("payments.providers")
@@ -204,7 +205,9 @@ class _Tally:
 
 
 class CircuitBreaker:
-    def __init__(self, redis: Redis, *, key: str, provider: str, policy: BreakerPolicy) -> None:
+    def __init__(
+        self, redis: RedisClient, *, key: str, provider: str, policy: BreakerPolicy
+    ) -> None:
         self._redis = redis
         self._key = key
         # The window sits beside the state under the same hash tag ({provider}): one slot.

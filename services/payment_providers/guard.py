@@ -11,7 +11,7 @@ from services.errors import ProviderUnavailable
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from services.payment_store import RedisClient
 
     from .base import BasePaymentProvider
 
@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 class ProviderGuard:
     def __init__(
-        self, redis: Redis, *, key_prefix: str, policy: BreakerPolicy, deadline_s: float
+        self, redis: RedisClient, *, key_prefix: str, policy: BreakerPolicy, deadline_s: float
     ) -> None:
         self._redis = redis
         self._prefix = key_prefix

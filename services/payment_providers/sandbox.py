@@ -55,9 +55,8 @@ from .base import (
 from .payloads import load_json
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from app.settings import Settings
+    from services.payment_store import RedisClient
 
 log = logging.getLogger("payments.sandbox")
 
@@ -255,7 +254,7 @@ class SandboxProvider(BasePaymentProvider):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         key_prefix: str,
         enabled: bool,
