@@ -169,13 +169,22 @@ class ProviderConfigStore:
         self.prefix = prefix
         self._redis = redis
         self._configs = f"{prefix}provider_configs"
-        self._version = f"{prefix}provider_configs:version"
         self._routing = f"{prefix}provider_routing"
+        # A change and its version bump are one MULTI, which a Redis Cluster keeps to one slot:
+        # so each of the two keys has a counter of its own, hash-tagged with that key's whole
+        # name (a key without braces hashes whole), and the keys keep the names they had.
+        self._configs_version = f"{{{self._configs}}}:version"
+        self._routing_version = f"{{{self._routing}}}:version"
         self._box = box
 
     async def version(self) -> int:
-        async with store_errors():
-            return int(await self._redis.get(self._version) or 0)
+        """Moves with every change of a configuration or of the routing: the sum of their
+        counters, which only grow."""
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._configs_version)
+            pipe.get(self._routing_version)
+            counts = await pipe.execute()
+        return sum(int(count or 0) for count in counts)
 
     async def _all_raw(self) -> dict[str, dict[str, Any]]:
         async with store_errors():
@@ -188,7 +197,7 @@ class ProviderConfigStore:
                 pipe.hdel(self._configs, config_id)
             else:
                 pipe.hset(self._configs, config_id, json.dumps(dict(data)))
-            pipe.incr(self._version)
+            pipe.incr(self._configs_version)
             await pipe.execute()
 
     @staticmethod
@@ -324,6 +333,6 @@ class ProviderConfigStore:
     async def set_routing(self, routing: RoutingConfig) -> RoutingConfig:
         async with store_errors(), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._routing, routing.model_dump_json(exclude_none=True))
-            pipe.incr(self._version)
+            pipe.incr(self._routing_version)
             await pipe.execute()
         return routing
