@@ -1,4 +1,5 @@
-"""The transition table, once-only events and history, on a real Redis."""
+"""The transition table, once-only events, history, create's batch and refunds, on a real
+standalone Redis and on a real 3-master Redis Cluster."""
 
 from __future__ import annotations
 
@@ -8,27 +9,40 @@ from datetime import UTC, datetime
 from itertools import pairwise
 
 import pytest
-from redis.asyncio import Redis
 
 from models.payment import PaymentRecord, PaymentStatus, RefundStatus
 from services.payment_store import (
     TRANSITIONS,
+    IdempotencyAnswer,
+    IdempotencyState,
     PaymentStore,
+    RedisClient,
     RefundBegin,
     RefundBeginOutcome,
     TransitionOutcome,
+    redis_client,
 )
-from tests.conftest import RedisServer
+from tests.conftest import RedisClusterNodes, RedisServer
 
 S = PaymentStatus
 
 
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[PaymentStore]:
-    redis_server.flush()
-    client = Redis.from_url(redis_server.url, decode_responses=True)
-    yield PaymentStore(client, prefix="unit:")
+@pytest.fixture(params=["standalone", "cluster"])
+async def redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
+    """The app's own kind of client, on a standalone Redis and on a Redis Cluster."""
+    cluster = request.param == "cluster"
+    server: RedisServer | RedisClusterNodes = request.getfixturevalue(
+        "redis_cluster" if cluster else "redis_server"
+    )
+    server.flush()
+    client = redis_client(server.url, cluster=cluster, timeout_s=2.0)
+    yield client
     await client.aclose()
+
+
+@pytest.fixture
+def store(redis: RedisClient) -> PaymentStore:
+    return PaymentStore(redis, prefix="unit:")
 
 
 def _record(payment_id: str, status: PaymentStatus = S.PENDING) -> PaymentRecord:
@@ -124,6 +138,47 @@ class TestTransitions:
         )
         assert await store.create(record)
         assert await store.get("sb_utf8") == record
+
+
+class TestCreate:
+    """The payment, its mapping, the idempotency answer and the reconciliation entry: one
+    round trip on a standalone Redis, the payment first on a cluster."""
+
+    async def test_stores_all_four(self, store: PaymentStore) -> None:
+        record = _record("sb_all")
+        assert (await store.idempotency_begin("create", "k1", "fp")).state is IdempotencyState.NEW
+        answer = IdempotencyAnswer("create", "k1", {"payment_id": "sb_all"})
+        assert await store.create(record, idempotency=answer, reconcile_after_s=60)
+        assert await store.get("sb_all") == record
+        assert await store.find_by_reference("sandbox", "ord_sb_all") == record
+        replay = await store.idempotency_begin("create", "k1", "fp")
+        assert (replay.state, replay.response) == (IdempotencyState.DONE, {"payment_id": "sb_all"})
+        due = await store.reconcile_due_at("sb_all")
+        assert due == pytest.approx(record.created_at.timestamp() + 60)
+
+    async def test_after_redis_lost_its_scripts(
+        self, store: PaymentStore, redis: RedisClient
+    ) -> None:
+        """A restart or a failover empties Redis's script cache: the scripts sent by digest
+        are loaded again, and nothing of the batch is lost or stored twice."""
+        await store.create(_record("sb_before"))
+        await store.idempotency_begin("create", "k2", "fp")
+        await redis.script_flush()
+        answer = IdempotencyAnswer("create", "k2", {"payment_id": "sb_after"})
+        assert await store.create(_record("sb_after"), idempotency=answer, reconcile_after_s=5)
+        assert (await store.get("sb_after")) is not None
+        assert (await store.idempotency_begin("create", "k2", "fp")).response == {
+            "payment_id": "sb_after"
+        }
+        assert await store.find_by_reference("sandbox", "ord_sb_after") is not None
+        assert await store.reconcile_due_at("sb_after") is not None
+        assert len(await store.history("sb_after")) == 1
+        await redis.script_flush()
+        assert not await store.create(_record("sb_after"))  # still once
+
+    async def test_an_open_payment_only_is_queued(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_paid", S.SUCCEEDED), reconcile_after_s=60)
+        assert await store.reconcile_due_at("sb_paid") is None
 
 
 class TestRefundRecords:
