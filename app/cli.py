@@ -39,10 +39,10 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     import httpx2
     from redis.asyncio import Redis
 
+    from app.provider_settings import provider_manager
     from app.settings import Settings
     from services.payment_providers.base import ProviderDeps
     from services.provider_configs import ProviderConfigStore, SecretBox
-    from services.provider_manager import ProviderManager
 
     settings = Settings()
     redis = Redis.from_url(
@@ -55,8 +55,14 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     configs = ProviderConfigStore(
         redis, prefix=settings.redis_key_prefix, box=SecretBox(settings.provider_secrets_key_value)
     )
-    deps = ProviderDeps(redis=redis, http=http, key_prefix=settings.redis_key_prefix)
-    manager = ProviderManager(settings, deps, configs)
+    deps = ProviderDeps(
+        redis=redis,
+        http=http,
+        key_prefix=settings.redis_key_prefix,
+        timeout_s=settings.provider_timeout_seconds,
+        production=settings.environment == "production",
+    )
+    manager = provider_manager(settings, deps, configs)
     try:
         try:
             await manager.refresh()

@@ -16,6 +16,7 @@ from app.deps import PlatformParts
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
+from app.provider_settings import provider_manager
 from app.settings import Settings
 from routers import health, payments, providers, sandbox
 from services.catalogue import Catalogue
@@ -31,7 +32,7 @@ from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore, redis_client
 from services.provider_configs import ProviderConfigStore, SecretBox
-from services.provider_manager import ProviderManager, StoredConfigsUnreadable
+from services.provider_manager import StoredConfigsUnreadable
 from services.receipt_service import ReceiptConfig, ReceiptService
 from services.reconciler import Reconciler
 from services.refunds import RefundService
@@ -58,10 +59,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # Providers that live inside the service tell it of their own changes through this.
     local_events = LocalEvents()
-    manager = ProviderManager(
+    manager = provider_manager(
         settings,
         ProviderDeps(
-            redis=redis, http=http, key_prefix=settings.redis_key_prefix, events=local_events
+            redis=redis,
+            http=http,
+            key_prefix=settings.redis_key_prefix,
+            events=local_events,
+            timeout_s=settings.provider_timeout_seconds,
+            production=settings.environment == "production",
         ),
         configs,
     )

@@ -125,6 +125,33 @@ class StoredLayer:
     unreadable: UnreadableConfigs | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderModels:
+    """What one provider is built from: instances of its config and secret models, each None
+    where the environment and the stored configuration together do not complete it."""
+
+    config: BaseModel | None
+    secrets: BaseModel | None
+
+
+class StoredConfigInvalid(Exception):
+    """A stored configuration that, over the environment's, does not fit its provider's
+    models (stored by another release, or written around the admin API). Its provider is
+    held out, never run on the environment's values alone."""
+
+    def __init__(self, provider: str, fields: tuple[str, ...]) -> None:
+        self.provider = provider
+        self.fields = fields  # "config.x" / "config_secret.y": names, never values
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"the stored configuration of {self.provider} does not fit it "
+            f"({', '.join(self.fields)}); the provider is held out"
+        )
+
+
 class SecretBox:
     def __init__(self, keys: str | None) -> None:
         names = [key.strip() for key in (keys or "").split(",") if key.strip()]

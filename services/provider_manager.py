@@ -4,10 +4,13 @@ Every worker polls the configuration version in Redis every ``poll_s`` (a GET, 4
 default) and, when it moved, builds a new ``PaymentProviderFactory`` from the environment plus
 the stored configurations and swaps it in. A request in flight keeps the provider instance it
 already holds; the replaced instances are closed after a grace period, so nothing is dropped.
+How a provider's config and secret models are made from the environment and its stored
+configuration is the app's business (``configure``; the manager never reads settings).
 
 A stored configuration whose secrets this process cannot decrypt (PROVIDER_SECRETS_KEY unset
-or wrong) is never dropped silently: its provider is held out (it refuses every operation,
-rather than run on the environment's credentials, which may be another account's), the rest
+or wrong), or that no longer fits its provider's models, is never dropped silently: its
+provider is held out (it refuses every operation, rather than run on the environment's
+credentials, which may be another account's), the rest
 of the stored layer still applies (other configurations, deactivations, routing), and
 ``unreadable_configs`` says which and why, for the health check, the command line and the
 start-up check that refuses to serve in production. The condition is logged when it starts,
@@ -19,18 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
-
-from pydantic import SecretStr
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from services.errors import ServiceError
-from services.payment_providers.factory import PaymentProviderFactory, discover_provider_classes
+from services.payment_providers.base import BasePaymentProvider
+from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.placeholders import HeldOutProvider
-from services.provider_configs import StoredLayer, UnreadableConfigs
+from services.provider_configs import (
+    ProviderModels,
+    StoredConfigInvalid,
+    StoredLayer,
+    StoredProvider,
+    UnreadableConfigs,
+)
 
 if TYPE_CHECKING:
-    from app.settings import Settings
-    from services.payment_providers.base import BasePaymentProvider, ProviderDeps
+    from services.payment_providers.base import ProviderDeps
     from services.provider_configs import ProviderConfigStore, RoutingConfig
 
 log = logging.getLogger("payments.providers")
@@ -42,20 +50,30 @@ class StoredConfigsUnreadable(RuntimeError):
     """Production refuses to start while stored configurations cannot be read."""
 
 
+# A provider class and its stored configuration (None: none, or deactivated) -> the models
+# it is built from. Raises StoredConfigInvalid when the stored configuration does not fit.
+Configure = Callable[[type[BasePaymentProvider], StoredProvider | None], ProviderModels]
+
+
 class ProviderManager:
     def __init__(
         self,
-        settings: Settings,
+        classes: Mapping[str, type[BasePaymentProvider]],
+        configure: Configure,
         deps: ProviderDeps,
         configs: ProviderConfigStore,
         *,
+        default: str,
+        fallback: Iterable[str] = (),
         poll_s: float = 0.25,
     ) -> None:
-        self._settings = settings
+        self._classes = dict(classes)
+        self._configure = configure
         self._deps = deps
         self._configs = configs
+        self._default = default  # PAYMENT_PROVIDER and PAYMENT_FALLBACK, until routing is stored
+        self._fallback = tuple(fallback)
         self._poll_s = poll_s
-        self._classes = discover_provider_classes()
         self._current = self._build(StoredLayer(), None)
         self._unreadable: UnreadableConfigs | None = None
         self._version: int | None = None
@@ -126,33 +144,30 @@ class ProviderManager:
         inactive = set()
         unreadable = stored.unreadable
         for name, cls in self._classes.items():
-            settings = self._settings
             if unreadable is not None and name in unreadable.providers:
                 providers.append(HeldOutProvider.standing_in_for(cls, unreadable.reason))
                 continue
-            if name in stored.providers:
-                config = stored.providers[name]
-                if not config.active:
-                    inactive.add(name)
-                elif cls.settings_prefix is not None:
-                    update: dict[str, Any] = {
-                        f"{cls.settings_prefix}{key}": value for key, value in config.config.items()
-                    }
-                    update.update(
-                        {
-                            f"{cls.settings_prefix}{key}": SecretStr(value)
-                            for key, value in config.secrets.items()
-                        }
-                    )
-                    settings = settings.model_copy(update=update)
-            providers.append(cls.from_settings(settings, self._deps))
-        default = (routing.default if routing else None) or self._settings.payment_provider
+            config = stored.providers.get(name)
+            if config is not None and not config.active:
+                inactive.add(name)
+                config = None  # a deactivated configuration's fields do not apply
+            try:
+                models = self._configure(cls, config)
+            except StoredConfigInvalid as error:
+                log.error(
+                    "providers.stored_config_invalid",
+                    extra={"provider": name, "fields": list(error.fields)},
+                )
+                providers.append(HeldOutProvider.standing_in_for(cls, error.reason))
+                continue
+            providers.append(cls.from_config(models.config, models.secrets, self._deps))
+        default = (routing.default if routing else None) or self._default
         fallback = routing.fallback if routing and routing.fallback is not None else None
         return PaymentProviderFactory.create(
             providers,
-            settings=self._settings,
+            production=self._deps.production,
             default=default,
-            fallback=self._settings.payment_fallback if fallback is None else fallback,
+            fallback=self._fallback if fallback is None else fallback,
             weights=(routing.weights if routing else None) or {},
             inactive=inactive,
         )

@@ -321,11 +321,11 @@ class TestRouting:
 
 
 class TestWeightedSplit:
-    def test_split_is_sticky_and_proportional(self, settings: Settings) -> None:
+    def test_split_is_sticky_and_proportional(self) -> None:
         providers = [GooglePayProvider(), type("Other", (GooglePayProvider,), {"name": "other"})()]
         factory = PaymentProviderFactory.create(
             providers,
-            settings=settings,
+            production=False,
             default="googlepay",
             fallback=[],
             weights={"googlepay": 70, "other": 30},

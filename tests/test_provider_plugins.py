@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 
 from app.main import create_app
 from app.settings import Settings
@@ -214,7 +215,7 @@ class TestInTheService:
         }
         schema = await client.get("/api/v1/providers/acme/schema", headers=admin)
         assert schema.status_code == 200, schema.text
-        assert schema.json()["config_secret"]["properties"] == {}
+        assert set(schema.json()["config_secret"]["properties"]) == {"api_key"}
 
     async def test_a_payment_routes_to_it_and_verify_finds_it_by_prefix(
         self, client: httpx.AsyncClient, token: Any
@@ -246,15 +247,16 @@ class TestInTheService:
         body = assert_problem(response, 422, "operation_not_supported")
         assert body["detail"] == "acme does not support capture"
 
-    async def test_a_stored_configuration_can_deactivate_it_but_holds_no_fields(
+    async def test_a_stored_configuration_is_checked_and_can_deactivate_it(
         self, client: httpx.AsyncClient, admin: dict[str, str]
     ) -> None:
         refused = await client.post(
             "/api/v1/providers/configs",
-            json={"provider_key": "acme", "config_secret": {"api_key": "k"}},
+            json={"provider_key": "acme", "config_secret": {"api_key": "k"}},  # too short
             headers=admin,
         )
         assert_problem(refused, 422, "invalid_provider_config")
+        assert "config_secret.api_key" in refused.json()["detail"]
 
         stored = await client.post(
             "/api/v1/providers/configs",
@@ -290,6 +292,35 @@ class TestInTheServiceWithoutItsKey:
             "provider_not_configured",
         )
         assert body["detail"] == "The acme provider is not configured on this service"
+
+
+class TestInTheServiceWithAStoredKey:
+    """A plug-in's configuration is stored like a built-in's: the key an operator stores
+    configures it, with no ACME_API_KEY in the environment."""
+
+    @pytest.fixture
+    def acme_key(self) -> str | None:
+        return None
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"provider_secrets_key": Fernet.generate_key().decode()}
+
+    async def test_configured_by_what_is_stored(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        stored = await client.post(
+            "/api/v1/providers/configs",
+            json={"provider_key": "acme", "config_secret": {"api_key": ACME_KEY}},
+            headers=admin,
+        )
+        assert stored.status_code == 201, stored.text
+        assert ACME_KEY not in stored.text
+        response = await client.get("/api/v1/providers", headers=admin)
+        acme = {item["name"]: item for item in response.json()}["acme"]
+        assert (acme["configured"], acme["active"]) == (True, True)
+        created = await create_payment(client, provider="acme")
+        assert created["payment_id"].startswith("acme_")
 
 
 @pytest.fixture

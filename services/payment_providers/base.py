@@ -15,7 +15,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from models.payment import PaymentStatus, Plan, RefundStatus
 from services.errors import OperationNotSupported
@@ -23,7 +25,6 @@ from services.errors import OperationNotSupported
 if TYPE_CHECKING:
     import httpx2
 
-    from app.settings import Settings
     from services.payment_store import RedisClient
 
 
@@ -63,12 +64,15 @@ EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class ProviderDeps:
-    """Shared clients handed to providers when the app starts."""
+    """Shared clients handed to providers when the app starts, and the facts about this
+    deployment that are not any one provider's configuration."""
 
     redis: RedisClient
     http: httpx2.AsyncClient
     key_prefix: str = ""
     events: LocalEvents = field(default_factory=LocalEvents)
+    timeout_s: float = 10.0  # each vendor call's (PROVIDER_TIMEOUT_SECONDS)
+    production: bool = False  # real money moves here: test-money providers refuse to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,16 +173,43 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True, slots=True)
+class EnvironmentOnly:
+    """Marks a config field that only the environment sets, never a stored configuration:
+    ``api_base: Annotated[str, EnvironmentOnly()]``. An API base address is one: whoever
+    could change it could send our secret key to another host, and the admin API is one
+    stolen token away. Its JSON schema says ``readOnly``."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        described = handler(schema)
+        described["readOnly"] = True
+        return described
+
+
+def environment_only_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` marked ``EnvironmentOnly``."""
+    return frozenset(
+        name
+        for name, info in model.model_fields.items()
+        if any(isinstance(marker, EnvironmentOnly) for marker in info.metadata)
+    )
+
+
 class BasePaymentProvider(abc.ABC):
     """A payment provider.
 
     Subclasses set the class metadata and implement the abstract methods; the optional
     operations raise ``OperationNotSupported`` unless the provider has the capability.
 
-    ``config_model`` and ``secrets_model`` describe what an operator may store for the
-    provider through the admin API; their JSON schemas are served there. A stored config
-    overrides the environment: each field ``f`` replaces the setting ``settings_prefix + f``
-    before ``from_settings`` builds the provider, so a provider has one constructor path.
+    ``config_model`` and ``secrets_model`` describe the provider's configuration: the admin
+    API validates stored configurations with them and serves their JSON schemas, and the
+    provider is built from instances of them. The app reads each field ``f`` from the
+    environment as the setting ``settings_prefix + f`` (``STRIPE_SECRET_KEY`` is Stripe's
+    ``secret_key``), lets a stored configuration override it field by field (except the
+    fields marked ``EnvironmentOnly``) and hands the result to ``from_config``: a provider
+    has one constructor path, and never sees the service's settings.
     """
 
     name: ClassVar[str]
@@ -192,8 +223,16 @@ class BasePaymentProvider(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> BasePaymentProvider:
-        """Build the provider from settings, with its own client instances."""
+    def from_config(cls, config: Any, secrets: Any, deps: ProviderDeps) -> BasePaymentProvider:
+        """Build the provider, with its own client instances, from ``config`` (an instance of
+        ``config_model``), ``secrets`` (of ``secrets_model``) and the shared ``deps``.
+
+        Either model is None when the environment and the stored configuration together do
+        not complete it (a required field is missing, as Stripe's secret key where Stripe is
+        not used): the provider is then not configured, and refuses every call with
+        ``ProviderNotConfigured``. (They are typed ``Any`` here so that each provider can
+        name its own models.)
+        """
 
     # -- the original five -----------------------------------------------------------------
 

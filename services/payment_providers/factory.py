@@ -14,14 +14,10 @@ import logging
 import secrets
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
 
 from services.errors import PaymentNotFound, ProviderNotConfigured, UnknownProvider
 
-from .base import BasePaymentProvider, ProviderDeps
-
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .base import BasePaymentProvider
 
 log = logging.getLogger("payments.providers")
 
@@ -93,30 +89,16 @@ class PaymentProviderFactory:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> PaymentProviderFactory:
-        providers = [
-            provider_cls.from_settings(settings, deps)
-            for provider_cls in discover_provider_classes().values()
-        ]
-        return cls.create(
-            providers,
-            settings=settings,
-            default=settings.payment_provider,
-            fallback=settings.payment_fallback,
-        )
-
-    @classmethod
     def create(
         cls,
         providers: Iterable[BasePaymentProvider],
         *,
-        settings: Settings,
+        production: bool,
         default: str,
         fallback: Iterable[str],
         weights: Mapping[str, int] | None = None,
         inactive: Iterable[str] = (),
     ) -> PaymentProviderFactory:
-        production = settings.environment == "production"
         # Test money is never routed to in production, not even as a fallback.
         return cls(
             providers,

@@ -7,7 +7,7 @@ operation with ``provider_not_configured`` instead of pretending to work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import Any, NoReturn, cast
 
 from services.errors import ProviderNotConfigured
 
@@ -17,21 +17,21 @@ from .base import (
     HealthStatus,
     IntentRequest,
     IntentResult,
+    NoSettings,
     PaymentState,
     ProviderDeps,
     RefundResult,
     WebhookEvent,
 )
 
-if TYPE_CHECKING:
-    from app.settings import Settings
-
 
 class UnavailableProvider(BasePaymentProvider):
     """A named provider with no integration behind it."""
 
     @classmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> UnavailableProvider:
+    def from_config(
+        cls, config: NoSettings | None, secrets: NoSettings | None, deps: ProviderDeps
+    ) -> UnavailableProvider:
         return cls()
 
     def is_configured(self) -> bool:
@@ -101,8 +101,8 @@ class HeldOutProvider(BasePaymentProvider):
         return cast(HeldOutProvider, stand_in(reason))
 
     @classmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> HeldOutProvider:
-        raise TypeError("a held-out provider is made by standing_in_for, never from settings")
+    def from_config(cls, config: Any, secrets: Any, deps: ProviderDeps) -> HeldOutProvider:
+        raise TypeError("a held-out provider is made by standing_in_for, never from a config")
 
     def is_configured(self) -> bool:
         return False

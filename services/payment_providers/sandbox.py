@@ -55,7 +55,6 @@ from .base import (
 from .payloads import load_json
 
 if TYPE_CHECKING:
-    from app.settings import Settings
     from services.payment_store import RedisClient
 
 log = logging.getLogger("payments.sandbox")
@@ -280,15 +279,19 @@ class SandboxProvider(BasePaymentProvider):
         self._deliveries: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> SandboxProvider:
+    def from_config(
+        cls, config: SandboxConfig | None, secrets: SandboxSecrets | None, deps: ProviderDeps
+    ) -> SandboxProvider:
         # Test money must never be taken for real money: production has no sandbox.
+        webhook_secret = secrets.webhook_secret if secrets else None
+        behaviour = config.behaviour if config else None
         return cls(
             deps.redis,
             key_prefix=deps.key_prefix,
-            enabled=settings.environment != "production",
-            webhook_secret=settings.sandbox_webhook_secret.get_secret_value(),
+            enabled=not deps.production,
+            webhook_secret=webhook_secret.get_secret_value() if webhook_secret else "",
             http=deps.http,
-            behaviour=settings.sandbox_behaviour,
+            behaviour=behaviour.model_dump() if behaviour else None,
             events=deps.events,
         )
 

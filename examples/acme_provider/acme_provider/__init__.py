@@ -1,21 +1,23 @@
 """Acme Pay: a worked example of a third-party payment provider plug-in.
 
 Acme Pay is not a real vendor, and this package calls nobody. It is the smallest honest
-provider: the class metadata, ``from_settings``, the required operations and a health check,
-registered through the ``payment_service.providers`` entry point in its pyproject.toml. Where a
-real provider would call its vendor's API, a comment says so.
+provider: the class metadata, its secret model, ``from_config``, the required operations and a
+health check, registered through the ``payment_service.providers`` entry point in its
+pyproject.toml. Where a real provider would call its vendor's API, a comment says so.
 
-Configuration: the service's ``Settings`` has no fields for a plug-in, and a configuration
-stored through the admin API reaches a provider only by replacing ``Settings`` fields. So this
-plug-in reads its key from the process environment, ``ACME_API_KEY``. A stored configuration
-can still deactivate it (``"active": false``).
+Configuration: the provider declares what it needs as models (here ``AcmeSecrets``, an API
+key; a ``config_model`` for what is not secret) and a ``settings_prefix``. The service reads
+each field from the environment under that prefix (``ACME_API_KEY``, or the same line in .env),
+lets a configuration stored through the admin API override it (validated with the same model;
+``"active": false`` deactivates the provider), and hands the models to ``from_config``. The
+provider never reads the environment or the service's settings itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from models.payment import PaymentStatus
 from services.errors import ProviderNotConfigured
@@ -25,14 +27,20 @@ from services.payment_providers.base import (
     HealthStatus,
     IntentRequest,
     IntentResult,
+    NoSettings,
     PaymentState,
     ProviderDeps,
 )
 
-if TYPE_CHECKING:
-    from app.settings import Settings
-
 API_KEY_VARIABLE = "ACME_API_KEY"
+
+
+class AcmeSecrets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Optional: a configuration stored only to deactivate the provider need not carry it
+    # (the admin API refuses a stored configuration that lacks a required field).
+    api_key: SecretStr | None = Field(default=None, min_length=8, description="Acme's API key")
 
 
 class AcmeProvider(BasePaymentProvider):
@@ -43,22 +51,29 @@ class AcmeProvider(BasePaymentProvider):
     display_name = "Acme Pay"
     id_prefixes = ("acme_",)
     capabilities = frozenset({Capability.CARD, Capability.REDIRECT})
+    settings_prefix = "acme_"  # api_key is the setting ACME_API_KEY
+    secrets_model = AcmeSecrets
 
-    def __init__(self, api_key: str | None) -> None:
-        # A real provider would build its own vendor client here, with this key.
+    def __init__(self, api_key: SecretStr | None) -> None:
+        # A real provider would build its own vendor client here, with this key (and
+        # deps.http and deps.timeout_s), and read the key's value only to send it.
         self._api_key = api_key
 
     @classmethod
-    def from_settings(cls, settings: Settings, deps: ProviderDeps) -> AcmeProvider:
-        return cls(os.environ.get(API_KEY_VARIABLE) or None)
+    def from_config(
+        cls, config: NoSettings | None, secrets: AcmeSecrets | None, deps: ProviderDeps
+    ) -> AcmeProvider:
+        # Without an API key, set or stored, the provider is not configured.
+        return cls(secrets.api_key if secrets else None)
 
     def is_configured(self) -> bool:
-        return bool(self._api_key)
+        return self._api_key is not None
 
     def _require_key(self) -> None:
         if not self.is_configured():
             raise ProviderNotConfigured(
-                f"Acme Pay needs {API_KEY_VARIABLE} on this service", provider=self.name
+                f"Acme Pay needs an API key on this service ({API_KEY_VARIABLE})",
+                provider=self.name,
             )
 
     async def create_payment_intent(self, request: IntentRequest) -> IntentResult:
@@ -82,5 +97,5 @@ class AcmeProvider(BasePaymentProvider):
     async def health_check(self) -> HealthStatus:
         # A real provider makes a cheap authenticated call to its vendor and times it.
         if not self.is_configured():
-            return HealthStatus(healthy=False, message=f"{API_KEY_VARIABLE} is not set")
+            return HealthStatus(healthy=False, message=f"no API key ({API_KEY_VARIABLE})")
         return HealthStatus(healthy=True, message="example provider: no vendor to call")

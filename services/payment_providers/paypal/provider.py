@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -46,6 +46,7 @@ from services.errors import (
 from ..base import (
     BasePaymentProvider,
     Capability,
+    EnvironmentOnly,
     HealthStatus,
     IntentRequest,
     IntentResult,
@@ -57,9 +58,6 @@ from ..base import (
 from ..payloads import load_json
 from ..resilience import RetryPolicy, with_retries
 from . import transformers as tx
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 log = logging.getLogger("payments.providers.paypal")
 
@@ -192,9 +190,10 @@ class _OrderAlreadyCaptured(InvalidStateTransition):
 
 
 class PayPalConfig(BaseModel):
-    """What an operator may store for PayPal besides secrets (settings ``paypal_*``). The API
-    base address stays in the environment: whoever could change it could send our client
-    secret to another host."""
+    """PayPal's configuration besides secrets (settings ``paypal_*``). The API base address
+    is set only in the environment (``PAYPAL_API_BASE``), never stored: whoever could change
+    it could send our client secret to another host. Without it, ``mode`` picks PayPal's own
+    sandbox or live address."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -204,6 +203,9 @@ class PayPalConfig(BaseModel):
         default=None,
         pattern=r"^[a-zA-Z0-9]{1,50}$",
         description="The webhook's ID in the PayPal app; events are verified against it",
+    )
+    api_base: Annotated[str | None, EnvironmentOnly()] = Field(
+        default=None, description="Where PayPal's API is, if not the mode's (environment only)"
     )
 
 
@@ -256,22 +258,33 @@ class PayPalProvider(BasePaymentProvider):
         self._token_lock = asyncio.Lock()
 
     @classmethod
-    def from_settings(
+    def from_config(
         cls,
-        settings: Settings,
+        config: PayPalConfig | None,
+        secrets: PayPalSecrets | None,
         deps: ProviderDeps,
         *,
         retry_policy: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> PayPalProvider:
-        secret = settings.paypal_client_secret
+        api_base = (config.api_base or API_BASES[config.mode]) if config else API_BASES["sandbox"]
+        if config is None or secrets is None:  # not configured: every call is refused
+            return cls(
+                http=deps.http,
+                client_id=None,
+                client_secret=None,
+                api_base=api_base,
+                timeout_seconds=deps.timeout_s,
+                retry_policy=retry_policy,
+                clock=clock,
+            )
         return cls(
             http=deps.http,
-            client_id=settings.paypal_client_id,
-            client_secret=secret.get_secret_value() if secret else None,
-            api_base=settings.paypal_api_base or API_BASES[settings.paypal_mode],
-            webhook_id=settings.paypal_webhook_id,
-            timeout_seconds=settings.provider_timeout_seconds,
+            client_id=config.client_id,
+            client_secret=secrets.client_secret.get_secret_value(),
+            api_base=api_base,
+            webhook_id=config.webhook_id,
+            timeout_seconds=deps.timeout_s,
             retry_policy=retry_policy,
             clock=clock,
         )

@@ -20,7 +20,7 @@ import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import httpx2
 import stripe
@@ -46,6 +46,7 @@ from services.errors import (
 from ..base import (
     BasePaymentProvider,
     Capability,
+    EnvironmentOnly,
     HealthStatus,
     IntentRequest,
     IntentResult,
@@ -57,9 +58,6 @@ from ..base import (
 from ..payloads import load_json
 from ..resilience import NO_RETRY, RetryPolicy, with_retries
 from . import transformers as tx
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 log = logging.getLogger("payments.providers.stripe")
 
@@ -160,9 +158,9 @@ class _HTTPX2Client(stripe.HTTPClient):
 
 
 class StripeConfig(BaseModel):
-    """What an operator may store for Stripe besides secrets (settings ``stripe_*``). The API
-    base address stays in the environment: whoever could change it could send our secret key
-    to another host."""
+    """Stripe's configuration besides secrets (settings ``stripe_*``). The API base address
+    is set only in the environment (``STRIPE_API_BASE``), never stored: whoever could change
+    it could send our secret key to another host."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -170,6 +168,9 @@ class StripeConfig(BaseModel):
         default=None,
         pattern=r"^pk_(test|live)_[A-Za-z0-9]+$",
         description="pk_..., handed to clients for embedded payments",
+    )
+    api_base: Annotated[str, EnvironmentOnly()] = Field(
+        default="https://api.stripe.com", description="Where Stripe's API is (environment only)"
     )
 
 
@@ -228,19 +229,25 @@ class StripeProvider(BasePaymentProvider):
             )
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, deps: ProviderDeps, *, retry_policy: RetryPolicy | None = None
+    def from_config(
+        cls,
+        config: StripeConfig | None,
+        secrets: StripeSecrets | None,
+        deps: ProviderDeps,
+        *,
+        retry_policy: RetryPolicy | None = None,
     ) -> StripeProvider:
-        # deps is unused: Stripe needs neither Redis nor the shared HTTP client, since the
-        # provider's own httpx2 client owns its connection pool (closed in aclose).
-        secret = settings.stripe_secret_key
-        webhook_secret = settings.stripe_webhook_secret
+        # Of deps, only the timeout: Stripe needs neither Redis nor the shared HTTP client,
+        # since the provider's own httpx2 client owns its connection pool (closed in aclose).
+        if config is None or secrets is None:
+            return cls(secret_key=None, timeout_seconds=deps.timeout_s, retry_policy=retry_policy)
+        webhook_secret = secrets.webhook_secret
         return cls(
-            secret_key=secret.get_secret_value() if secret else None,
-            publishable_key=settings.stripe_publishable_key,
+            secret_key=secrets.secret_key.get_secret_value(),
+            publishable_key=config.publishable_key,
             webhook_secret=webhook_secret.get_secret_value() if webhook_secret else None,
-            api_base=settings.stripe_api_base,
-            timeout_seconds=settings.provider_timeout_seconds,
+            api_base=config.api_base,
+            timeout_seconds=deps.timeout_s,
             retry_policy=retry_policy,
         )
 

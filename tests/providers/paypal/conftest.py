@@ -1,22 +1,26 @@
 """Fixtures: one fake PayPal for the session (reset before each test, and checked after it
 for requests or answers that PayPal's API descriptions do not allow), and the real
-``PayPalProvider`` built from settings to talk to it over loopback."""
+``PayPalProvider`` built as the app builds it (settings become its config and secret models in
+``app.provider_settings``) to talk to it over loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import pytest
 from redis.asyncio import Redis
 
+from app.provider_settings import ProviderSettings
 from app.settings import Settings
 from models.payment import Plan
 from services.payment_providers.base import IntentRequest, ProviderDeps
 from services.payment_providers.paypal import PayPalProvider
+from services.payment_providers.paypal.provider import PayPalConfig, PayPalSecrets
 from services.payment_providers.resilience import RetryPolicy
 from tests.fakes.paypal_server import FakePayPal, running_fake_paypal
 
@@ -69,6 +73,20 @@ def paypal_settings(fake: FakePayPal, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
+def build_provider(settings: Settings, deps: ProviderDeps, **options: Any) -> PayPalProvider:
+    """The provider as the app builds it: ``settings`` become its config and secret models
+    in ``app.provider_settings``, then ``from_config``."""
+    models = ProviderSettings(settings, {PayPalProvider.name: PayPalProvider}).configure(
+        PayPalProvider, None
+    )
+    return PayPalProvider.from_config(
+        cast(PayPalConfig | None, models.config),
+        cast(PayPalSecrets | None, models.secrets),
+        dataclasses.replace(deps, timeout_s=settings.provider_timeout_seconds),
+        **options,
+    )
+
+
 @pytest.fixture
 def provider_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """Records of the ``payments`` loggers, at INFO, captured straight from that logger: the
@@ -108,7 +126,7 @@ def make_provider(fake_paypal: FakePayPal, deps: ProviderDeps) -> MakeProvider:
         **overrides: Any,
     ) -> PayPalProvider:
         extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
-        return PayPalProvider.from_settings(
+        return build_provider(
             paypal_settings(fake_paypal, **overrides), deps, retry_policy=retry_policy, **extra
         )
 

@@ -13,6 +13,7 @@ from services.payment_providers.paypal import PayPalProvider
 from tests.fakes.paypal_server import FakePayPal
 from tests.providers.paypal.conftest import (
     MakeProvider,
+    build_provider,
     intent_request,
     order_id,
     paypal_settings,
@@ -36,7 +37,7 @@ class TestMetadata:
         self, fake_paypal: FakePayPal, deps: ProviderDeps, mode: str, base: str
     ) -> None:
         settings = paypal_settings(fake_paypal, paypal_api_base=None, paypal_mode=mode)
-        assert PayPalProvider.from_settings(settings, deps).api_base == base
+        assert build_provider(settings, deps).api_base == base
 
     def test_api_base_setting_wins(self, provider: PayPalProvider, fake_paypal: FakePayPal) -> None:
         assert provider.api_base == fake_paypal.url

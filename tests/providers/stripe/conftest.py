@@ -1,23 +1,28 @@
 """Fixtures: one fake Stripe for the session (reset before each test, and checked after it
 for requests that Stripe's API description does not allow), and the real ``StripeProvider``
-built from settings to talk to it over loopback."""
+built as the app builds it (settings become its config and secret models in
+``app.provider_settings``) to talk to it over loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import pytest
 from redis.asyncio import Redis
 
+from app.provider_settings import ProviderSettings
 from app.settings import Settings
 from models.payment import Plan
 from services.payment_providers.base import IntentRequest, ProviderDeps
 from services.payment_providers.resilience import RetryPolicy
 from services.payment_providers.stripe import StripeProvider
+from services.payment_providers.stripe.provider import StripeConfig, StripeSecrets
+from services.provider_configs import StoredProvider
 from tests.conftest import STRIPE_SECRET_KEY
 from tests.fakes.stripe_server import FakeStripe
 
@@ -45,6 +50,26 @@ def stripe_settings(fake: FakeStripe, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def build_provider(
+    settings: Settings,
+    deps: ProviderDeps,
+    stored: StoredProvider | None = None,
+    *,
+    retry_policy: RetryPolicy | None = None,
+) -> StripeProvider:
+    """The provider as the app builds it: ``settings`` (and ``stored`` over them) become its
+    config and secret models in ``app.provider_settings``, then ``from_config``."""
+    models = ProviderSettings(settings, {StripeProvider.name: StripeProvider}).configure(
+        StripeProvider, stored
+    )
+    return StripeProvider.from_config(
+        cast(StripeConfig | None, models.config),
+        cast(StripeSecrets | None, models.secrets),
+        dataclasses.replace(deps, timeout_s=settings.provider_timeout_seconds),
+        retry_policy=retry_policy,
+    )
 
 
 @pytest.fixture
@@ -82,7 +107,7 @@ async def make_provider(fake_stripe: FakeStripe, deps: ProviderDeps) -> AsyncIte
     built: list[StripeProvider] = []
 
     def make(retry_policy: RetryPolicy = FAST_RETRIES, **overrides: Any) -> StripeProvider:
-        provider = StripeProvider.from_settings(
+        provider = build_provider(
             stripe_settings(fake_stripe, **overrides), deps, retry_policy=retry_policy
         )
         built.append(provider)

@@ -5,19 +5,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from pydantic import SecretStr
 
 from app.settings import Settings
 from models.payment import PaymentStatus
 from services.errors import OperationNotSupported, PaymentNotFound, ProviderNotConfigured
-from services.payment_providers.base import Capability, ProviderDeps
+from services.payment_providers.base import Capability, ProviderDeps, environment_only_fields
 from services.payment_providers.stripe import StripeProvider
+from services.provider_configs import StoredProvider
 from tests.fakes.stripe_server import FakeStripe
 from tests.providers.stripe.conftest import (
     PRO,
     PUBLISHABLE_KEY,
     SECRET_KEY,
     MakeProvider,
+    build_provider,
     intent_request,
     stripe_settings,
 )
@@ -274,22 +275,28 @@ class TestMetadata:
         assert StripeProvider.id_prefixes == ("cs_", "pi_")
         assert StripeProvider.capabilities == frozenset(Capability)
 
-    def test_stored_settings_models_match_the_environment_names(self) -> None:
+    def test_config_models_match_the_environment_names(self) -> None:
         config_fields = set(StripeProvider.config_model.model_fields)
         secret_fields = set(StripeProvider.secrets_model.model_fields)
-        assert config_fields == {"publishable_key"}
+        assert config_fields == {"publishable_key", "api_base"}
         assert secret_fields == {"secret_key", "webhook_secret"}
         for field in config_fields | secret_fields:
             assert f"{StripeProvider.settings_prefix}{field}" in Settings.model_fields
-        assert "api_base" not in config_fields  # it would let an admin redirect our key
+        # A stored api_base would let an admin redirect our key: the environment's only.
+        assert environment_only_fields(StripeProvider.config_model) == {"api_base"}
 
     async def test_built_from_settings_that_a_stored_config_overrides(
         self, fake_stripe: FakeStripe, deps: ProviderDeps
     ) -> None:
-        settings = stripe_settings(fake_stripe, stripe_secret_key=None).model_copy(
-            update={"stripe_secret_key": SecretStr(SECRET_KEY)}
+        settings = stripe_settings(fake_stripe, stripe_secret_key=None)
+        assert not build_provider(settings, deps).is_configured()
+        stored = StoredProvider(
+            active=True,
+            # The stored api_base is never taken: calls still go to the environment's.
+            config={"api_base": "http://127.0.0.1:1"},
+            secrets={"secret_key": SECRET_KEY},
         )
-        provider = StripeProvider.from_settings(settings, deps)
+        provider = build_provider(settings, deps, stored)
         try:
             assert provider.is_configured()
             assert (await provider.health_check()).healthy
