@@ -37,6 +37,7 @@ from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
+from services.provider_admin import ProviderAdmin
 from services.provider_manager import ProviderManager
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -247,6 +248,14 @@ async def get_sandbox_checkout(request: Request) -> SandboxCheckout:
 
 
 SandboxCheckoutDep = Annotated[SandboxCheckout, Depends(get_sandbox_checkout)]
+
+
+async def get_provider_admin(request: Request) -> ProviderAdmin:
+    admin: ProviderAdmin = request.app.state.provider_admin
+    return admin
+
+
+ProviderAdminDep = Annotated[ProviderAdmin, Depends(get_provider_admin)]
 
 # Operator routes: an admin's token, no rate limit.
 Admin = Annotated[Caller, Depends(Access(need=Need.ADMIN))]

@@ -31,6 +31,7 @@ from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore, redis_client
+from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
 from services.receipt_service import ReceiptConfig, ReceiptService
@@ -129,7 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch=settings.reconcile_batch,
     )
     app.state.store = store
-    app.state.provider_configs = configs
+    app.state.provider_admin = ProviderAdmin(manager, configs, store, guard, reconciler)
     app.state.checkout = checkout
     app.state.payment_state = payment_state
     app.state.operations = operations

@@ -178,6 +178,14 @@ class TestBadSettings:
         assert "payment_plans" in done.stderr
         assert "Traceback" not in done.stderr
 
+    def test_a_bad_provider_setting_is_named_without_its_value(self, cli: Cli) -> None:
+        done = cli("providers", "list", STRIPE_PUBLISHABLE_KEY="pk_live_Qz7Kp4-Wm9Xv2")
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            "payments: invalid settings:",
+            "  stripe_publishable_key: String should match pattern '^pk_(test|live)_[A-Za-z0-9]+$'",
+        ]
+
     def test_the_message_lists_the_problems_and_never_a_value(self, cli: Cli) -> None:
         secret = "recognisable-Qz7Kp4Wm9Xv2Lb8Nc5Rt1Yh6Jd3Fg0"
         done = cli("token", "--sub", "alice", ENVIRONMENT="production", JWT_SECRET_KEY=secret)

@@ -19,7 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from app.main import create_app
 from app.settings import Settings
@@ -194,6 +194,34 @@ class TestStoredConfigs:
             422,
             "validation_error",
         )
+
+
+class TestEnvironmentOnlyFields:
+    """An API base address comes from the environment only: whoever could store one could
+    send our secret key to another host."""
+
+    async def test_a_stored_api_base_is_refused(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        response = await client.post(
+            "/api/v1/providers/configs",
+            headers=admin,
+            json={
+                "provider_key": "stripe",
+                "config": {"api_base": "https://collector.example"},
+                "config_secret": {"secret_key": "sk_test_stored0123456789"},
+            },
+        )
+        body = assert_problem(response, 422, "invalid_provider_config")
+        assert body["detail"] == "Invalid fields: config.api_base"
+        assert "collector.example" not in response.text
+
+    async def test_the_schema_says_it_is_read_only(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        for provider in ("stripe", "paypal"):
+            schema = await client.get(f"/api/v1/providers/{provider}/schema", headers=admin)
+            assert schema.json()["config"]["properties"]["api_base"]["readOnly"] is True
 
 
 class TestHotSwap:
@@ -430,6 +458,52 @@ class TestSandboxFaultsByConfig:
         behaviour = Settings(_env_file=None).sandbox_behaviour  # type: ignore[call-arg]
         assert behaviour is not None
         assert (behaviour["fail"], behaviour["delay_ms"]) == ("unavailable", 5)
+
+
+class TestEnvironmentValues:
+    async def test_a_bad_value_stops_the_start_naming_the_setting_not_the_value(
+        self, settings: Settings, render_pool: ProcessPoolExecutor
+    ) -> None:
+        bad = settings.model_copy(update={"stripe_publishable_key": "pk_live_Qz7Kp4-Wm9Xv2"})
+        with pytest.raises(ValidationError) as refused:
+            async with _running(bad, render_pool):
+                pytest.fail("started")
+        assert [error["loc"] for error in refused.value.errors()] == [("stripe_publishable_key",)]
+        assert "Qz7Kp4" not in str(refused.value)
+
+
+class TestStoredConfigThatNoLongerFits:
+    """A stored configuration that its provider's models refuse (written by another release,
+    or around the admin API) holds the provider out, and health says which fields."""
+
+    async def test_its_provider_is_held_out_and_health_says_why(
+        self,
+        settings: Settings,
+        redis_server: RedisServer,
+        render_pool: ProcessPoolExecutor,
+        admin: dict[str, str],
+    ) -> None:
+        raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            await ProviderConfigStore(raw, prefix="test:", box=SecretBox(KEY)).create(
+                provider_key="sandbox",
+                service_type="payment",
+                config={"behaviour": {"fail": "explode"}},
+                secrets_={},
+                capabilities=None,
+            )
+        finally:
+            await raw.aclose()
+        async with _running(settings, render_pool) as application:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                health = await client.get("/admin/health", headers=admin)
+                refused = await client.post("/api/v1/payment/create-intent", json={"plan": "pro"})
+        sandbox = health.json()["providers"]["sandbox"]
+        assert (sandbox["status"], sandbox["configured"]) == ("error", False)
+        assert "config.behaviour.fail" in sandbox["message"]
+        assert health.status_code == 503  # the default provider cannot take payments
+        assert_problem(refused, 503, "provider_not_configured")
 
 
 OTHER_KEY = Fernet.generate_key().decode()
