@@ -11,6 +11,7 @@ from itertools import pairwise
 import pytest
 
 from models.payment import PaymentRecord, PaymentStatus, RefundStatus
+from services.errors import StoreUnavailable
 from services.payment_store import (
     TRANSITIONS,
     IdempotencyAnswer,
@@ -23,6 +24,7 @@ from services.payment_store import (
     redis_client,
 )
 from tests.conftest import RedisClusterNodes, RedisServer
+from tests.fakes.server import free_port
 
 S = PaymentStatus
 
@@ -179,6 +181,21 @@ class TestCreate:
     async def test_an_open_payment_only_is_queued(self, store: PaymentStore) -> None:
         await store.create(_record("sb_paid", S.SUCCEEDED), reconcile_after_s=60)
         assert await store.reconcile_due_at("sb_paid") is None
+
+
+class TestOutOfReach:
+    @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+    async def test_is_store_unavailable(self, cluster: bool) -> None:
+        """A Redis (or every node of a cluster) that does not answer is a 503, not a 500."""
+        client = redis_client(f"redis://127.0.0.1:{free_port()}/0", cluster=cluster, timeout_s=0.2)
+        store = PaymentStore(client, prefix="unit:")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.get("sb_x")
+            with pytest.raises(StoreUnavailable):
+                await store.create(_record("sb_x"), reconcile_after_s=60)
+        finally:
+            await client.aclose()
 
 
 class TestRefundRecords:
