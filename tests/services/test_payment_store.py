@@ -178,6 +178,28 @@ class TestCreate:
         await redis.script_flush()
         assert not await store.create(_record("sb_after"))  # still once
 
+    async def test_by_digest_with_nothing_else_on_a_standalone_redis(
+        self, redis_server: RedisServer
+    ) -> None:
+        """No SCRIPT EXISTS before the batch (redis-py's pipelines ask it, a round trip of
+        its own) and no script source: once the scripts are cached, the batch is all."""
+        redis_server.flush()
+        client = redis_client(redis_server.url, cluster=False, timeout_s=2.0)
+        store = PaymentStore(client, prefix="unit:")
+        try:
+            await store.create(_record("sb_warm"))  # Redis learns the scripts
+            await store.idempotency_begin("create", "k3", "fp")
+            await client.config_resetstat()
+            answer = IdempotencyAnswer("create", "k3", {"payment_id": "sb_one"})
+            await store.create(_record("sb_one"), idempotency=answer, reconcile_after_s=60)
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in stats.items()}
+        assert calls["evalsha"] == 3  # the payment, its mapping, the answer
+        assert calls["zadd"] == 1
+        assert not {"eval", "script|exists", "script|load"} & set(calls)
+
     async def test_an_open_payment_only_is_queued(self, store: PaymentStore) -> None:
         await store.create(_record("sb_paid", S.SUCCEEDED), reconcile_after_s=60)
         assert await store.reconcile_due_at("sb_paid") is None
