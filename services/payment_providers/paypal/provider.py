@@ -239,7 +239,7 @@ class PayPalProvider(BasePaymentProvider):
         *,
         http: httpx2.AsyncClient,
         client_id: str | None,
-        client_secret: str | None,
+        client_secret: SecretStr | None,
         api_base: str,
         webhook_id: str | None = None,
         timeout_seconds: float = 10.0,
@@ -248,7 +248,7 @@ class PayPalProvider(BasePaymentProvider):
     ) -> None:
         self._http = http
         self._client_id = client_id or None
-        self._client_secret = client_secret or None
+        self._client_secret = client_secret or None  # read only to be sent, for a token
         self._api_base = api_base.rstrip("/")
         self._webhook_id = webhook_id or None
         self._timeout = httpx2.Timeout(timeout_seconds)
@@ -281,7 +281,7 @@ class PayPalProvider(BasePaymentProvider):
         return cls(
             http=deps.http,
             client_id=config.client_id,
-            client_secret=secrets.client_secret.get_secret_value(),
+            client_secret=secrets.client_secret,
             api_base=api_base,
             webhook_id=config.webhook_id,
             timeout_seconds=deps.timeout_s,
@@ -337,7 +337,7 @@ class PayPalProvider(BasePaymentProvider):
             response = await self._http.post(
                 f"{self._api_base}/v1/oauth2/token",
                 data={"grant_type": "client_credentials"},
-                auth=(self._client_id, self._client_secret),
+                auth=(self._client_id, self._client_secret.get_secret_value()),
                 headers={"Accept": "application/json"},
                 timeout=self._timeout,
             )
