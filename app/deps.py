@@ -31,14 +31,11 @@ from models.user import User
 from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
 from services.operations import PaymentOperations
-from services.payment_providers.factory import PaymentProviderFactory
-from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
 from services.provider_admin import ProviderAdmin
-from services.provider_manager import ProviderManager
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -71,7 +68,6 @@ class RateLimit:
 @dataclass(frozen=True, slots=True)
 class Caller:
     user: User | None
-    service: PlatformParts  # transitional, for the operator routers (see PlatformParts)
     address: str  # "ip:<client address>": who a tokenless caller is
     headers: Mapping[str, str]  # RateLimit-* for the response, when limits are on
 
@@ -112,7 +108,7 @@ class Access(SecurityBase):
                 raise AuthenticationRequired("This endpoint needs a bearer token")
             if self.need is Need.ADMIN and not user.is_admin:
                 raise PermissionDenied("This endpoint is for administrators")
-        return Caller(user=user, service=state.service, address=address, headers=headers)
+        return Caller(user=user, address=address, headers=headers)
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -192,28 +188,6 @@ def _host(hop: str) -> str:
         return str(ipaddress.ip_address(hop))
     except ValueError:
         return hop
-
-
-@dataclass(frozen=True, slots=True)
-class PlatformParts:
-    """What the operator routers read today (store, provider manager, breakers). Transitional:
-    the provider-admin service takes their place, and this goes."""
-
-    store: PaymentStore
-    manager: ProviderManager
-    guard: ProviderGuard
-
-    @property
-    def providers(self) -> PaymentProviderFactory:
-        return self.manager.current
-
-
-async def get_service(request: Request) -> PlatformParts:
-    service: PlatformParts = request.app.state.service
-    return service
-
-
-PaymentServiceDep = Annotated[PlatformParts, Depends(get_service)]
 
 
 async def get_checkout(request: Request) -> CheckoutService:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import httpx2
 from fastapi import FastAPI
 
-from app.deps import PlatformParts
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
@@ -136,7 +135,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.operations = operations
     app.state.receipts = payment_receipts
     app.state.guard = guard
-    app.state.service = PlatformParts(store, manager, guard)
     app.state.reconciler = reconciler
     app.state.sandbox_checkout = SandboxCheckout(providers)
     if settings.receipt_warm_up:
