@@ -37,19 +37,19 @@ if TYPE_CHECKING:
 async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStore]]:
     """The providers as a worker would build them: environment plus stored configurations."""
     import httpx2
-    from redis.asyncio import Redis
 
     from app.provider_settings import provider_manager
     from app.settings import Settings
     from services.payment_providers.base import ProviderDeps
+    from services.payment_store import redis_client
     from services.provider_configs import ProviderConfigStore, SecretBox
 
     settings = Settings()
-    redis = Redis.from_url(
+    # The same client the service uses: standalone or Cluster, as REDIS_CLUSTER says.
+    redis = redis_client(
         settings.redis_url,
-        decode_responses=True,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
+        cluster=settings.redis_cluster,
+        timeout_s=settings.redis_timeout_seconds,
     )
     http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
     configs = ProviderConfigStore(

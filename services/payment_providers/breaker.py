@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.errors import ProviderUnavailable, ProviderUpstreamError, ServiceError
 
@@ -310,7 +310,7 @@ class CircuitBreaker:
         the result (or the provider's error) still reaches the caller, and None comes back."""
         try:
             return str(await script(keys=self._keys, args=args))
-        except RedisError as error:
+        except (RedisError, RedisClusterException, OSError) as error:
             log.warning(
                 "breaker.record_failed",
                 extra={"provider": self.provider, "error": type(error).__name__},
