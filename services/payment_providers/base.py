@@ -206,8 +206,8 @@ class BasePaymentProvider(abc.ABC):
     ``config_model`` and ``secrets_model`` describe the provider's configuration: the admin
     API validates stored configurations with them and serves their JSON schemas, and the
     provider is built from instances of them. The app reads each field ``f`` from the
-    environment as the setting ``settings_prefix + f`` (``STRIPE_SECRET_KEY`` is Stripe's
-    ``secret_key``), lets a stored configuration override it field by field (except the
+    environment as the setting ``settings_prefix + f`` (prefix ``acme_``, field ``api_key``:
+    ``ACME_API_KEY``), lets a stored configuration override it field by field (except the
     fields marked ``EnvironmentOnly``) and hands the result to ``from_config``: a provider
     has one constructor path, and never sees the service's settings.
     """
@@ -228,8 +228,8 @@ class BasePaymentProvider(abc.ABC):
         ``config_model``), ``secrets`` (of ``secrets_model``) and the shared ``deps``.
 
         Either model is None when the environment and the stored configuration together do
-        not complete it (a required field is missing, as Stripe's secret key where Stripe is
-        not used): the provider is then not configured, and refuses every call with
+        not complete it (a required field is missing, as a secret key where the vendor is not
+        used): the provider is then not configured, and refuses every call with
         ``ProviderNotConfigured``. (They are typed ``Any`` here so that each provider can
         name its own models.)
         """
