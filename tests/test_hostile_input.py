@@ -25,7 +25,7 @@ import pytest
 
 from services.errors import InvalidWebhookPayload
 from services.payment_providers.payloads import MAX_DEPTH, load_json, nests_deeper_than
-from services.payment_providers.sandbox import sign_webhook
+from services.payment_providers.sandbox_webhooks import sign_webhook
 from tests.conftest import STRIPE_SECRET_KEY, assert_problem, bearer, create_payment
 from tests.fakes.paypal_server import FakePayPal, running_fake_paypal
 from tests.fakes.stripe_server import FakeStripe

@@ -25,7 +25,7 @@ from app.main import create_app
 from app.settings import Settings
 from services.payment_providers.factory import PaymentProviderFactory
 from services.payment_providers.placeholders import GooglePayProvider
-from services.payment_providers.sandbox import sign_webhook
+from services.payment_providers.sandbox_webhooks import sign_webhook
 from services.provider_configs import ProviderConfigStore, RoutingConfig, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
 from tests.conftest import RedisServer, assert_problem, bearer, create_payment

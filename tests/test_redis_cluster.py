@@ -22,7 +22,7 @@ from pypdf import PdfReader
 
 from app.main import create_app
 from app.settings import Settings
-from services.payment_providers.sandbox import sign_webhook
+from services.payment_providers.sandbox_webhooks import sign_webhook
 from services.reconciler import ReconcileRun
 from tests.conftest import (
     RedisClusterNodes,

@@ -15,7 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from services.payment_providers.sandbox import REORDER_HOLD_S, SandboxProvider, sign_webhook
+from services.payment_providers.sandbox import SandboxProvider
+from services.payment_providers.sandbox_webhooks import REORDER_HOLD_S, sign_webhook
 from tests.conftest import JWT_SECRET, assert_problem, bearer
 from tests.fakes.server import free_port
 

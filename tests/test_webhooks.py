@@ -14,7 +14,7 @@ import pytest
 
 from services.errors import ProviderUnavailable
 from services.payment_providers.breaker import BreakerState
-from services.payment_providers.sandbox import sign_webhook
+from services.payment_providers.sandbox_webhooks import sign_webhook
 from tests.conftest import assert_problem, create_payment
 
 URL = "/api/v1/payment/webhook/sandbox"

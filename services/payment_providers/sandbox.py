@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour, SandboxWebhooks
+from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour
 from services.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
-    InvalidWebhookSignature,
     NotFound,
     PaymentDeclined,
     PaymentNotFound,
@@ -53,6 +51,13 @@ from .base import (
     WebhookEvent,
 )
 from .payloads import load_json
+from .sandbox_webhooks import (
+    SESSION_TTL_S,
+    SIGNATURE_HEADER,
+    WEBHOOK_PATH,
+    SandboxWebhookPusher,
+    verify_webhook_signature,
+)
 
 if TYPE_CHECKING:
     from services.payment_store import RedisClient
@@ -142,34 +147,6 @@ redis.call('HSET', KEYS[2], ARGV[1], encoded)
 return {'ok', encoded}
 """
 
-# KEYS: held-events list. ARGV: event body, TTL. With `reorder`, a payment's events wait here:
-# when none is waiting, this one is held (answers {}); otherwise the waiting ones are taken
-# (and answered), to go out after this newer one.
-_HOLD_LUA = """
-local held = redis.call('LRANGE', KEYS[1], 0, -1)
-if #held == 0 then
-  redis.call('RPUSH', KEYS[1], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return {}
-end
-redis.call('DEL', KEYS[1])
-return held
-"""
-
-SESSION_TTL_S = 30 * 24 * 3600
-
-WEBHOOK_PATH = "/api/v1/payment/webhook/sandbox"
-# A delivery is tried this many times while the endpoint is unreachable or answers 408, 429 or
-# 5xx, waiting RETRY_BASE_S, then 3x longer each time. Any other 4xx is the receiver's final word
-# (a refused signature stays refused), so it is not retried.
-WEBHOOK_ATTEMPTS = 4
-WEBHOOK_RETRY_BASE_S = 0.25
-# With `reorder`, an event that no later one overtakes goes out alone after this long.
-REORDER_HOLD_S = 3.0
-DELIVERY_LOG_LENGTH = 100
-
-SIGNATURE_HEADER = "Sandbox-Signature"
-SIGNATURE_TOLERANCE_S = 300
 
 # The sandbox's event types and the state each one claims. refund.pending, refund.succeeded
 # and refund.failed carry the refund itself (data.refund) instead.
@@ -180,34 +157,6 @@ _EVENT_STATUS = {
     "payment.authorized": PaymentStatus.REQUIRES_CAPTURE,
 }
 REFUND_EVENT_PREFIX = "refund."
-
-
-def sign_webhook(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
-    """The Sandbox-Signature header for ``body``: ``t=<unix time>,v1=<hex HMAC-SHA256>`` of
-    ``"<t>.<body>"``, the scheme Stripe uses, so clients can reuse what they know."""
-    moment = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{moment}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={moment},v1={digest}"
-
-
-def verify_webhook_signature(secret: str, body: bytes, header: str | None, *, now: float) -> None:
-    """Raise InvalidWebhookSignature unless ``header`` signs ``body`` recently with ``secret``."""
-    if not secret:
-        raise InvalidWebhookSignature("No webhook secret is configured; events are refused")
-    if not header:
-        raise InvalidWebhookSignature(f"Missing {SIGNATURE_HEADER} header")
-    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
-    try:
-        timestamp = int(parts["t"])
-    except (KeyError, ValueError):
-        raise InvalidWebhookSignature("Malformed signature header") from None
-    if abs(now - timestamp) > SIGNATURE_TOLERANCE_S:
-        raise InvalidWebhookSignature("Signature timestamp outside the tolerance")
-    expected = sign_webhook(secret, body, timestamp=timestamp).split("v1=", 1)[1]
-    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
-    given = parts.get("v1", "").encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(expected.encode(), given):
-        raise InvalidWebhookSignature("Signature does not match")
 
 
 class SandboxConfig(BaseModel):
@@ -265,7 +214,6 @@ class SandboxProvider(BasePaymentProvider):
         self._redis = redis
         self._events = events  # tells the service of refunds settled by a timer
         self._behaviour = dict(behaviour or {})  # for payments that bring none of their own
-        self._http = http  # pushes webhooks; without it the sandbox sends none
         self._webhook_secret = webhook_secret
         self._prefix = f"{key_prefix}sandbox:"
         self._enabled = enabled
@@ -274,9 +222,9 @@ class SandboxProvider(BasePaymentProvider):
         self._move = redis.register_script(_MOVE_LUA)
         self._refund = redis.register_script(_REFUND_LUA)
         self._settle_refund = redis.register_script(_SETTLE_REFUND_LUA)
-        self._hold = redis.register_script(_HOLD_LUA)
-        # Deliveries run in the background; the provider keeps them to cancel them on close.
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._webhooks = SandboxWebhookPusher(
+            redis, http, secret=webhook_secret, key_of=self._key, enabled=enabled
+        )
 
     @classmethod
     def from_config(
@@ -391,7 +339,7 @@ class SandboxProvider(BasePaymentProvider):
         if result == "settled":
             raise InvalidStateTransition(f"This payment was already settled ({status})")
         session = await self.session(payment_id)
-        await self._emit(payment_id, f"payment.{status}", fields=session)
+        await self._webhooks.emit(payment_id, f"payment.{status}", fields=session)
         return session
 
     async def settle_from_checkout(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
@@ -417,11 +365,18 @@ class SandboxProvider(BasePaymentProvider):
         return "webhooks" in session
 
     async def webhook_deliveries(self, payment_id: str) -> list[dict[str, Any]]:
-        """Every delivery attempt of this payment's webhooks, oldest first: event id and type,
-        attempt number, the HTTP status (None when unreachable), and the service's outcome."""
+        """Every delivery attempt of this payment's webhooks, oldest first."""
         self._require_enabled()
-        entries = await self._redis.lrange(f"{self._key(payment_id)}:deliveries", 0, -1)
-        return [json.loads(entry) for entry in entries]
+        return await self._webhooks.deliveries(payment_id)
+
+    async def wait_for_deliveries(self, grace_s: float) -> bool:
+        """Wait until no delivery (nor refund timer) is under way, at most ``grace_s``."""
+        return await self._webhooks.wait_for_deliveries(grace_s)
+
+    async def aclose(self) -> None:
+        """Drop deliveries and timers still under way: a vendor going away loses its retries
+        too (a refund due meanwhile settles when it is next asked about)."""
+        await self._webhooks.aclose()
 
     async def verify_payment(self, payment_id: str) -> PaymentState:
         return self.state_of(payment_id, await self.session(payment_id))
@@ -455,7 +410,7 @@ class SandboxProvider(BasePaymentProvider):
         if result == "refused" and status != "succeeded":  # capturing twice is fine
             raise InvalidStateTransition(f"Only an authorized payment can be captured ({status})")
         if result == "ok":
-            await self._emit(payment_id, "payment.succeeded")
+            await self._webhooks.emit(payment_id, "payment.succeeded")
         return await self.verify_payment(payment_id)
 
     async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
@@ -467,7 +422,7 @@ class SandboxProvider(BasePaymentProvider):
             if result == "missing":
                 raise PaymentNotFound(f"No payment {payment_id!r}")
             if result == "ok":
-                await self._emit(payment_id, "payment.canceled")
+                await self._webhooks.emit(payment_id, "payment.canceled")
             if result == "ok" or status == "canceled":
                 return await self.verify_payment(payment_id)
         raise InvalidStateTransition(f"This payment can no longer be canceled ({status})")
@@ -510,9 +465,9 @@ class SandboxProvider(BasePaymentProvider):
             raise RefundExceedsBalance(f"At most {int(raw)} minor units were left to refund")
         stored = json.loads(raw)
         if result == "ok":
-            await self._emit(payment_id, f"refund.{stored['status']}", refund=stored)
+            await self._webhooks.emit(payment_id, f"refund.{stored['status']}", refund=stored)
             if stored["status"] == "pending":
-                self._spawn(self._settle_later(payment_id, stored, settle_ms))
+                self._webhooks.spawn(self._settle_later(payment_id, stored, settle_ms))
         return _refund_result(stored)
 
     def _refunds_key(self, payment_id: str) -> str:
@@ -551,7 +506,7 @@ class SandboxProvider(BasePaymentProvider):
         event_type = f"refund.{settled['status']}"
         fields = await self.session(payment_id)
         if self.pushes_webhooks(fields):
-            await self._emit(payment_id, event_type, refund=settled, fields=fields)
+            await self._webhooks.emit(payment_id, event_type, refund=settled, fields=fields)
         elif self._events is not None:
             event = WebhookEvent(
                 event_id=f"evt_sb_{secrets.token_hex(12)}",
@@ -602,156 +557,6 @@ class SandboxProvider(BasePaymentProvider):
             refund=refund,
         )
 
-    # -- pushed webhooks -------------------------------------------------------------------
-
-    async def _emit(
-        self,
-        payment_id: str,
-        event_type: str,
-        *,
-        refund: Mapping[str, Any] | None = None,
-        fields: Mapping[str, str] | None = None,
-    ) -> None:
-        """Queue one event for delivery, if this payment asked for webhooks.
-
-        ``fields``: the payment's record, when the caller has just read it (saves a read).
-        The event is put in order here, in the request that changed the sandbox's record, so
-        that events leave in the order things happened (unless `reorder` says otherwise). The
-        delivery itself runs in the background: nothing about it can slow down or fail the
-        change that caused it, which has already happened.
-        """
-        try:
-            if fields is not None:  # the caller has just read the record
-                raw, url = fields.get("webhooks"), fields.get("webhook_url")
-            else:
-                raw, url = cast(
-                    list[str | None],
-                    await self._redis.hmget(self._key(payment_id), ["webhooks", "webhook_url"]),
-                )
-            if not raw or not url or self._http is None:
-                return
-            plan = SandboxWebhooks.model_validate_json(raw)
-            event = {
-                "id": f"evt_sb_{secrets.token_hex(12)}",
-                "type": event_type,
-                "created": int(time.time()),
-                "data": {"payment_id": payment_id}
-                if refund is None
-                else {"payment_id": payment_id, "refund": dict(refund)},
-            }
-            body = json.dumps(event, separators=(",", ":"))
-            batch = [body]
-            if plan.reorder:
-                held = cast(
-                    list[str],
-                    await self._hold(
-                        keys=[f"{self._key(payment_id)}:held"], args=[body, SESSION_TTL_S]
-                    ),
-                )
-                if not held:
-                    self._spawn(self._release_held(payment_id, url, body, plan))
-                    return
-                batch.extend(held)  # the newer event overtakes the ones that were waiting
-        except Exception:  # the change has happened; only its webhook is lost, and logged
-            log.exception("sandbox.webhook.enqueue_failed", extra={"payment_id": payment_id})
-            return
-        self._spawn(self._deliver(payment_id, url, batch, plan))
-
-    def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
-        if not self._enabled:  # never reached in production; a second lock on the door
-            delivery.close()
-            return
-        task = asyncio.create_task(delivery)
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
-
-    async def _release_held(
-        self, payment_id: str, url: str, body: str, plan: SandboxWebhooks
-    ) -> None:
-        await asyncio.sleep(REORDER_HOLD_S)
-        # Whoever removes the held event sends it: a newer event may have taken it meanwhile.
-        try:
-            taken = await self._redis.lrem(f"{self._key(payment_id)}:held", 1, body)
-        except Exception:
-            log.exception("sandbox.webhook.release_failed", extra={"payment_id": payment_id})
-            return
-        if taken:
-            await self._deliver(payment_id, url, [body], plan)
-
-    async def _deliver(
-        self, payment_id: str, url: str, bodies: list[str], plan: SandboxWebhooks
-    ) -> None:
-        try:
-            if plan.delay_ms:
-                await asyncio.sleep(plan.delay_ms / 1000)
-            for body in bodies:
-                for _ in range(plan.duplicate):
-                    await self._post(payment_id, url, body, plan)
-        except Exception:
-            log.exception("sandbox.webhook.delivery_failed", extra={"payment_id": payment_id})
-
-    async def _post(self, payment_id: str, url: str, body: str, plan: SandboxWebhooks) -> None:
-        """One delivery of one event, retried while the endpoint is away or failing."""
-        assert self._http is not None
-        event = json.loads(body)
-        content = body.encode()
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-            # Signed afresh on each attempt, as vendors do; with bad_signature, by a stranger.
-            key = secrets.token_hex(16) if plan.bad_signature else self._webhook_secret
-            headers = {
-                SIGNATURE_HEADER: sign_webhook(key, content),
-                "Content-Type": "application/json",
-            }
-            status: int | None = None
-            outcome: str | None = None
-            try:
-                response = await self._http.post(url, content=content, headers=headers)
-            except httpx2.HTTPError as error:
-                outcome = type(error).__name__
-            else:
-                status = response.status_code
-                outcome = _delivery_outcome(response)
-            entry = {
-                "event_id": event["id"],
-                "type": event["type"],
-                "attempt": attempt,
-                "status": status,
-                "outcome": outcome,
-            }
-            log.info("sandbox.webhook.delivered", extra={"payment_id": payment_id, **entry})
-            await self._record_delivery(payment_id, entry)
-            if status is not None and status < 500 and status not in _RETRYABLE:
-                return
-            if attempt < WEBHOOK_ATTEMPTS:
-                await asyncio.sleep(WEBHOOK_RETRY_BASE_S * 3 ** (attempt - 1))
-
-    async def _record_delivery(self, payment_id: str, entry: dict[str, Any]) -> None:
-        key = f"{self._key(payment_id)}:deliveries"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, json.dumps(entry))
-            pipe.ltrim(key, -DELIVERY_LOG_LENGTH, -1)
-            pipe.expire(key, SESSION_TTL_S)
-            await pipe.execute()
-
-    async def wait_for_deliveries(self, grace_s: float) -> bool:
-        """Wait until no delivery is under way here (held events included), for at most
-        ``grace_s`` seconds; True when none is left."""
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while self._deliveries:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return False
-            await asyncio.wait(list(self._deliveries), timeout=left)
-        return True
-
-    async def aclose(self) -> None:
-        """Drop deliveries still under way: a vendor going away loses its retries too."""
-        tasks = list(self._deliveries)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-
     async def health_check(self) -> HealthStatus:
         if not self._enabled:
             return HealthStatus(healthy=False, message="disabled in production")
@@ -762,21 +567,6 @@ class SandboxProvider(BasePaymentProvider):
             message="built-in sandbox",
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-
-
-_RETRYABLE = frozenset({408, 429})
-
-
-def _delivery_outcome(response: httpx2.Response) -> str | None:
-    """The service's word on a delivery: its ack's ``outcome``, or its problem ``code``."""
-    try:
-        answer = response.json()
-    except ValueError:
-        return None
-    if isinstance(answer, dict):
-        word = answer.get("outcome") or answer.get("code")
-        return str(word) if word is not None else None
-    return None
 
 
 def _refund_result(refund: Mapping[str, Any]) -> RefundResult:
