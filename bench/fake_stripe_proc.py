@@ -1,102 +1,158 @@
-"""The fake Stripe of tests/fakes/ as a server process of its own, for the provider benchmarks.
+"""A canned Stripe for the provider-latency bench, as a server process of its own.
 
 ``python -m uvicorn bench.fake_stripe_proc:create_app --factory`` with the bench's server flags
-(uvloop, httptools, no access log; see bench/procs.py), one worker: the fake keeps its state in
-memory, so one process must see every call. Started and stopped by ``providers.fake_stripe``.
+(uvloop, httptools, no access log; see bench/procs.py), one worker. Started and stopped by
+``providers.fake_stripe``.
 
-Every answer is delayed by ``BENCH_FAKE_STRIPE_LATENCY_MS``; the API key is
-``BENCH_FAKE_STRIPE_API_KEY``. Besides Stripe's paths, the wrapper answers (without delay, and
-without the fake seeing them):
+It measures nothing of its own: ``POST /v1/checkout/sessions`` reads the request, waits
+``BENCH_FAKE_STRIPE_LATENCY_MS`` and answers 200 with a canned Checkout Session (Stripe's own
+sample object from ``fixtures3.json``, rendered once at start-up) under a fresh ``cs_test_``
+ID, so that every payment the service stores is a new one. Nothing is checked against
+Stripe's API description: that is the tests' job (tests/fakes/stripe_server.py, which the
+test suite runs behind the same SDK client); here it would be the fake's CPU, on the same two
+cores, that the bench measured. Any other path answers Stripe's 404 envelope at once.
 
-- ``GET /_bench/health``: 200 once the fake is built (the spec is loaded at start-up);
+Besides, without delay:
+
+- ``GET /_bench/health``: 200;
 - ``GET /_bench/session-body``: the raw body of the first Checkout Session create it received
-  (404 before that), which the bench replays to load the fake directly;
-- ``GET /_bench/violations``: ``{"count": n, "first": [...]}``, the requests the fake found
-  outside Stripe's API description.
+  (404 before that), which the bench replays to load the fake directly (its ceiling).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import itertools
 import json
 import os
+import secrets
+import time
 from typing import Any
 
-from starlette.requests import ClientDisconnect
-
 LATENCY_ENV = "BENCH_FAKE_STRIPE_LATENCY_MS"
-API_KEY_ENV = "BENCH_FAKE_STRIPE_API_KEY"
 CONTROL = "/_bench/"
+SESSIONS = "/v1/checkout/sessions"
+_ID_MARK = "cs_test_BENCH_ID_MARK"
+_NOT_FOUND = json.dumps(
+    {
+        "error": {
+            "type": "invalid_request_error",
+            "message": "Unrecognized request URL. The bench's fake Stripe answers only "
+            "POST /v1/checkout/sessions.",
+        }
+    }
+).encode()
 
 
-class _Slow:
-    """ASGI wrapper: answer every request ``latency_s`` later; keep the first raw body of a
-    Checkout Session create; answer the bench's own ``/_bench/`` requests itself."""
+def _canned_session() -> tuple[bytes, bytes]:
+    """Stripe's sample Checkout Session, open and unpaid, split where its ID goes."""
+    from tests.fakes.stripe_spec import load_fixtures
 
-    def __init__(self, fake: Any, latency_s: float) -> None:
-        self.fake = fake
-        self.app = fake.app
+    session: dict[str, Any] = dict(load_fixtures()["checkout.session"])
+    now = int(time.time())
+    session.update(
+        {
+            "id": _ID_MARK,
+            "amount_subtotal": 2900,
+            "amount_total": 2900,
+            "currency": "eur",
+            "created": now,
+            "expires_at": now + 24 * 3600,
+            "metadata": {"reference": "ord_canned", "plan": "pro"},
+            "mode": "payment",
+            "payment_intent": None,
+            "payment_status": "unpaid",
+            "status": "open",
+            "ui_mode": "hosted",
+            "url": f"https://checkout.stripe.com/c/pay/{_ID_MARK}",
+        }
+    )
+    before, after = json.dumps(session, indent=2).split(_ID_MARK, 1)
+    # The ID appears twice (id, url): the second is filled in by the same join.
+    return before.encode(), after.encode()
+
+
+class CannedStripe:
+    """ASGI app: every Checkout Session create answered ``latency_s`` after its request."""
+
+    def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s
         self.session_body: bytes | None = None
+        head, tail = _canned_session()
+        self._head = head
+        self._tail_parts = tail.split(_ID_MARK.encode())
+        self._ids = itertools.count()
+        # A prefix of this process's own, so that no two runs hand out the same ID.
+        self._run = secrets.token_hex(6)
+
+    def _session(self) -> bytes:
+        session_id = f"cs_test_a1{self._run}{next(self._ids):034d}".encode()
+        return self._head + session_id + session_id.join(self._tail_parts)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
             return
-        if scope["path"].startswith(CONTROL):
+        path = scope["path"]
+        if path.startswith(CONTROL):
             await self._control(scope, send)
             return
-        await asyncio.sleep(self.latency_s)
-        try:
-            if self.session_body is None and scope["path"] == "/v1/checkout/sessions":
-                message = await receive()
-                self.session_body = message.get("body", b"")
-                replay = [message]
-
-                async def replayed() -> Any:
-                    return replay.pop() if replay else await receive()
-
-                await self.app(scope, replayed, send)
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
                 return
-            await self.app(scope, receive, send)
-        except ClientDisconnect:
-            # wrk drops its connections when a run ends, requests in flight included: nobody
-            # is left to answer, and the server would log a traceback for each of them.
-            pass
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["method"] != "POST" or path != SESSIONS:
+            await _answer(send, 404, _NOT_FOUND)
+            return
+        if self.session_body is None:
+            self.session_body = body
+        await asyncio.sleep(self.latency_s)
+        # uvicorn drops an answer to a client that has gone (wrk closes its connections, calls
+        # in flight included, when a run ends).
+        await _answer(
+            send, 200, self._session(), [(b"request-id", b"req_" + secrets.token_hex(7).encode())]
+        )
 
     async def _control(self, scope: Any, send: Any) -> None:
         name = scope["path"][len(CONTROL) :]
-        status, body, kind = 404, b"not found", b"text/plain"
         if scope["method"] != "GET":
-            status, body = 405, b"GET only"
+            await _answer(send, 405, b"GET only", kind=b"text/plain")
         elif name == "health":
-            status, body = 200, b"ok"
+            await _answer(send, 200, b"ok", kind=b"text/plain")
         elif name == "session-body" and self.session_body is not None:
-            status, body, kind = 200, self.session_body, b"application/x-www-form-urlencoded"
-        elif name == "violations":
-            violations = list(self.fake.violations)
-            status, kind = 200, b"application/json"
-            body = json.dumps(
-                {"count": len(violations), "first": [str(v) for v in violations[:20]]}
-            ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            await _answer(send, 200, self.session_body, kind=b"application/x-www-form-urlencoded")
+        else:
+            await _answer(send, 404, b"not found", kind=b"text/plain")
 
 
-def create_app() -> _Slow:
-    """The uvicorn factory: the fake, wrapped, configured from the environment."""
-    from tests.fakes.stripe_server import FakeStripe
+async def _answer(
+    send: Any,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    kind: bytes = b"application/json",
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", kind),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
-    fake = FakeStripe(api_key=os.environ[API_KEY_ENV])
-    # Stripe's API description, loaded above, is some 70,000 objects that live as long as the
-    # process: out of the collector's way, full collections under load cost much less.
-    gc.collect()
-    gc.freeze()
-    return _Slow(fake, int(os.environ[LATENCY_ENV]) / 1000)
+
+def create_app() -> CannedStripe:
+    """The uvicorn factory, configured from the environment."""
+    return CannedStripe(int(os.environ[LATENCY_ENV]) / 1000)

@@ -14,20 +14,16 @@ It serves the same paths as the service, so the same wrk scripts drive both:
 - ``GET /api/v1/payment/receipt/{id}``: one HGETALL.
 - ``GET /api/v1/payment/receipt/{id}/pdf``: the bytes of ``FLOOR_PDF_PATH``, from memory.
 - ``GET /api/v1/payment/receipt/{id}/file``: the same file through Starlette's FileResponse.
-- ``POST /api/v1/payment/create-intent-sleep``: create-intent after a ``FLOOR_SLEEP_MS`` sleep,
-  standing for a provider that answers in that time (provider-latency bench).
-- ``POST /api/v1/payment/create-intent-http``: create-intent after one bare HTTP round trip
-  to the provider (httpx2, as the service's SDK): the first Checkout Session body the fake
-  Stripe at ``FLOOR_STRIPE_URL`` received, posted again with ``FLOOR_STRIPE_KEY`` and a
-  fresh Idempotency-Key (provider-latency bench, for reference).
 
-Environment: REDIS_URL, REDIS_KEY_PREFIX, FLOOR_PDF_PATH, FLOOR_SLEEP_MS, FLOOR_STRIPE_URL,
-FLOOR_STRIPE_KEY.
+Since this round it is the reference floor for create-intent and verify (FastAPI, and the
+service's key layout of before the restructure); their targets are read against the redis-py
+floor, ``bench/floor_redispy.py``. Receipt metadata and the PDF are still read against this one.
+
+Environment: REDIS_URL, REDIS_KEY_PREFIX, FLOOR_PDF_PATH.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -37,11 +33,9 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx2
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 from redis.asyncio import Redis
-from starlette.requests import ClientDisconnect
 
 PLANS = {
     "basic": ("Basic", 1900, "EUR"),
@@ -87,12 +81,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.redis = redis
     app.state.create = redis.register_script(_CREATE_LUA)
-    app.state.http = httpx2.AsyncClient(timeout=10)
-    app.state.stripe_body = None
     try:
         yield
     finally:
-        await app.state.http.aclose()
         await redis.aclose()
 
 
@@ -193,43 +184,6 @@ async def _create(request: Request) -> Response:
 @app.post("/api/v1/payment/create-intent")
 async def create_intent(request: Request) -> Response:
     return await _create(request)
-
-
-@app.post("/api/v1/payment/create-intent-sleep")
-async def create_intent_after_sleep(request: Request) -> Response:
-    await asyncio.sleep(float(os.environ.get("FLOOR_SLEEP_MS", "50")) / 1000)
-    return await _create_unless_gone(request)
-
-
-async def _create_unless_gone(request: Request) -> Response:
-    """``_create`` for a request that waited first: wrk drops its connections when a run
-    ends, waiting requests included, and nobody is left to answer (uvicorn would log a
-    traceback for each, about 100 a run)."""
-    try:
-        return await _create(request)
-    except ClientDisconnect:
-        return Response(status_code=499)
-
-
-@app.post("/api/v1/payment/create-intent-http")
-async def create_intent_after_http(request: Request) -> Response:
-    state = request.app.state
-    base = os.environ["FLOOR_STRIPE_URL"]
-    if state.stripe_body is None:
-        state.stripe_body = (await state.http.get(f"{base}/_bench/session-body")).content
-    answer = await state.http.post(
-        f"{base}/v1/checkout/sessions",
-        content=state.stripe_body,
-        headers={
-            "Authorization": f"Bearer {os.environ['FLOOR_STRIPE_KEY']}",
-            "Content-Type": "application/x-www-form-urlencoded",
-            "Idempotency-Key": secrets.token_hex(16),
-        },
-    )
-    if answer.status_code != 200:
-        return _json({"code": "provider_error", "status": answer.status_code}, 502)
-    json.loads(answer.content)  # what any client does with the answer
-    return await _create_unless_gone(request)
 
 
 @app.post("/api/v1/payment/verify")

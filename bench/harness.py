@@ -1,10 +1,15 @@
-"""``python -m bench``: the service under load against its floor, and receipt rendering.
+"""``python -m bench``: the service under load against its floors, and receipt rendering.
 
-One run starts its own redis-server (free port, temporary directory, no persistence), then for
-1 and 2 uvicorn workers the service (``app.main:app``) and, beside it, the floor app
-(``bench/floor_app.py``) on the same server stack; wrk, a separate process, loads one of them
-at a time over loopback for a fixed time. Receipt rendering is measured in this process after
-the servers are stopped. Everything is compared as ratios measured in the same run.
+One run starts its own redis-server and its own 3-master Redis Cluster (free ports, temporary
+directories, no persistence), then for 1 and 2 uvicorn workers the service (``app.main:app``)
+and, beside it, two floors on the same server stack: the redis-py floor
+(``bench/floor_redispy.py``, bare Starlette, one redis-py call per endpoint: create-intent's
+and verify's targets) and the FastAPI floor (``bench/floor_app.py``: receipts' targets, and a
+reference for the others). At 1 worker a second service and a second redis-py floor run on
+the cluster, and create-intent and verify are loaded there too. wrk, a separate process, loads
+one server at a time over loopback for a fixed time. Receipt rendering is measured in this
+process after the servers are stopped. Everything is compared as ratios measured in the same
+run.
 
 ``--smoke`` goes through every code path with a few requests and renders (well under a
 minute) and writes its table to a temporary file: ``make test`` runs it so the harness cannot
@@ -23,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,24 +38,30 @@ from app.security import create_access_token
 from app.settings import Settings
 
 from . import providers
-from .procs import ROOT, BenchError, RedisServer, UvicornServer
+from .procs import ROOT, BenchError, RedisClusterServers, RedisServer, UvicornServer
 from .receipts import RenderConfig, RenderFigures, median, percentile, run_render_bench
 from .report import Row, Target, command_line, document, now, render_table
-from .wrk import Load, WrkResult, run_wrk, wrk_binary
+from .wrk import Load, Side, WrkResult, alternate, invalid, run_wrk, wrk_binary
 
 API = "/api/v1/payment"
 USER = "bench-user"
 KEY_PREFIX = "bench:"
 
-# The targets of issue 6, as ratios measured in one run.
-CREATE_RPS = Target(0.70)
+# The targets, as ratios measured in one run. create-intent and verify are graded at
+# GRADED_WORKERS against the redis-py floor (this round's issue); the rest as in issue 6,
+# against the FastAPI floor.
+GRADED_WORKERS = 1
+CREATE_RPS = Target(0.40)
+VERIFY_RPS = Target(0.40)
 CREATE_P99 = Target(2.0, at_least=False)
-VERIFY_RPS = Target(0.75)
 RECEIPT_RPS = Target(0.75)
 PDF_RPS = Target(0.60)
 FIRST_RENDER_P50 = Target(1.2, at_least=False)
 RENDER_RSS = Target(1.2, at_least=False)
 RENDER_SCALING = Target(1.8)
+
+REDISPY_FLOOR = "redis-py floor"
+FASTAPI_FLOOR = "FastAPI floor"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Mode:
     threads: int
     connections: int
     workers: tuple[int, ...]
+    cluster_workers: tuple[int, ...]  # worker counts at which the cluster is loaded too
     paid_payments: int  # paid through the API first; verify and receipts cycle through them
     render: RenderConfig
     stripe: providers.StripeConfig
@@ -77,6 +89,7 @@ FULL = Mode(
     threads=1,
     connections=32,
     workers=(1, 2),
+    cluster_workers=(1,),
     paid_payments=200,
     render=RenderConfig(
         first_render_samples=60,
@@ -89,6 +102,7 @@ FULL = Mode(
         latency_ms=50,
         in_flight=64,
         duration_s=10,
+        rounds=2,
         warmup_s=3,
         webhook_payments=20_000,
         webhook_warmup_payments=4_000,
@@ -103,6 +117,7 @@ SMOKE = Mode(
     threads=1,
     connections=4,
     workers=(1, 2),
+    cluster_workers=(1,),
     paid_payments=12,
     render=RenderConfig(
         first_render_samples=6,
@@ -115,6 +130,7 @@ SMOKE = Mode(
         latency_ms=50,
         in_flight=8,
         duration_s=1,
+        rounds=1,
         warmup_s=0,
         webhook_payments=1_000,
         webhook_warmup_payments=0,
@@ -124,41 +140,57 @@ SMOKE = Mode(
 NOTES = [
     "Each figure is a ratio of two measurements taken minutes apart in the same run on the "
     "same (shared, noisy) machine; absolute requests/s are not comparable across runs.",
-    "The service runs as `python -m uvicorn app.main:app --workers N` and the floor app as "
-    "`python -m uvicorn bench.floor_app:app --workers N`, both with `--loop uvloop --http "
-    "httptools --no-access-log`, on 127.0.0.1, against one redis-server started by the bench "
-    "(free port, temporary directory, no persistence).",
+    "The service runs as `python -m uvicorn app.main:app --workers N`, the floors as `python -m "
+    "uvicorn bench.floor_redispy:app` and `python -m uvicorn bench.floor_app:app` with the same "
+    "N, all with `--loop uvloop --http httptools --no-access-log`, on 127.0.0.1, against one "
+    "redis-server started by the bench (free port, temporary directory, no persistence).",
     "Service settings: ENVIRONMENT=development, LOG_LEVEL=WARNING, RECEIPT_WARM_UP=true, "
     "RECEIPT_RENDER_WORKERS=1, a 48-character JWT_SECRET_KEY, and RATE_LIMITS_ENABLED=false: "
     "all load comes from one user, who would be limited to 10 create-intents (30 verifies, 30 "
     "receipt reads, 10 PDFs) a minute, so with limits on the bench would measure 429s.",
-    "The floor app does exactly the Redis work of each endpoint in one round trip and nothing "
-    "else (no token check, no validation): create-intent is one Lua script that claims the "
-    "idempotency key and writes the payment hash, its history entry, the sandbox session and "
-    "the reference index; verify is one pipeline reading the payment and its sandbox session; "
-    "receipt metadata is one HGETALL; the PDF is the same bytes answered from memory (and, for "
-    "reference, through Starlette's FileResponse).",
+    "The redis-py floor (create-intent's and verify's targets, at 1 worker) is a bare "
+    "Starlette app doing each endpoint's Redis work in one call through redis-py's public API, "
+    "with the service's own client constructor (services/payment_store.py): create-intent is "
+    "one EVALSHA of a script registered with register_script, which claims the idempotency "
+    "key, stores the answer to replay and writes the payment hash, its history entry, the "
+    "sandbox session and the reference (every key under the payment's hash tag, so that it is "
+    "one EVALSHA on a cluster too); verify is one HGETALL of the payment. No token check, no "
+    "validation, no provider layer.",
+    "The FastAPI floor (receipts' targets; create-intent and verify for reference, and "
+    "create-intent's p99 target, as before this round) is a bare FastAPI app: create-intent is "
+    "one Lua script writing the same data; verify one pipeline reading the payment and its "
+    "sandbox session; receipt metadata one HGETALL; the PDF the same bytes answered from memory "
+    "(and, for reference, through Starlette's FileResponse).",
+    "Redis Cluster: at 1 worker, a second service (REDIS_CLUSTER=true, REDIS_URL one node's) and "
+    "a second redis-py floor run on a 3-master cluster (no replicas) started by the bench on "
+    "loopback as the test suite starts its own; the service's verify payments there are "
+    "created and paid through that service. Its create-intent and verify runs alternate with "
+    "the standalone ones in the same rounds; the rows give the service on the cluster against "
+    "the service on one node (the cluster / single ratio), against the redis-py floor on the "
+    "cluster, and that floor's own cluster / single ratio.",
     "Load: wrk (a separate process) with Lua scripts in bench/wrk/; create-intent sends a "
-    "distinct Idempotency-Key per request; verify and receipt reads cycle through payments "
-    "created and paid through the API first (POST /sandbox/checkout/{id}, outcome=succeeded). "
-    "p50/p99 are wrk's latency percentiles.",
-    "Each load figure is two runs of the same length per target in alternating order (service, "
-    "baseline, baseline, service) after one warm-up run each; requests/s are totals over both "
-    "runs, p50/p99 the mean of the two runs' percentiles.",
-    "Stripe (provider latency, webhooks): 1 worker, the fake Stripe of tests/fakes/ served by a "
-    "uvicorn process of its own (`python -m uvicorn bench.fake_stripe_proc:create_app --factory`, "
-    "1 worker, same flags as the service: its state is in memory), which validates every request "
-    "against Stripe's OpenAPI description and delays every answer by the stated latency; its "
-    "ceiling row is wrk replaying the first Checkout Session request the service sent, straight "
-    "to the fake, and a reference floor (`create-intent-http`) posts that same request to the "
-    "fake with bare httpx2 before its Redis work, so that both sides pay for the fake's CPU. "
-    "The service is "
-    "configured with STRIPE_SECRET_KEY/STRIPE_WEBHOOK_SECRET/STRIPE_API_BASE pointing at it for "
-    "the whole run (the sandbox stays the default provider). Webhooks are signed "
-    "checkout.session.expired events, each for a distinct pending Stripe payment (written with "
-    "the service's PaymentStore), then the same deliveries replayed: a completed session would "
-    "also queue one receipt render per event in the background, which would compete for the "
-    "CPU with every later measurement.",
+    "distinct Idempotency-Key per request (a fresh key prefix for every run); verify and "
+    "receipt reads cycle through payments created and paid through the API first (POST "
+    "/sandbox/checkout/{id}, outcome=succeeded). p50/p99 are wrk's latency percentiles.",
+    "Each load figure is two runs of the same length per target in alternating order (A B C, "
+    "C B A) after one warm-up run each; requests/s are totals over both runs, p50/p99 the mean "
+    "of the two runs' percentiles.",
+    "Stripe (provider latency, webhooks): 1 worker, against a canned fake Stripe "
+    "(bench/fake_stripe_proc.py, `python -m uvicorn bench.fake_stripe_proc:create_app "
+    "--factory`, a process of its own, same flags) that answers every Checkout Session create "
+    "after 50 ms with Stripe's sample session under a fresh ID and validates nothing (checking "
+    "requests against Stripe's API description is the tests' job). The target's floor is the "
+    "redis-py floor making the same call with the same client: the Stripe provider's own "
+    "parameter builder, stripe.StripeClient over the provider's httpx2-backed HTTPClient, then "
+    "one EVALSHA; the service and that floor alternate as above. References: the ideal "
+    "(in flight / latency), the floor awaiting the latency instead of calling, and the fake "
+    "alone under wrk replaying the service's first Checkout Session request (its ceiling). The "
+    "service is configured with STRIPE_SECRET_KEY/STRIPE_WEBHOOK_SECRET/STRIPE_API_BASE "
+    "pointing at it for the whole run (the sandbox stays the default provider). Webhooks are "
+    "signed checkout.session.expired events, each for a distinct pending Stripe payment "
+    "(written with the service's PaymentStore), then the same deliveries replayed: a completed "
+    "session would also queue one receipt render per event in the background, which would "
+    "compete for the CPU with every later measurement.",
     "Receipts: the service's side is ReceiptService with its process pool (fresh payment "
     "each time, so nothing is cached; the PDF is written to disk as in production); the bare "
     "side is receipt_render.init_worker/render_pdf called directly in the bench process. Memory "
@@ -169,15 +201,24 @@ NOTES = [
 
 
 @dataclass
+class Seeded:
+    """Payments created and paid through one service, which verify and receipts cycle
+    through."""
+
+    ids: list[str]
+    ids_file: Path
+
+
+@dataclass
 class Run:
     mode: Mode
     workdir: Path
     log: Callable[[str], None]
     redis: RedisServer | None = None
+    cluster: RedisClusterServers | None = None
     settings: Settings | None = None
     token: str = ""
-    paid_ids: list[str] = field(default_factory=list)
-    ids_file: Path | None = None
+    seeded: dict[str, Seeded] = field(default_factory=dict)  # by Redis: standalone, cluster
     pdf_id: str = ""
     pdf_bytes: int = 0
     stripe: providers.StripeSuite | None = None
@@ -189,7 +230,9 @@ class Run:
         return Load(self.mode.threads, self.mode.connections, self.mode.duration_s)
 
     @property
-    def warmup(self) -> Load:
+    def warmup(self) -> Load | None:
+        if not (self.mode.warmup_s and self.mode.warmup_each):
+            return None
         return Load(self.mode.threads, self.mode.connections, self.mode.warmup_s)
 
 
@@ -217,15 +260,46 @@ def _clean_environment() -> dict[str, str]:
     }
 
 
-def service_environment(run: Run, **extra: str) -> dict[str, str]:
-    assert run.redis is not None and run.settings is not None
+# -- the servers on one Redis ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One Redis the servers run on: the standalone server or the cluster."""
+
+    key: str  # "standalone" or "cluster"
+    url: str
+    cluster: bool
+
+    @property
+    def described(self) -> str:
+        return "a 3-master Redis Cluster" if self.cluster else "one Redis"
+
+
+def standalone(run: Run) -> Backend:
+    assert run.redis is not None
+    return Backend("standalone", run.redis.url, cluster=False)
+
+
+def clustered(run: Run) -> Backend:
+    assert run.cluster is not None
+    return Backend("cluster", run.cluster.url, cluster=True)
+
+
+def receipts_dir(run: Run, backend: Backend) -> Path:
+    return run.workdir / f"receipts-{backend.key}"
+
+
+def service_server(run: Run, backend: Backend, workers: int) -> UvicornServer:
+    assert run.settings is not None
     env = _clean_environment()
     env.update(
         {
-            "REDIS_URL": run.redis.url,
+            "REDIS_URL": backend.url,
+            "REDIS_CLUSTER": "true" if backend.cluster else "false",
             "REDIS_KEY_PREFIX": KEY_PREFIX,
             "RATE_LIMITS_ENABLED": "false",
-            "RECEIPTS_DIR": str(run.workdir / "receipts"),
+            "RECEIPTS_DIR": str(receipts_dir(run, backend)),
             "RECEIPT_RENDER_WORKERS": "1",
             "RECEIPT_WARM_UP": "true",
             "JWT_SECRET_KEY": run.settings.jwt_secret_key.get_secret_value(),
@@ -235,26 +309,63 @@ def service_environment(run: Run, **extra: str) -> dict[str, str]:
             **run.stripe_env,
         }
     )
-    env.update(extra)
-    return env
+    return UvicornServer(
+        f"service-{backend.key}", "app.main:app", workers=workers, env=env, log_dir=run.workdir
+    )
 
 
-def floor_environment(run: Run, **extra: str) -> dict[str, str]:
-    assert run.redis is not None
+def redispy_floor_server(run: Run, backend: Backend, workers: int) -> UvicornServer:
     env = _clean_environment()
     env.update(
         {
-            "REDIS_URL": run.redis.url,
+            "REDIS_URL": backend.url,
+            "REDIS_CLUSTER": "true" if backend.cluster else "false",
             "REDIS_KEY_PREFIX": KEY_PREFIX,
-            "FLOOR_PDF_PATH": str(run.workdir / "floor" / "receipt.pdf"),
             "FLOOR_SLEEP_MS": str(run.mode.stripe.latency_ms),
         }
     )
     if run.stripe_env:
         env["FLOOR_STRIPE_URL"] = run.stripe_env["STRIPE_API_BASE"]
         env["FLOOR_STRIPE_KEY"] = run.stripe_env["STRIPE_SECRET_KEY"]
-    env.update(extra)
-    return env
+    return UvicornServer(
+        f"floor-redispy-{backend.key}",
+        "bench.floor_redispy:app",
+        workers=workers,
+        env=env,
+        log_dir=run.workdir,
+    )
+
+
+def fastapi_floor_server(run: Run, backend: Backend, workers: int) -> UvicornServer:
+    env = _clean_environment()
+    env.update(
+        {
+            "REDIS_URL": backend.url,
+            "REDIS_KEY_PREFIX": KEY_PREFIX,
+            "FLOOR_PDF_PATH": str(run.workdir / "floor" / "receipt.pdf"),
+        }
+    )
+    return UvicornServer(
+        f"floor-fastapi-{backend.key}",
+        "bench.floor_app:app",
+        workers=workers,
+        env=env,
+        log_dir=run.workdir,
+    )
+
+
+@contextlib.contextmanager
+def serving(servers: list[UvicornServer]) -> Iterator[None]:
+    """Start them all (side by side), wait until each is ready, stop them all at the end."""
+    try:
+        for server in servers:
+            server.launch()
+        for server in servers:
+            server.wait_ready(ready_path="/health")
+        yield
+    finally:
+        for server in servers:
+            server.stop()
 
 
 # -- setup through the API -------------------------------------------------------------------
@@ -264,12 +375,13 @@ def _auth(run: Run) -> dict[str, str]:
     return {"Authorization": f"Bearer {run.token}"}
 
 
-def seed_paid_payments(run: Run, service: UvicornServer) -> None:
+def seed_paid_payments(run: Run, service: UvicornServer, backend: Backend) -> Seeded:
     """Create and pay ``paid_payments`` payments through the API, then wait until the service
     has rendered their receipts (renders in the background would steal CPU from the runs)."""
     count = run.mode.paid_payments
-    run.log(f"creating and paying {count} payments through the API")
+    run.log(f"creating and paying {count} payments through the API ({backend.described})")
     tag = secrets.token_hex(4)
+    ids: list[str] = []
     with httpx.Client(base_url=service.url, timeout=30) as client:
         for index in range(count):
             created = client.post(
@@ -283,49 +395,57 @@ def seed_paid_payments(run: Run, service: UvicornServer) -> None:
             paid = client.post(f"/sandbox/checkout/{payment_id}", data={"outcome": "succeeded"})
             if paid.status_code not in (200, 303):
                 raise BenchError(f"sandbox checkout answered {paid.status_code}: {paid.text}")
-            run.paid_ids.append(payment_id)
-    run.ids_file = run.workdir / "paid_ids.txt"
-    run.ids_file.write_text("\n".join(run.paid_ids) + "\n")
-    receipts = run.workdir / "receipts"
+            ids.append(payment_id)
+    ids_file = run.workdir / f"paid_ids-{backend.key}.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    receipts = receipts_dir(run, backend)
     deadline = time.monotonic() + 60 + count
     while len(list(receipts.rglob("*.pdf"))) < count:
         if time.monotonic() > deadline:
             raise BenchError("the service did not render the seeded receipts in time")
         time.sleep(0.1)
-    run.pdf_id = run.paid_ids[0]
+    return Seeded(ids, ids_file)
+
+
+def fetch_receipt_pdf(run: Run, service: UvicornServer, payment_id: str) -> None:
+    """One receipt PDF through the API: what the FastAPI floor answers from memory."""
     with httpx.Client(base_url=service.url, timeout=30) as client:
-        pdf = client.get(f"{API}/receipt/{run.pdf_id}/pdf", headers=_auth(run))
+        pdf = client.get(f"{API}/receipt/{payment_id}/pdf", headers=_auth(run))
     if pdf.status_code != 200 or not pdf.content.startswith(b"%PDF"):
         raise BenchError(f"receipt download answered {pdf.status_code}")
     floor_pdf = run.workdir / "floor" / "receipt.pdf"
     floor_pdf.parent.mkdir(parents=True, exist_ok=True)
     floor_pdf.write_bytes(pdf.content)
+    run.pdf_id = payment_id
     run.pdf_bytes = len(pdf.content)
-    run.log(f"{count} paid payments; receipt PDF of {len(pdf.content):,} bytes")
+    run.log(f"receipt PDF of {len(pdf.content):,} bytes")
 
 
-def check_answers(run: Run, base_url: str, name: str, *, file_route: bool) -> None:
+def check_answers(run: Run, server: UvicornServer, payment_id: str, *, receipts: bool) -> None:
     """One request of each kind, so a broken endpoint stops the bench with its answer rather
     than producing a table of error figures."""
     checks: list[tuple[str, str, dict[str, object]]] = [
-        ("POST", f"{API}/verify", {"json": {"payment_id": run.pdf_id}}),
-        ("GET", f"{API}/receipt/{run.pdf_id}", {}),
-        ("GET", f"{API}/receipt/{run.pdf_id}/pdf", {}),
+        ("POST", f"{API}/verify", {"json": {"payment_id": payment_id}}),
     ]
-    if file_route:
-        checks.append(("GET", f"{API}/receipt/{run.pdf_id}/file", {}))
-    with httpx.Client(base_url=base_url, timeout=30, headers=_auth(run)) as client:
+    if receipts:
+        checks += [
+            ("GET", f"{API}/receipt/{payment_id}", {}),
+            ("GET", f"{API}/receipt/{payment_id}/pdf", {}),
+        ]
+        if server.name.startswith("floor-fastapi"):
+            checks.append(("GET", f"{API}/receipt/{payment_id}/file", {}))
+    with httpx.Client(base_url=server.url, timeout=30, headers=_auth(run)) as client:
         created = client.post(
             f"{API}/create-intent",
             json={"plan": "pro"},
             headers={"Idempotency-Key": f"check-{secrets.token_hex(8)}"},
         )
         if created.status_code != 201:
-            raise BenchError(f"{name} create-intent answered {created.status_code}")
+            raise BenchError(f"{server.name} create-intent answered {created.status_code}")
         for method, path, options in checks:
             answer = client.request(method, path, **options)  # type: ignore[arg-type]
             if answer.status_code != 200:
-                raise BenchError(f"{name} {method} {path} answered {answer.status_code}")
+                raise BenchError(f"{server.name} {method} {path} answered {answer.status_code}")
 
 
 # -- wrk runs -------------------------------------------------------------------------------
@@ -336,7 +456,7 @@ class Scenario:
     label: str
     path: str  # path of the URL wrk is given
     script: str
-    args: Callable[[Run], list[str]]
+    args: Callable[[Run, Path], list[str]]  # given the payment IDs file of the side's Redis
 
 
 def scenarios(run: Run) -> dict[str, Scenario]:
@@ -345,166 +465,209 @@ def scenarios(run: Run) -> dict[str, Scenario]:
             "create-intent",
             f"{API}/create-intent",
             "create_intent",
-            lambda r: [r.token, f"run{secrets.token_hex(6)}", '{"plan": "pro"}'],
+            lambda r, _ids: [r.token, f"run{secrets.token_hex(6)}", '{"plan": "pro"}'],
         ),
         "verify": Scenario(
-            "verify (paid)", f"{API}/verify", "verify", lambda r: [r.token, str(r.ids_file)]
+            "verify (paid)", f"{API}/verify", "verify", lambda r, ids: [r.token, str(ids)]
         ),
         "receipt": Scenario(
             "receipt metadata",
             f"{API}/receipt/",
             "get_ids",
-            lambda r: [r.token, str(r.ids_file), f"{API}/receipt/", ""],
+            lambda r, ids: [r.token, str(ids), f"{API}/receipt/", ""],
         ),
         "pdf": Scenario(
             "cached PDF download",
             f"{API}/receipt/{run.pdf_id}/pdf",
             "get_fixed",
-            lambda r: [r.token],
+            lambda r, _ids: [r.token],
         ),
         "file": Scenario(
             "cached PDF download",
             f"{API}/receipt/{run.pdf_id}/file",
             "get_fixed",
-            lambda r: [r.token],
+            lambda r, _ids: [r.token],
         ),
     }
 
 
-def measure(run: Run, targets: list[tuple[str, str, Scenario]]) -> list[WrkResult]:
-    """Load each (name, base URL, scenario) in turn for ``duration_s``, in ``rounds`` rounds
-    that alternate the order (A B, B A, ...), so that a drift in the machine's load over the
-    minute weighs on both sides alike. Each target gets one warm-up run first (full mode)."""
-    mode = run.mode
-    parts: dict[int, list[WrkResult]] = {index: [] for index in range(len(targets))}
-    order = list(range(len(targets)))
-    for round_ in range(mode.rounds):
-        for index in order if round_ % 2 == 0 else order[::-1]:
-            _name, base_url, scenario = targets[index]
-            url = base_url + scenario.path
-            if round_ == 0 and mode.warmup_each and mode.warmup_s:
-                run_wrk(url, scenario.script, scenario.args(run), run.warmup, workdir=run.workdir)
-            parts[index].append(
-                run_wrk(url, scenario.script, scenario.args(run), run.load, workdir=run.workdir)
-            )
-    results = []
-    for index, (name, _url, scenario) in enumerate(targets):
-        result = combine(parts[index])
-        run.log(f"  {scenario.label}, {name}: {result.describe()}")
-        results.append(result)
-    return results
+@dataclass(frozen=True)
+class Loaded:
+    """One server loaded with one scenario: its name in the log and the table, and the
+    payment IDs it cycles through."""
+
+    name: str
+    server: UvicornServer
+    scenario: Scenario
+    ids: Path
 
 
-def combine(results: list[WrkResult]) -> WrkResult:
-    """Several runs of one target as one: counts add up; percentiles are averaged."""
-    if len(results) == 1:
-        return results[0]
-    return WrkResult(
-        requests=sum(r.requests for r in results),
-        seconds=sum(r.seconds for r in results),
-        p50_ms=sum(r.p50_ms for r in results) / len(results),
-        p99_ms=sum(r.p99_ms for r in results) / len(results),
-        non_2xx=sum(r.non_2xx for r in results),
-        socket_errors=sum(r.socket_errors for r in results),
+def measure(run: Run, targets: list[Loaded]) -> list[WrkResult]:
+    """Load each target in turn for ``duration_s``, in ``rounds`` rounds that alternate the
+    order, each after one warm-up run (full mode): see ``wrk.alternate``."""
+    sides = [
+        Side(
+            f"{t.scenario.label}, {t.name}",
+            t.server.url + t.scenario.path,
+            t.scenario.script,
+            lambda t=t: t.scenario.args(run, t.ids),  # type: ignore[misc]
+        )
+        for t in targets
+    ]
+    return alternate(
+        sides, run.load, rounds=run.mode.rounds, warmup=run.warmup, workdir=run.workdir, log=run.log
     )
 
 
-def _invalid(*results: WrkResult) -> str | None:
-    bad = [r for r in results if r.errors]
-    if not bad:
-        return None
-    return ", ".join(f"{r.non_2xx} non-2xx/{r.socket_errors} socket errors" for r in bad)
-
-
 def throughput_row(
-    label: str, workers: int, service: WrkResult, baseline: WrkResult, base: str, target: Target
+    label: str,
+    workers: int,
+    service: WrkResult,
+    baseline: WrkResult,
+    base: str,
+    target: Target | None,
+    *,
+    served: str = "",
 ) -> Row:
     return Row(
         measure=f"{label}: req/s",
         workers=str(workers),
-        service=service.describe(),
+        service=f"{served}{service.describe()}",
         baseline=f"{base}: {baseline.describe()}",
         ratio=service.rps / baseline.rps if baseline.rps else None,
         target=target,
-        invalid=_invalid(service, baseline),
+        invalid=invalid(service, baseline),
     )
 
 
 def http_rows(run: Run, workers: int, *, core: bool, stripe: bool) -> None:
-    """Start the service and the floor app with ``workers`` workers each and load them: the
-    core endpoints (part 1, cached PDF) and, when ``stripe``, the provider suite."""
-    env = service_environment(run)
-    service = UvicornServer(
-        "service", "app.main:app", workers=workers, env=env, log_dir=run.workdir
-    )
-    floor = UvicornServer(
-        "floor",
-        "bench.floor_app:app",
-        workers=workers,
-        env=floor_environment(run),
-        log_dir=run.workdir,
-    )
-    try:
-        run.log(f"starting the service and the floor app, {workers} worker(s) each")
-        service.launch()
-        floor.launch()
-        service.wait_ready(ready_path="/health")
-        floor.wait_ready(ready_path="/health")
+    """Start the service and its floors with ``workers`` workers each (and, at the cluster's
+    worker counts, a service and a redis-py floor on the cluster) and load them: the core
+    endpoints and, when ``stripe``, the provider suite."""
+    single = standalone(run)
+    service = service_server(run, single, workers)
+    floor = redispy_floor_server(run, single, workers)
+    fastapi_floor = fastapi_floor_server(run, single, workers)
+    servers = [service, floor, fastapi_floor]
+    on_cluster = core and run.cluster is not None and workers in run.mode.cluster_workers
+    if on_cluster:
+        cluster = clustered(run)
+        cluster_service = service_server(run, cluster, workers)
+        cluster_floor = redispy_floor_server(run, cluster, workers)
+        servers += [cluster_service, cluster_floor]
+    what = "the service, the redis-py floor and the FastAPI floor"
+    if on_cluster:
+        what += ", and the service and the redis-py floor on the cluster"
+    run.log(f"starting {what}, {workers} worker(s) each")
+    with serving(servers):
         if core:
-            core_rows(run, service, floor, workers)
+            if "standalone" not in run.seeded:
+                run.seeded["standalone"] = seed_paid_payments(run, service, single)
+                fetch_receipt_pdf(run, service, run.seeded["standalone"].ids[0])
+            check_answers(run, service, run.pdf_id, receipts=True)
+            check_answers(run, floor, run.pdf_id, receipts=False)
+            check_answers(run, fastapi_floor, run.pdf_id, receipts=True)
+            cluster_targets: list[tuple[UvicornServer, UvicornServer, Path]] = []
+            if on_cluster:
+                if "cluster" not in run.seeded:
+                    run.seeded["cluster"] = seed_paid_payments(run, cluster_service, cluster)
+                paid = run.seeded["cluster"]
+                check_answers(run, cluster_service, paid.ids[0], receipts=True)
+                check_answers(run, cluster_floor, paid.ids[0], receipts=False)
+                cluster_targets.append((cluster_service, cluster_floor, paid.ids_file))
+            core_rows(run, workers, service, floor, fastapi_floor, cluster_targets)
         if stripe and run.stripe is not None:
             run.rows.extend(run.stripe.run(service.url, floor.url, workers))
-    finally:
-        service.stop()
-        floor.stop()
 
 
-def core_rows(run: Run, service: UvicornServer, floor: UvicornServer, workers: int) -> None:
-    if not run.paid_ids:
-        seed_paid_payments(run, service)
-    check_answers(run, service.url, "service", file_route=False)
-    check_answers(run, floor.url, "floor", file_route=True)
+def core_rows(
+    run: Run,
+    workers: int,
+    service: UvicornServer,
+    floor: UvicornServer,
+    fastapi_floor: UvicornServer,
+    cluster: list[tuple[UvicornServer, UvicornServer, Path]],
+) -> None:
     cases = scenarios(run)
+    ids = run.seeded["standalone"].ids_file
     if run.mode.warmup_s and not run.mode.warmup_each:
-        for server in (service, floor):
+        for server in (service, floor, fastapi_floor):
             run_wrk(
                 server.url + cases["create"].path,
                 cases["create"].script,
-                cases["create"].args(run),
-                run.warmup,
+                cases["create"].args(run, ids),
+                Load(run.mode.threads, run.mode.connections, run.mode.warmup_s),
                 workdir=run.workdir,
             )
     run.log(
         f"load runs, {workers} worker(s), {run.mode.rounds} x {run.mode.duration_s} s per target"
     )
+    graded = workers == GRADED_WORKERS
+    for key, target in (("create", CREATE_RPS), ("verify", VERIFY_RPS)):
+        case = cases[key]
+        targets = [
+            Loaded("service", service, case, ids),
+            Loaded(REDISPY_FLOOR, floor, case, ids),
+            Loaded(FASTAPI_FLOOR, fastapi_floor, case, ids),
+        ]
+        for cluster_service, cluster_floor, cluster_ids in cluster:
+            targets += [
+                Loaded("service on the cluster", cluster_service, case, cluster_ids),
+                Loaded(f"{REDISPY_FLOOR} on the cluster", cluster_floor, case, cluster_ids),
+            ]
+        svc, flo, fast, *on_cluster = measure(run, targets)
+        run.rows.append(
+            throughput_row(case.label, workers, svc, flo, REDISPY_FLOOR, target if graded else None)
+        )
+        run.rows.append(throughput_row(case.label, workers, svc, fast, FASTAPI_FLOOR, None))
+        if key == "create":
+            run.rows.append(
+                Row(
+                    measure="create-intent: p99 latency",
+                    workers=str(workers),
+                    service=f"p99 {svc.p99_ms:.2f} ms",
+                    baseline=f"{FASTAPI_FLOOR}: p99 {fast.p99_ms:.2f} ms",
+                    ratio=svc.p99_ms / fast.p99_ms if fast.p99_ms else None,
+                    target=CREATE_P99,
+                    invalid=invalid(svc, fast),
+                )
+            )
+        if on_cluster:
+            svc_c, flo_c = on_cluster
+            label = f"{case.label} on a 3-master Redis Cluster"
+            on = "on the cluster: "
+            run.rows += [
+                throughput_row(label, workers, svc_c, svc, "service on one Redis", None, served=on),
+                throughput_row(
+                    label, workers, svc_c, flo_c, f"{REDISPY_FLOOR} on the cluster", None, served=on
+                ),
+                Row(
+                    measure=f"{label}: req/s",
+                    workers=str(workers),
+                    service=f"{REDISPY_FLOOR} on the cluster: {flo_c.describe()}",
+                    baseline=f"{REDISPY_FLOOR} on one Redis: {flo.describe()}",
+                    ratio=flo_c.rps / flo.rps if flo.rps else None,
+                    invalid=invalid(flo_c, flo),
+                ),
+            ]
 
     svc, flo = measure(
-        run, [("service", service.url, cases["create"]), ("floor", floor.url, cases["create"])]
+        run,
+        [
+            Loaded("service", service, cases["receipt"], ids),
+            Loaded(FASTAPI_FLOOR, fastapi_floor, cases["receipt"], ids),
+        ],
     )
-    run.rows.append(throughput_row("create-intent", workers, svc, flo, "floor", CREATE_RPS))
     run.rows.append(
-        Row(
-            measure="create-intent: p99 latency",
-            workers=str(workers),
-            service=f"p99 {svc.p99_ms:.2f} ms",
-            baseline=f"floor: p99 {flo.p99_ms:.2f} ms",
-            ratio=svc.p99_ms / flo.p99_ms if flo.p99_ms else None,
-            target=CREATE_P99,
-            invalid=_invalid(svc, flo),
-        )
+        throughput_row(cases["receipt"].label, workers, svc, flo, FASTAPI_FLOOR, RECEIPT_RPS)
     )
-    for key, target in (("verify", VERIFY_RPS), ("receipt", RECEIPT_RPS)):
-        svc, flo = measure(
-            run, [("service", service.url, cases[key]), ("floor", floor.url, cases[key])]
-        )
-        run.rows.append(throughput_row(cases[key].label, workers, svc, flo, "floor", target))
 
     svc, mem, fil = measure(
         run,
         [
-            ("service", service.url, cases["pdf"]),
-            ("floor, from memory", floor.url, cases["pdf"]),
-            ("floor, FileResponse", floor.url, cases["file"]),
+            Loaded("service", service, cases["pdf"], ids),
+            Loaded(f"{FASTAPI_FLOOR}, from memory", fastapi_floor, cases["pdf"], ids),
+            Loaded(f"{FASTAPI_FLOOR}, FileResponse", fastapi_floor, cases["file"], ids),
         ],
     )
     label = f"cached PDF download ({run.pdf_bytes:,} B)"
@@ -516,7 +679,7 @@ def core_rows(run: Run, service: UvicornServer, floor: UvicornServer, workers: i
             service=svc.describe(),
             baseline=f"Starlette FileResponse: {fil.describe()}",
             ratio=svc.rps / fil.rps if fil.rps else None,
-            invalid=_invalid(svc, fil),
+            invalid=invalid(svc, fil),
         )
     )
 
@@ -618,6 +781,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         help="run only these parts (repeatable); the default runs all",
     )
+    parser.add_argument("--no-cluster", action="store_true", help="skip the Redis Cluster runs")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, receipts)"
     )
@@ -631,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = _replace(mode, workers=tuple(int(w) for w in options.workers.split(",")))
     if options.duration:
         mode = _replace(mode, duration_s=options.duration)
+    if options.no_cluster:
+        mode = _replace(mode, cluster_workers=())
     parts = set(options.only or ("http", "render", "stripe"))
     started = now()
     clock = time.monotonic()
@@ -659,6 +825,10 @@ def main(argv: list[str] | None = None) -> int:
             run.redis = RedisServer(workdir / "redis")
             run.redis.start()
             log(f"redis-server on port {run.redis.port}")
+        if "http" in parts and mode.cluster_workers:
+            run.cluster = RedisClusterServers(workdir / "cluster")
+            run.cluster.start()
+            log(f"Redis Cluster, 3 masters, on ports {', '.join(map(str, run.cluster.ports))}")
         with contextlib.ExitStack() as stack:
             if "stripe" in parts:
                 reason = providers.available()
@@ -687,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.redis is not None:
             run.redis.stop()
             run.redis = None
+        if run.cluster is not None:
+            run.cluster.stop()
+            run.cluster = None
         if "render" in parts:
             log("receipt rendering (servers stopped)")
             figures = asyncio.run(run_render_bench(run.settings, mode.render, workdir, log))
@@ -694,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if run.redis is not None:
             run.redis.stop()
+        if run.cluster is not None:
+            run.cluster.stop()
         if options.keep:
             log(f"kept {workdir}")
         else:

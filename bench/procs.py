@@ -1,5 +1,5 @@
-"""The processes a bench run owns: its redis-server, the uvicorn servers under load and the
-fake Stripe's server (also uvicorn, see bench/fake_stripe_proc.py).
+"""The processes a bench run owns: its redis-server, its 3-master Redis Cluster, the uvicorn
+servers under load and the fake Stripe's server (also uvicorn, see bench/fake_stripe_proc.py).
 
 Everything listens on 127.0.0.1 on a free port, lives in the run's temporary directory and is
 stopped (by its own process id) when the run ends, whatever happened.
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -104,6 +105,100 @@ class RedisServer:
         if self.process is not None:
             _stop(self.process)
             self.process = None
+
+
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node talks to the others on its port + 10000
+
+
+def _free_cluster_port(taken: set[int]) -> int:
+    """A free loopback port whose cluster bus port is free too, neither in ``taken``."""
+    for _ in range(200):
+        port = free_port()
+        bus = port + CLUSTER_BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", bus))
+            except OSError:
+                continue
+        return port
+    raise BenchError("no free port whose cluster bus port is free too")
+
+
+class RedisClusterServers:
+    """A Redis Cluster of three masters (no replicas, no persistence), started the way the
+    test suite starts its own (tests/conftest.py): three ``--cluster-enabled`` servers on free
+    loopback ports whose bus ports are free too, then ``redis-cli --cluster create``."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.directory = directory
+        self.ports: list[int] = []
+        for _ in range(masters):
+            taken = {*self.ports, *(p + CLUSTER_BUS_OFFSET for p in self.ports)}
+            self.ports.append(_free_cluster_port(taken))
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """One node's URL: all the service is given; its client finds the other nodes."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            raise BenchError("redis-server/redis-cli are not installed (system-deps.sh bench)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for port in self.ports:
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        *(binary, "--port", str(port), "--bind", "127.0.0.1"),
+                        *("--dir", str(self.directory), "--cluster-enabled", "yes"),
+                        *("--cluster-config-file", str(self.directory / f"nodes-{port}.conf")),
+                        *("--save", "", "--appendonly", "no"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self._wait_on_every_node(lambda node: bool(node.ping()), "did not start")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        created = subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise BenchError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
+        self._wait_on_every_node(
+            lambda node: node.execute_command("CLUSTER INFO")["cluster_state"] == "ok",  # type: ignore[no-untyped-call]
+            "did not reach cluster_state:ok",
+        )
+
+    def _wait_on_every_node(self, ready: Callable[[redis.Redis], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        for port in self.ports:
+            node = redis.Redis(port=port, socket_connect_timeout=0.2)
+            try:
+                while True:
+                    try:
+                        if ready(node):
+                            break
+                    except redis.ConnectionError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"Redis Cluster node {port} {what}")
+                    time.sleep(0.02)
+            finally:
+                node.close()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            _stop(process)
+        self.processes = []
 
 
 class UvicornServer:

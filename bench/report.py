@@ -17,13 +17,16 @@ from datetime import UTC, datetime
 
 @dataclass(frozen=True)
 class Target:
-    """``ratio >= bound`` (at_least) or ``ratio <= bound``."""
+    """``ratio >= bound`` (at_least) or ``ratio <= bound``. With a ``unit`` the figure is a
+    difference (service minus baseline, in that unit), not a ratio."""
 
     bound: float
     at_least: bool = True
+    unit: str = ""
 
     def describe(self) -> str:
-        return f"{'>=' if self.at_least else '<='} {self.bound:g}"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{'>=' if self.at_least else '<='} {self.bound:g}{unit}"
 
     def met(self, ratio: float) -> bool:
         return ratio >= self.bound if self.at_least else ratio <= self.bound
@@ -38,6 +41,15 @@ class Row:
     ratio: float | None
     target: Target | None = None
     invalid: str | None = None  # why the figure cannot be trusted (errors during the run)
+    unit: str = ""  # set: ``ratio`` is a difference in this unit (service minus baseline)
+
+    @property
+    def figure(self) -> str:
+        if self.ratio is None:
+            return "n/a"
+        if self.unit:
+            return f"{self.ratio:+.2f} {self.unit}"
+        return f"{self.ratio:.2f}"
 
     @property
     def verdict(self) -> str:
@@ -49,6 +61,8 @@ class Row:
 
 
 HEADER = ("Measure", "Workers", "Service", "Baseline", "Ratio", "Target", "Result")
+# The Ratio column holds a difference (signed, with its unit) for rows that compare latencies
+# against an absolute allowance.
 
 
 def render_table(rows: list[Row]) -> str:
@@ -62,7 +76,7 @@ def render_table(rows: list[Row]) -> str:
             row.workers,
             row.service,
             row.baseline,
-            "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            row.figure,
             row.target.describe() if row.target else "",
             row.verdict,
         )

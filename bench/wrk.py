@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,64 @@ def run_wrk(url: str, script: str, args: list[str], load: Load, *, workdir: Path
         f"wrk gave no result (exit {finished.returncode}):\n"
         f"{finished.stdout[-2000:]}\n{finished.stderr[-2000:]}"
     )
+
+
+@dataclass(frozen=True)
+class Side:
+    """One thing to load: a name for the log, the URL wrk is given, its script, and what makes
+    its args (called for every run: a create run needs Idempotency-Keys no run used before)."""
+
+    name: str
+    url: str
+    script: str
+    args: Callable[[], list[str]]
+
+
+def alternate(
+    sides: list[Side],
+    load: Load,
+    *,
+    rounds: int,
+    warmup: Load | None,
+    workdir: Path,
+    log: Callable[[str], None] | None = None,
+) -> list[WrkResult]:
+    """Load each side in turn for ``load.duration_s``, in ``rounds`` rounds that alternate the
+    order (A B C, C B A, ...), so that a drift in the machine's load over the minute weighs on
+    every side alike; with ``warmup``, each side gets one warm-up run before its first
+    measured one. One combined result per side."""
+    parts: dict[int, list[WrkResult]] = {index: [] for index in range(len(sides))}
+    order = list(range(len(sides)))
+    for round_ in range(rounds):
+        for index in order if round_ % 2 == 0 else order[::-1]:
+            side = sides[index]
+            if round_ == 0 and warmup is not None and warmup.duration_s:
+                run_wrk(side.url, side.script, side.args(), warmup, workdir=workdir)
+            parts[index].append(run_wrk(side.url, side.script, side.args(), load, workdir=workdir))
+    results = [combine(parts[index]) for index in range(len(sides))]
+    if log is not None:
+        for side, result in zip(sides, results, strict=True):
+            log(f"  {side.name}: {result.describe()}")
+    return results
+
+
+def combine(results: list[WrkResult]) -> WrkResult:
+    """Several runs of one target as one: counts add up; percentiles are averaged."""
+    if len(results) == 1:
+        return results[0]
+    return WrkResult(
+        requests=sum(r.requests for r in results),
+        seconds=sum(r.seconds for r in results),
+        p50_ms=sum(r.p50_ms for r in results) / len(results),
+        p99_ms=sum(r.p99_ms for r in results) / len(results),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+    )
+
+
+def invalid(*results: WrkResult) -> str | None:
+    """Why these figures cannot be trusted (errors during the runs), or None."""
+    bad = [r for r in results if r.errors]
+    if not bad:
+        return None
+    return ", ".join(f"{r.non_2xx} non-2xx/{r.socket_errors} socket errors" for r in bad)
