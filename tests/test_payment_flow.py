@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 from typing import Any
 
@@ -211,3 +212,19 @@ class TestFullFlowToReceipt:
             "alice@example.com",
         ):
             assert expected in text, f"{expected!r} missing from the receipt"
+
+
+class TestSandboxSessionKeepsEveryCharacter:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "payment_plans": {"pro": {"name": "Prämie ✓ «Pro»", "amount": 2900, "currency": "EUR"}}
+        }
+
+    async def test_the_checkout_page_shows_the_plan_as_named(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        payment = await create_payment(client)
+        page = await client.get(f"/sandbox/checkout/{payment['payment_id']}")
+        assert page.status_code == 200
+        assert "Prämie ✓ «Pro»" in html.unescape(page.text)
