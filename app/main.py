@@ -29,7 +29,7 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
-from services.payment_store import PaymentStore, redis_client
+from services.payment_store import PaymentStore, key_values, redis_client
 from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
@@ -62,9 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     manager = provider_manager(
         settings,
         ProviderDeps(
-            redis=redis,
+            key_value=key_values(redis, settings.redis_key_prefix),
             http=http,
-            key_prefix=settings.redis_key_prefix,
             events=local_events,
             timeout_s=settings.provider_timeout_seconds,
             production=settings.environment == "production",

@@ -11,7 +11,7 @@ reconciliation queue, its steps, stats and leader lock ``{recon}``. Commands tha
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -60,6 +60,57 @@ def redis_client(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
     if cluster:
         return RedisCluster.from_url(url, **options)
     return Redis.from_url(url, **options)
+
+
+class RedisKeyValue:
+    """ProviderKeyValue on the service's Redis: one provider's namespace (``namespace``), every
+    key hash-tagged so that each script stays in one Cluster slot."""
+
+    def __init__(self, redis: RedisClient, namespace: str) -> None:
+        self._redis = redis
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def key(self, tag: str) -> str:
+        return f"{self._namespace}{{{tag}}}"
+
+    def script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        script: Callable[..., Awaitable[Any]] = self._redis.register_script(lua)
+        return script
+
+    async def read_hash(self, key: str) -> dict[str, str]:
+        return cast(dict[str, str], await self._redis.hgetall(key))
+
+    async def read_hash_field(self, key: str, field: str) -> str | None:
+        value = await self._redis.hget(key, field)
+        return None if value is None else str(value)
+
+    async def read_hash_fields(self, key: str, fields: list[str]) -> list[str | None]:
+        return cast(list[str | None], await self._redis.hmget(key, fields))
+
+    async def read_list(self, key: str) -> list[str]:
+        return cast(list[str], await self._redis.lrange(key, 0, -1))
+
+    async def remove_from_list(self, key: str, value: str) -> int:
+        return int(await self._redis.lrem(key, 1, value))
+
+    async def append_capped(self, key: str, value: str, *, keep: int, ttl_s: int) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, value)
+            pipe.ltrim(key, -keep, -1)
+            pipe.expire(key, ttl_s)
+            await pipe.execute()
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+
+def key_values(redis: RedisClient, prefix: str) -> Callable[[str], RedisKeyValue]:
+    """Each provider's namespace under the service's key prefix: ``<prefix><provider>:``."""
+    return lambda provider: RedisKeyValue(redis, f"{prefix}{provider}:")
 
 
 # The only moves a payment can make. Paid states never go back to unpaid ones; a failed,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
@@ -24,8 +24,6 @@ from services.errors import OperationNotSupported
 
 if TYPE_CHECKING:
     import httpx2
-
-    from services.payment_store import RedisClient
 
 
 class Capability(StrEnum):
@@ -62,14 +60,47 @@ class LocalEvents:
 EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 
 
+class ProviderKeyValue(Protocol):
+    """A small key-value store in the service's Redis, for a provider that keeps state there
+    (the built-in sandbox): keys in the provider's own namespace, each with a hash tag so that
+    a script touches one Redis Cluster slot, atomic scripts, and the few reads it needs."""
+
+    @property
+    def namespace(self) -> str:
+        """What every key of this provider starts with."""
+
+    def key(self, tag: str) -> str:
+        """The provider's key for ``tag`` (e.g. a payment id), hash-tagged on it; suffixes
+        appended to it stay in the same slot."""
+
+    def script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        """A Lua script, called as ``await script(keys=[...], args=[...])``."""
+
+    async def read_hash(self, key: str) -> dict[str, str]: ...
+
+    async def read_hash_field(self, key: str, field: str) -> str | None: ...
+
+    async def read_hash_fields(self, key: str, fields: list[str]) -> list[str | None]: ...
+
+    async def read_list(self, key: str) -> list[str]: ...
+
+    async def remove_from_list(self, key: str, value: str) -> int:
+        """Remove one occurrence of ``value``; how many were removed (0 or 1)."""
+
+    async def append_capped(self, key: str, value: str, *, keep: int, ttl_s: int) -> None:
+        """Append ``value`` to a list that keeps its last ``keep`` entries, for ``ttl_s``."""
+
+    async def ping(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderDeps:
     """Shared clients handed to providers when the app starts, and the facts about this
     deployment that are not any one provider's configuration."""
 
-    redis: RedisClient
+    # The provider's own namespace in the service's Redis, by provider name.
+    key_value: Callable[[str], ProviderKeyValue]
     http: httpx2.AsyncClient
-    key_prefix: str = ""
     events: LocalEvents = field(default_factory=LocalEvents)
     timeout_s: float = 10.0  # each vendor call's (PROVIDER_TIMEOUT_SECONDS)
     production: bool = False  # real money moves here: test-money providers refuse to run

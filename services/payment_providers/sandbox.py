@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -47,6 +47,7 @@ from .base import (
     LocalEvents,
     PaymentState,
     ProviderDeps,
+    ProviderKeyValue,
     RefundResult,
     WebhookEvent,
 )
@@ -58,9 +59,6 @@ from .sandbox_webhooks import (
     SandboxWebhookPusher,
     verify_webhook_signature,
 )
-
-if TYPE_CHECKING:
-    from services.payment_store import RedisClient
 
 log = logging.getLogger("payments.sandbox")
 
@@ -202,28 +200,27 @@ class SandboxProvider(BasePaymentProvider):
 
     def __init__(
         self,
-        redis: RedisClient,
+        store: ProviderKeyValue,
         *,
-        key_prefix: str,
         enabled: bool,
         webhook_secret: str = "",
         http: httpx2.AsyncClient | None = None,
         behaviour: Mapping[str, Any] | None = None,
         events: LocalEvents | None = None,
     ) -> None:
-        self._redis = redis
+        self._store = store  # its own keys in the service's Redis, and nothing else there
         self._events = events  # tells the service of refunds settled by a timer
         self._behaviour = dict(behaviour or {})  # for payments that bring none of their own
         self._webhook_secret = webhook_secret
-        self._prefix = f"{key_prefix}sandbox:"
+        self._prefix = store.namespace
         self._enabled = enabled
-        self._open = redis.register_script(_OPEN_LUA)
-        self._settle = redis.register_script(_SETTLE_LUA)
-        self._move = redis.register_script(_MOVE_LUA)
-        self._refund = redis.register_script(_REFUND_LUA)
-        self._settle_refund = redis.register_script(_SETTLE_REFUND_LUA)
+        self._open = store.script(_OPEN_LUA)
+        self._settle = store.script(_SETTLE_LUA)
+        self._move = store.script(_MOVE_LUA)
+        self._refund = store.script(_REFUND_LUA)
+        self._settle_refund = store.script(_SETTLE_REFUND_LUA)
         self._webhooks = SandboxWebhookPusher(
-            redis, http, secret=webhook_secret, key_of=self._key, enabled=enabled
+            store, http, secret=webhook_secret, key_of=self._key, enabled=enabled
         )
 
     @classmethod
@@ -234,8 +231,7 @@ class SandboxProvider(BasePaymentProvider):
         webhook_secret = secrets.webhook_secret if secrets else None
         behaviour = config.behaviour if config else None
         return cls(
-            deps.redis,
-            key_prefix=deps.key_prefix,
+            deps.key_value(cls.name),
             enabled=not deps.production,
             webhook_secret=webhook_secret.get_secret_value() if webhook_secret else "",
             http=deps.http,
@@ -253,7 +249,7 @@ class SandboxProvider(BasePaymentProvider):
             )
 
     def _key(self, payment_id: str) -> str:
-        return f"{self._prefix}{{{payment_id}}}"
+        return self._store.key(payment_id)
 
     def checkout_path(self, payment_id: str) -> str:
         return f"/sandbox/checkout/{payment_id}"
@@ -323,7 +319,7 @@ class SandboxProvider(BasePaymentProvider):
     async def session(self, payment_id: str) -> dict[str, str]:
         """The sandbox's own record of a payment, for its checkout page."""
         self._require_enabled()
-        fields = cast(dict[str, str], await self._redis.hgetall(self._key(payment_id)))
+        fields = await self._store.read_hash(self._key(payment_id))
         if not fields:
             raise PaymentNotFound(f"No payment {payment_id!r}")
         return fields
@@ -475,7 +471,7 @@ class SandboxProvider(BasePaymentProvider):
 
     async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
         self._require_enabled()
-        raw = await self._redis.hget(self._refunds_key(payment_id), provider_refund_id)
+        raw = await self._store.read_hash_field(self._refunds_key(payment_id), provider_refund_id)
         if not raw:
             raise NotFound(f"No refund {provider_refund_id!r}")
         refund = json.loads(raw)
@@ -561,7 +557,7 @@ class SandboxProvider(BasePaymentProvider):
         if not self._enabled:
             return HealthStatus(healthy=False, message="disabled in production")
         started = time.perf_counter()
-        await self._redis.ping()
+        await self._store.ping()
         return HealthStatus(
             healthy=True,
             message="built-in sandbox",

@@ -23,7 +23,7 @@ from models.payment import SandboxWebhooks
 from services.errors import InvalidWebhookSignature
 
 if TYPE_CHECKING:
-    from services.payment_store import RedisClient
+    from .base import ProviderKeyValue
 
 log = logging.getLogger("payments.sandbox")
 
@@ -90,26 +90,26 @@ class SandboxWebhookPusher:
 
     def __init__(
         self,
-        redis: RedisClient,
+        store: ProviderKeyValue,
         http: httpx2.AsyncClient | None,
         *,
         secret: str,
         key_of: Callable[[str], str],
         enabled: bool,
     ) -> None:
-        self._redis = redis
+        self._store = store
         self._http = http  # without a client the sandbox sends none
         self._webhook_secret = secret
         self._key_of = key_of  # a payment's record key (its slot); its webhook keys sit beside
         self._enabled = enabled
-        self._hold = redis.register_script(_HOLD_LUA)
+        self._hold = store.script(_HOLD_LUA)
         # Deliveries run in the background; kept to be cancelled on close.
         self._deliveries: set[asyncio.Task[None]] = set()
 
     async def deliveries(self, payment_id: str) -> list[dict[str, Any]]:
         """Every delivery attempt of this payment's webhooks, oldest first: event id and type,
         attempt number, the HTTP status (None when unreachable), and the service's outcome."""
-        entries = await self._redis.lrange(f"{self._key_of(payment_id)}:deliveries", 0, -1)
+        entries = await self._store.read_list(f"{self._key_of(payment_id)}:deliveries")
         return [json.loads(entry) for entry in entries]
 
     async def emit(
@@ -132,9 +132,8 @@ class SandboxWebhookPusher:
             if fields is not None:  # the caller has just read the record
                 raw, url = fields.get("webhooks"), fields.get("webhook_url")
             else:
-                raw, url = cast(
-                    list[str | None],
-                    await self._redis.hmget(self._key_of(payment_id), ["webhooks", "webhook_url"]),
+                raw, url = await self._store.read_hash_fields(
+                    self._key_of(payment_id), ["webhooks", "webhook_url"]
                 )
             if not raw or not url or self._http is None:
                 return
@@ -179,7 +178,7 @@ class SandboxWebhookPusher:
         await asyncio.sleep(REORDER_HOLD_S)
         # Whoever removes the held event sends it: a newer event may have taken it meanwhile.
         try:
-            taken = await self._redis.lrem(f"{self._key_of(payment_id)}:held", 1, body)
+            taken = await self._store.remove_from_list(f"{self._key_of(payment_id)}:held", body)
         except Exception:
             log.exception("sandbox.webhook.release_failed", extra={"payment_id": payment_id})
             return
@@ -234,12 +233,12 @@ class SandboxWebhookPusher:
                 await asyncio.sleep(WEBHOOK_RETRY_BASE_S * 3 ** (attempt - 1))
 
     async def _record_delivery(self, payment_id: str, entry: dict[str, Any]) -> None:
-        key = f"{self._key_of(payment_id)}:deliveries"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, json.dumps(entry))
-            pipe.ltrim(key, -DELIVERY_LOG_LENGTH, -1)
-            pipe.expire(key, SESSION_TTL_S)
-            await pipe.execute()
+        await self._store.append_capped(
+            f"{self._key_of(payment_id)}:deliveries",
+            json.dumps(entry),
+            keep=DELIVERY_LOG_LENGTH,
+            ttl_s=SESSION_TTL_S,
+        )
 
     async def wait_for_deliveries(self, grace_s: float) -> bool:
         """Wait until no delivery is under way here (held events included), for at most

@@ -22,6 +22,7 @@ from services.payment_providers.base import IntentRequest, ProviderDeps
 from services.payment_providers.paypal import PayPalProvider
 from services.payment_providers.paypal.provider import PayPalConfig, PayPalSecrets
 from services.payment_providers.resilience import RetryPolicy
+from services.payment_store import key_values
 from tests.fakes.paypal_server import FakePayPal, running_fake_paypal
 
 CLIENT_ID = "AYfakeClientId0123456789abcdefghijklmnopqrstuvwxyz"
@@ -112,7 +113,7 @@ async def deps() -> AsyncIterator[ProviderDeps]:
     # A Redis client for a port where nothing listens: the PayPal provider must not use it.
     redis = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1)
     async with httpx2.AsyncClient() as http:
-        yield ProviderDeps(redis=redis, http=http, key_prefix="test:")
+        yield ProviderDeps(key_value=key_values(redis, "test:"), http=http)
     await redis.aclose()
 
 

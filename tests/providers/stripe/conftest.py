@@ -22,6 +22,7 @@ from services.payment_providers.base import IntentRequest, ProviderDeps
 from services.payment_providers.resilience import RetryPolicy
 from services.payment_providers.stripe import StripeProvider
 from services.payment_providers.stripe.provider import StripeConfig, StripeSecrets
+from services.payment_store import key_values
 from services.provider_configs import StoredProvider
 from tests.conftest import STRIPE_SECRET_KEY
 from tests.fakes.stripe_server import FakeStripe
@@ -97,7 +98,7 @@ async def deps() -> AsyncIterator[ProviderDeps]:
     # A Redis client for a port where nothing listens: the Stripe provider must not use it.
     redis = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1)
     async with httpx2.AsyncClient() as http:
-        yield ProviderDeps(redis=redis, http=http, key_prefix="test:")
+        yield ProviderDeps(key_value=key_values(redis, "test:"), http=http)
     await redis.aclose()
 
 
