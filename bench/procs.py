@@ -127,9 +127,9 @@ def _free_cluster_port(taken: set[int]) -> int:
 
 
 class RedisClusterServers:
-    """A Redis Cluster of three masters (no replicas, no persistence), started the way the
-    test suite starts its own (tests/conftest.py): three ``--cluster-enabled`` servers on free
-    loopback ports whose bus ports are free too, then ``redis-cli --cluster create``."""
+    """A Redis Cluster of three masters (no replicas, no persistence): three
+    ``--cluster-enabled`` servers on free loopback ports whose bus ports are free too, then
+    ``redis-cli --cluster create``. The test suite starts its own cluster with this too."""
 
     def __init__(self, directory: Path, masters: int = 3) -> None:
         self.directory = directory

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import redis
 from app.main import create_app
 from app.security import create_access_token
 from app.settings import Settings
+from bench.procs import RedisClusterServers
 from services.receipt_service import new_render_pool
 from tests.fakes.server import free_port
 from tests.fakes.specs import specs_dir
@@ -129,91 +129,9 @@ def redis_server() -> Iterator[RedisServer]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-CLUSTER_BUS_OFFSET = 10_000  # a cluster node talks to the others on its port + 10000
-
-
-def _free_cluster_port(taken: set[int]) -> int:
-    """A free loopback port whose cluster bus port is free too, neither in ``taken``."""
-    for _ in range(200):
-        port = free_port()
-        bus = port + CLUSTER_BUS_OFFSET
-        if bus > 65535 or {port, bus} & taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", bus))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port whose cluster bus port is free too")
-
-
-@dataclass
-class RedisClusterNodes:
-    """A Redis Cluster of three masters (no replicas) that this suite started and owns."""
-
-    ports: list[int]
-    directory: Path
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        """One node's URL: all the app is given; the client finds the other nodes."""
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
-
-    def start(self) -> None:
-        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-        if binary is None or cli is None:
-            pytest.fail("redis-server is not installed: run `make test`, which installs it")
-        for port in self.ports:
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        *(binary, "--port", str(port), "--bind", "127.0.0.1"),
-                        *("--dir", str(self.directory), "--cluster-enabled", "yes"),
-                        *("--cluster-config-file", str(self.directory / f"nodes-{port}.conf")),
-                        *("--save", "", "--appendonly", "no"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        self._wait_on_every_node(lambda node: bool(node.ping()), "did not start")
-        nodes = [f"127.0.0.1:{port}" for port in self.ports]
-        subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        self._wait_on_every_node(
-            lambda node: node.execute_command("CLUSTER INFO")["cluster_state"] == "ok",
-            "did not reach cluster_state:ok",
-        )
-
-    def _wait_on_every_node(self, ready: Any, what: str) -> None:
-        deadline = time.monotonic() + 20
-        for port in self.ports:
-            node = redis.Redis(port=port, socket_connect_timeout=0.2)
-            try:
-                while True:
-                    try:
-                        if ready(node):
-                            break
-                    except redis.ConnectionError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"Redis Cluster node {port} {what}")
-                    time.sleep(0.02)
-            finally:
-                node.close()
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            process.wait(timeout=10)
-        self.processes = []
+class RedisClusterNodes(RedisClusterServers):
+    """A Redis Cluster of three masters (no replicas) that this suite started and owns: the
+    bench's launcher (bench/procs.py), which the suite shares, plus a flush between tests."""
 
     def flush(self) -> None:
         for port in self.ports:
@@ -228,10 +146,7 @@ class RedisClusterNodes:
 def redis_cluster() -> Iterator[RedisClusterNodes]:
     """Started once, by the first test that asks for it."""
     directory = Path(tempfile.mkdtemp(prefix="payments-cluster-"))
-    ports: list[int] = []
-    for _ in range(3):
-        ports.append(_free_cluster_port({*ports, *(p + CLUSTER_BUS_OFFSET for p in ports)}))
-    cluster = RedisClusterNodes(ports, directory)
+    cluster = RedisClusterNodes(directory)
     try:
         cluster.start()
         yield cluster
