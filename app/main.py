@@ -70,7 +70,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         configs,
     )
-    await manager.start()
+    try:
+        await manager.start()
+    except BaseException:
+        # A start that fails (Redis unreachable in a way the client cannot ride out, a bad
+        # provider setting) leaves no client open behind it.
+        await http.aclose()
+        await redis.aclose()
+        raise
     unreadable = manager.unreadable_configs()
     if unreadable is not None and settings.environment == "production":
         # Production never serves without the credentials an operator stored: say why, stop.
