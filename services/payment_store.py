@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
@@ -144,28 +144,32 @@ REFUND_TRANSITIONS: Mapping[RefundStatus, frozenset[RefundStatus]] = {
 }
 
 
-def _lua_refund_table() -> str:
-    rows = []
-    for source, targets in REFUND_TRANSITIONS.items():
-        allowed = ", ".join(f'["{target}"]=true' for target in sorted(targets))
-        rows.append(f'["{source}"]={{{allowed}}}')
-    return "{" + ", ".join(rows) + "}"
+_State = TypeVar("_State", bound=StrEnum)
 
 
-def _lua_transition_table() -> str:
+def _lua_state_machine(table: Mapping[_State, frozenset[_State]]) -> str:
+    """A script's prelude for a transition table: ``outcome_of(from, to)`` answers
+    'unchanged', 'applied' (a legal move) or 'rejected', by the same rule for payments and
+    refunds."""
     rows = []
-    for source, targets in TRANSITIONS.items():
+    for source, targets in table.items():
         allowed = ", ".join(f'["{target}"]=true' for target in sorted(targets))
         rows.append(f'["{source}"]={{{allowed}}}')
-    return "{" + ", ".join(rows) + "}"
+    return (
+        "local allowed = {" + ", ".join(rows) + "}\n"
+        "local function outcome_of(from, to)\n"
+        "  if from == to then return 'unchanged' end\n"
+        "  if allowed[from] and allowed[from][to] then return 'applied' end\n"
+        "  return 'rejected'\n"
+        "end\n"
+    )
 
 
 # KEYS: payment hash, history list, applied-events set.
 # ARGV: new status, history entry JSON, event id ('' for none), now (ISO), then field/value pairs
 # to record with the change.
 _TRANSITION_LUA = (
-    "local allowed = "
-    + _lua_transition_table()
+    _lua_state_machine(TRANSITIONS)
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing', ''} end
@@ -173,14 +177,7 @@ if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then
   return {'duplicate', current, redis.call('HGETALL', KEYS[1])}
 end
 local target = ARGV[1]
-local outcome
-if target == current then
-  outcome = 'unchanged'
-elseif allowed[current] and allowed[current][target] then
-  outcome = 'applied'
-else
-  outcome = 'rejected'
-end
+local outcome = outcome_of(current, target)
 if ARGV[3] ~= '' then redis.call('SADD', KEYS[3], ARGV[3]) end
 if outcome == 'rejected' then return {outcome, current, redis.call('HGETALL', KEYS[1])} end
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -284,8 +281,7 @@ return {'created', encoded}
 # follows its succeeded refunds, forwards only: a failed refund gives the balance back but
 # never moves a payment backwards.
 _REFUND_APPLY_LUA = (
-    "local allowed = "
-    + _lua_refund_table()
+    _lua_state_machine(REFUND_TRANSITIONS)
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing', '', ''} end
@@ -315,14 +311,7 @@ if ARGV[2] ~= '' and record['provider_refund_id'] ~= ARGV[2] then
 end
 local from = record['status']
 local to = ARGV[3]
-local outcome
-if from == to then
-  outcome = 'unchanged'
-elseif allowed[from] and allowed[from][to] then
-  outcome = 'applied'
-else
-  outcome = 'rejected'
-end
+local outcome = outcome_of(from, to)
 if outcome == 'applied' then
   local amount = tonumber(record['amount'])
   if from == 'pending' then redis.call('HINCRBY', KEYS[1], 'amount_pending_refund', -amount) end
