@@ -124,8 +124,7 @@ class PaymentStateService:
         target = state.status
         if target.is_paid:
             target = record.status if record.status.is_paid else PaymentStatus.SUCCEEDED
-        if state.refunds:
-            await self._refunds.sync(record, state.refunds, cause=cause)
+        if state.refunds and await self._refunds.sync(record, state.refunds, cause=cause):
             record = await self._store.get(record.payment_id) or record
         if event_id is None and _says_nothing_new(record, state, target):
             # A verify of a payment already as the provider says: no write, no round trip.

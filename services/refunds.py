@@ -287,10 +287,23 @@ class RefundService:
 
     async def sync(
         self, record: PaymentRecord, results: tuple[RefundResult, ...], *, cause: str
-    ) -> None:
-        """Apply a provider's list of a payment's refunds."""
+    ) -> bool:
+        """Apply a provider's list of a payment's refunds; True when any was not as we held it.
+
+        A verify lists every refund the payment ever had: the ones we already hold as the
+        provider says are skipped after one read, not re-applied one script each."""
+        known = {
+            refund.provider_refund_id: refund.status
+            for refund in await self._store.refunds(record.payment_id)
+            if refund.provider_refund_id is not None
+        }
+        moved = False
         for result in results:
+            if known.get(result.provider_refund_id) is result.status:
+                continue
             await self.apply(record, result, cause=cause)
+            moved = True
+        return moved
 
     async def follow_pending(self, record: PaymentRecord, *, cause: str) -> None:
         """Ask the provider about each refund of ``record`` that is still pending: by its id
