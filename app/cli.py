@@ -41,7 +41,7 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     from app.provider_settings import provider_manager
     from app.settings import Settings
     from services.payment_providers.base import ProviderDeps
-    from services.payment_store import key_values, redis_client
+    from services.payment_store import PaymentStore, key_values, redis_client
     from services.provider_configs import ProviderConfigStore, SecretBox
 
     settings = Settings()
@@ -58,6 +58,7 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     deps = ProviderDeps(
         key_value=key_values(redis, settings.redis_key_prefix),
         http=http,
+        mappings=PaymentStore(redis, prefix=settings.redis_key_prefix),
         timeout_s=settings.provider_timeout_seconds,
         production=settings.environment == "production",
     )

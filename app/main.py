@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             key_value=key_values(redis, settings.redis_key_prefix),
             http=http,
             events=local_events,
+            mappings=store,
             timeout_s=settings.provider_timeout_seconds,
             production=settings.environment == "production",
         ),

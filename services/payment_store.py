@@ -569,6 +569,20 @@ class PaymentStore:
                 return Mapping_(provider, entity, str(found), external_id) if found else None
         return None
 
+    async def external_id(self, provider: str, entity: str, local_id: str) -> str | None:
+        """``ProviderMappings``: the vendor's ID for our ``local_id``."""
+        found = await self.lookup_mapping(provider, entity, local_id=local_id)
+        return found.external_id if found else None
+
+    async def local_id(self, provider: str, entity: str, external_id: str) -> str | None:
+        """``ProviderMappings``: our ID for the vendor's ``external_id``."""
+        found = await self.lookup_mapping(provider, entity, external_id=external_id)
+        return found.local_id if found else None
+
+    async def link(self, provider: str, entity: str, local_id: str, external_id: str) -> None:
+        """``ProviderMappings``: map both ways."""
+        await self.add_mapping(provider, entity, local_id, external_id)
+
     async def list_mappings(
         self, provider: str, entity: str, *, cursor: int = 0, count: int = 100
     ) -> tuple[int, list[Mapping_]]:

@@ -32,6 +32,7 @@ class Capability(StrEnum):
     REDIRECT = "redirect"
     EMBEDDED = "embedded"
     CAPTURE = "capture"
+    PARTIAL_CAPTURE = "partial_capture"
     CANCEL = "cancel"
     REFUND = "refund"
     PARTIAL_REFUND = "partial_refund"
@@ -93,6 +94,21 @@ class ProviderKeyValue(Protocol):
     async def ping(self) -> None: ...
 
 
+class ProviderMappings(Protocol):
+    """The service's table of our IDs and a vendor's (entity ``plan``: our plan code and
+    the vendor's price or variant; ``payment``, ``customer``, ...), for a provider that must
+    name a vendor object of ours (a plan mapped to a vendor price) or record one it made."""
+
+    async def external_id(self, provider: str, entity: str, local_id: str) -> str | None:
+        """The vendor's ID mapped to our ``local_id``, or None."""
+
+    async def local_id(self, provider: str, entity: str, external_id: str) -> str | None:
+        """Our ID mapped to the vendor's ``external_id``, or None."""
+
+    async def link(self, provider: str, entity: str, local_id: str, external_id: str) -> None:
+        """Map ``local_id`` to ``external_id`` (both ways)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderDeps:
     """Shared clients handed to providers when the app starts, and the facts about this
@@ -102,6 +118,7 @@ class ProviderDeps:
     key_value: Callable[[str], ProviderKeyValue]
     http: httpx2.AsyncClient
     events: LocalEvents = field(default_factory=LocalEvents)
+    mappings: ProviderMappings | None = None  # None where nothing is stored (some tests)
     timeout_s: float = 10.0  # each vendor call's (PROVIDER_TIMEOUT_SECONDS)
     production: bool = False  # real money moves here: test-money providers refuse to run
 
@@ -248,6 +265,10 @@ class BasePaymentProvider(abc.ABC):
     id_prefixes: ClassVar[tuple[str, ...]]
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     service_type: ClassVar[str] = "payment"
+    # Who sells to the customer when it is not the merchant: a merchant of record (Paddle,
+    # LemonSqueezy) computes and remits the tax and issues the tax receipt itself, so our
+    # document for its payments is a payment confirmation naming it, not a tax receipt.
+    merchant_of_record: ClassVar[str | None] = None
     settings_prefix: ClassVar[str | None] = None
     config_model: ClassVar[type[BaseModel]] = NoSettings
     secrets_model: ClassVar[type[BaseModel]] = NoSettings
@@ -292,8 +313,12 @@ class BasePaymentProvider(abc.ABC):
 
     # -- optional operations ---------------------------------------------------------------
 
-    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
-        """Capture an authorized payment. Capturing twice answers the first result."""
+    async def capture(
+        self, payment_id: str, *, idempotency_key: str, amount: int | None = None
+    ) -> PaymentState:
+        """Capture an authorized payment: all of it, or ``amount`` minor units of it where
+        the provider has ``PARTIAL_CAPTURE`` (the rest is released). Capturing twice answers
+        the first result."""
         raise OperationNotSupported(f"{self.name} does not support capture")
 
     async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:

@@ -30,6 +30,7 @@ from services.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
     NotFound,
+    OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
     ProviderNotConfigured,
@@ -396,7 +397,11 @@ class SandboxProvider(BasePaymentProvider):
             vendor_status=fields["status"],
         )
 
-    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+    async def capture(
+        self, payment_id: str, *, idempotency_key: str, amount: int | None = None
+    ) -> PaymentState:
+        if amount is not None:
+            raise OperationNotSupported(f"{self.display_name} captures the whole amount only")
         self._require_enabled()
         result, status = await self._move(
             keys=[self._key(payment_id)], args=["authorized", "succeeded"]

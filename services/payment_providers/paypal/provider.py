@@ -614,7 +614,11 @@ class PayPalProvider(BasePaymentProvider):
 
     # -- capture, cancel, refund -----------------------------------------------------------
 
-    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+    async def capture(
+        self, payment_id: str, *, idempotency_key: str, amount: int | None = None
+    ) -> PaymentState:
+        if amount is not None:
+            raise OperationNotSupported(f"{self.display_name} captures the whole amount only")
         order_id = self._order_id(payment_id)
         try:
             order = await self._call(

@@ -448,7 +448,11 @@ class StripeProvider(BasePaymentProvider):
 
     # -- capture, cancel, refund -----------------------------------------------------------
 
-    async def capture(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
+    async def capture(
+        self, payment_id: str, *, idempotency_key: str, amount: int | None = None
+    ) -> PaymentState:
+        if amount is not None:
+            raise OperationNotSupported(f"{self.display_name} captures the whole amount only")
         self._check_id(payment_id)
         intent_id = await self._intent_id(payment_id)
         if intent_id is None:
