@@ -269,6 +269,10 @@ class BasePaymentProvider(abc.ABC):
     # LemonSqueezy) computes and remits the tax and issues the tax receipt itself, so our
     # document for its payments is a payment confirmation naming it, not a tax receipt.
     merchant_of_record: ClassVar[str | None] = None
+    # The currencies (ISO 4217, upper case) the provider can charge; None: any the vendor
+    # accepts. Routing, fallback and A/B weights only consider providers that can charge the
+    # request's currency.
+    currencies: ClassVar[frozenset[str] | None] = None
     settings_prefix: ClassVar[str | None] = None
     config_model: ClassVar[type[BaseModel]] = NoSettings
     secrets_model: ClassVar[type[BaseModel]] = NoSettings
