@@ -79,4 +79,10 @@ def _verify(settings: Settings, token: str) -> tuple[User, float]:
     role = claims.get("role")
     if not isinstance(sub, str) or not sub or len(sub) > 256:
         raise InvalidToken("The bearer token has no usable subject")
-    return User(sub=sub, role=role if isinstance(role, str) else None), float(claims["exp"])
+    email = claims.get("email")
+    usable_email = isinstance(email, str) and 3 <= len(email) <= 254 and "@" in email
+    return User(
+        sub=sub,
+        role=role if isinstance(role, str) else None,
+        email=email if usable_email else None,
+    ), float(claims["exp"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class User:
     sub: str
     role: str | None = None
+    email: str | None = None  # the token's ``email`` claim, when it has a usable one
 
     @property
     def is_admin(self) -> bool:

@@ -139,13 +139,18 @@ class CheckoutService:
         key) the answer to replay, in one round trip."""
         reference = f"ord_{secrets.token_hex(12)}"
         options = body.provider_options()
+        # The client's email, else the signed-in user's from the token (vendors that need one,
+        # as Paystack, refuse without it: CustomerEmailRequired).
+        customer_email = (
+            str(body.customer_email) if body.customer_email else (user.email if user else None)
+        )
         request = IntentRequest(
             reference=reference,
             plan=plan,
             idempotency_key=vendor_key,
             base_url=self._config.public_base_url or base_url,
             user_id=user.sub if user else None,
-            customer_email=str(body.customer_email) if body.customer_email else None,
+            customer_email=customer_email,
             return_url=str(body.return_url) if body.return_url else None,
             cancel_url=str(body.cancel_url) if body.cancel_url else None,
             options=options,
@@ -161,7 +166,7 @@ class CheckoutService:
             currency=plan.currency,
             status=result.status,
             owner=user.sub if user else None,
-            customer_email=str(body.customer_email) if body.customer_email else None,
+            customer_email=customer_email,
             return_url=str(body.return_url) if body.return_url else None,
             cancel_url=str(body.cancel_url) if body.cancel_url else None,
             redirect_url=result.redirect_url,

@@ -77,6 +77,12 @@ class OperationNotSupported(ServiceError):
     title = "The provider does not support this operation"
 
 
+class CustomerEmailRequired(ServiceError):
+    status = 422
+    code = "customer_email_required"
+    title = "The provider needs the customer's email address"
+
+
 class RedirectNotAllowed(ServiceError):
     status = 422
     code = "redirect_not_allowed"
