@@ -22,7 +22,11 @@ def _token(args: argparse.Namespace) -> int:
     settings = Settings()
     print(
         create_access_token(
-            settings, args.sub, admin=args.admin, expires_minutes=args.expires_minutes
+            settings,
+            args.sub,
+            admin=args.admin,
+            expires_minutes=args.expires_minutes,
+            email=args.email,
         )
     )
     return 0
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--sub", required=True, help="the user the token is for")
     token.add_argument("--admin", action="store_true", help="give the token role=admin")
     token.add_argument("--expires-minutes", type=int, default=None)
+    token.add_argument("--email", default=None, help="the user's email (the token's email claim)")
     token.set_defaults(handler=_token)
 
     serve = commands.add_parser("serve", help="serve the API with uvicorn")

@@ -15,7 +15,12 @@ from services.errors import InvalidToken
 
 
 def create_access_token(
-    settings: Settings, sub: str, *, admin: bool = False, expires_minutes: int | None = None
+    settings: Settings,
+    sub: str,
+    *,
+    admin: bool = False,
+    expires_minutes: int | None = None,
+    email: str | None = None,
 ) -> str:
     now = datetime.now(UTC)
     minutes = expires_minutes or settings.jwt_access_token_expire_minutes
@@ -26,6 +31,8 @@ def create_access_token(
     }
     if admin:
         claims["role"] = "admin"
+    if email:
+        claims["email"] = email
     return str(
         jwt.encode(
             claims, settings.jwt_secret_key.get_secret_value(), algorithm=settings.jwt_algorithm

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.payment import Plan, SandboxBehaviour
+from models.payment import CataloguePlan, SandboxBehaviour
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - refused in production
 
@@ -217,7 +217,7 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("PAYMENT_PLANS must name at least one plan")
         for code, fields in value.items():
-            Plan.model_validate({"code": code, **fields})
+            CataloguePlan.model_validate({"code": code, **fields})
         return value
 
     @model_validator(mode="after")
@@ -243,9 +243,9 @@ class Settings(BaseSettings):
         return self.provider_secrets_key.get_secret_value() if self.provider_secrets_key else None
 
     @cached_property
-    def plans(self) -> dict[str, Plan]:
+    def plans(self) -> dict[str, CataloguePlan]:
         return {
-            code: Plan.model_validate({"code": code, **fields})
+            code: CataloguePlan.model_validate({"code": code, **fields})
             for code, fields in self.payment_plans.items()
         }
 

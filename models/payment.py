@@ -6,6 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+from babel.numbers import list_currencies
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -14,6 +15,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 # Payment IDs are opaque to clients; this charset covers every provider's IDs and keeps them
@@ -22,6 +24,11 @@ PAYMENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{3,128}$"
 PaymentId = Annotated[str, StringConstraints(pattern=PAYMENT_ID_PATTERN)]
 PlanCode = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]{1,64}$")]
 ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]{1,64}$")]
+# ISO 4217, as clients may write it ("ngn"): normalized to upper case.
+CurrencyCode = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z]{3}$", to_upper=True, strip_whitespace=False)
+]
+_ISO_CURRENCIES = frozenset(list_currencies()) - {"XXX", "XTS"}  # "no currency", "testing"
 
 
 class PaymentStatus(StrEnum):
@@ -73,12 +80,56 @@ class PaymentMethod(StrEnum):
 
 
 class Plan(BaseModel):
+    """A plan at one of its prices: what one payment is for."""
+
     model_config = ConfigDict(frozen=True)
 
     code: PlanCode
     name: str = Field(min_length=1, max_length=120)
     amount: int = Field(gt=0, description="Price in minor units of the currency")
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+
+class CataloguePlan(BaseModel):
+    """A plan as the catalogue sells it: one price per currency, in minor units; the first
+    is the plan's default. Configured as ``{"name": "Pro", "prices": {"EUR": 2900, "NGN":
+    4500000}}`` or, for one currency, ``{"name": "Pro", "amount": 2900, "currency": "EUR"}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    code: PlanCode
+    name: str = Field(min_length=1, max_length=120)
+    prices: dict[CurrencyCode, Annotated[int, Field(gt=0, strict=True)]] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_currency_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or ("amount" not in data and "currency" not in data):
+            return data
+        if "prices" in data:
+            raise ValueError("give either prices or amount and currency, not both")
+        rest = {key: value for key, value in data.items() if key not in ("amount", "currency")}
+        currency = data.get("currency")
+        if not isinstance(currency, str) or not currency.isupper():
+            # The one-currency form always took upper case only; say so rather than guess.
+            raise ValueError("currency must be an upper-case ISO 4217 code")
+        return {**rest, "prices": {currency: data.get("amount")}}
+
+    @field_validator("prices")
+    @classmethod
+    def _known_currencies(cls, prices: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(code for code in prices if code not in _ISO_CURRENCIES)
+        if unknown:
+            raise ValueError(f"not ISO 4217 currency codes: {', '.join(unknown)}")
+        return prices
+
+    @property
+    def currencies(self) -> tuple[str, ...]:
+        return tuple(self.prices)
+
+    def at(self, currency: str) -> Plan:
+        """This plan at its price in ``currency`` (one it has)."""
+        return Plan(code=self.code, name=self.name, amount=self.prices[currency], currency=currency)
 
 
 class HistoryEntry(BaseModel):
@@ -226,8 +277,8 @@ class SandboxBehaviour(BaseModel):
 
 
 class CreateIntentRequest(BaseModel):
-    """Body of create-intent. Any amount or currency a client sends is ignored: prices come
-    from the server-side plan catalogue only."""
+    """Body of create-intent. Any amount a client sends is ignored: prices come from the
+    server-side plan catalogue only (``currency`` chooses among the plan's prices)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -241,6 +292,13 @@ class CreateIntentRequest(BaseModel):
     return_url: AnyHttpUrl | None = Field(default=None, max_length=2048)
     cancel_url: AnyHttpUrl | None = Field(default=None, max_length=2048)
     customer_email: EmailStr | None = None
+    currency: CurrencyCode | None = Field(
+        default=None,
+        description=(
+            "ISO 4217 code of the plan price to pay (case-insensitive); the plan's first "
+            "price when omitted. It picks one of the catalogue's prices, never sets an amount."
+        ),
+    )
     ui_mode: Literal["hosted", "embedded"] | None = Field(
         default=None, description="Stripe only: hosted Checkout (default) or embedded Elements"
     )
@@ -282,6 +340,8 @@ class CreateIntentRequest(BaseModel):
             "ui_mode": self.ui_mode,
             "capture_method": self.capture_method,
             "sandbox": self.sandbox.model_dump() if self.sandbox else None,
+            # Only when given: a key claimed before currencies existed keeps its fingerprint.
+            **({"currency": self.currency} if self.currency else {}),
         }
 
 
@@ -309,6 +369,24 @@ class RefundRequest(BaseModel):
 
 
 # -- responses -----------------------------------------------------------------------------
+
+
+class PlanPrice(BaseModel):
+    currency: str
+    amount: int = Field(description="Minor units")
+    amount_formatted: str
+    providers: list[str] = Field(description="Providers that can take a payment in it now")
+
+
+class CataloguePlanResponse(BaseModel):
+    code: str
+    name: str
+    default_currency: str = Field(description="Charged when create-intent names none")
+    prices: list[PlanPrice]
+
+
+class PlanListResponse(BaseModel):
+    plans: list[CataloguePlanResponse]
 
 
 class IntentResponse(BaseModel):

@@ -26,6 +26,7 @@ from models.payment import (
     IntentResponse,
     PaymentHistoryResponse,
     PaymentResponse,
+    PlanListResponse,
     ReceiptResponse,
     RefundListResponse,
     RefundRequest,
@@ -128,6 +129,21 @@ async def create_intent(
         base_url=str(request.base_url),
     )
     return _json(created, caller, 201)
+
+
+@router.get(
+    "/plans",
+    response_model=PlanListResponse,
+    summary="The plan catalogue: prices per currency and which providers take each (public)",
+)
+async def plans(checkout: CheckoutDep) -> Response:
+    # The same for every caller and changed only by a restart or a provider's configuration:
+    # clients and proxies may keep it a minute.
+    return Response(
+        checkout.price_list().model_dump_json(),
+        media_type="application/json",
+        headers={"Cache-Control": "public, max-age=60"},
+    )
 
 
 @router.post(

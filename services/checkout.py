@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from models.payment import (
+    CataloguePlanResponse,
     CreateIntentRequest,
     IntentResponse,
     PaymentRecord,
     Plan,
+    PlanListResponse,
+    PlanPrice,
     ProviderAttempt,
 )
 from models.user import User
@@ -34,6 +37,7 @@ from services.errors import (
     ServiceError,
 )
 from services.idempotency import IdempotencyClaims
+from services.money import format_amount
 from services.payment_providers.base import BasePaymentProvider, IntentRequest, IntentResult
 from services.payment_store import IdempotencyAnswer, PaymentStore
 
@@ -73,6 +77,34 @@ class CheckoutService:
         """The providers as configured now; a hot swap replaces them between requests."""
         return self._providers()
 
+    def price_list(self) -> PlanListResponse:
+        """Every plan with its prices and the providers that can take each currency now."""
+        providers = self.providers
+        takers = {
+            currency: providers.takers(currency)
+            for entry in self._catalogue.plans()
+            for currency in entry.currencies
+        }
+        return PlanListResponse(
+            plans=[
+                CataloguePlanResponse(
+                    code=entry.code,
+                    name=entry.name,
+                    default_currency=entry.currencies[0],
+                    prices=[
+                        PlanPrice(
+                            currency=currency,
+                            amount=amount,
+                            amount_formatted=format_amount(amount, currency),
+                            providers=takers[currency],
+                        )
+                        for currency, amount in entry.prices.items()
+                    ],
+                )
+                for entry in self._catalogue.plans()
+            ]
+        )
+
     async def create_intent(
         self,
         body: CreateIntentRequest,
@@ -84,10 +116,12 @@ class CheckoutService:
     ) -> IntentResponse:
         """Create a payment for a catalogue plan. The price is the catalogue's, never the
         client's. With an idempotency key, a replay answers the first response."""
-        plan = self._catalogue.plan(body.plan)
+        plan = self._catalogue.plan(body.plan, body.currency)
         self._check_redirects(body, base_url)
         customer = user.sub if user else (str(body.customer_email or "") or caller)
-        candidates = self.providers.route(body.provider_name, customer=customer)
+        candidates = self.providers.route(
+            body.provider_name, currency=plan.currency, customer=customer
+        )
         if idempotency_key is None:
             return await self._create(body, plan, candidates, user, secrets.token_hex(16), base_url)
 

@@ -65,6 +65,18 @@ class UnknownPlan(ServiceError):
     title = "Unknown plan"
 
 
+class CurrencyNotOffered(ServiceError):
+    status = 422
+    code = "currency_not_offered"
+    title = "The plan has no price in this currency"
+
+
+class CurrencyNotSupported(ServiceError):
+    status = 422
+    code = "currency_not_supported"
+    title = "No provider that may take this payment can charge this currency"
+
+
 class UnknownProvider(ServiceError):
     status = 422
     code = "unknown_provider"

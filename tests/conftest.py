@@ -208,8 +208,14 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def token(settings: Settings) -> Any:
-    def make(sub: str = "alice", *, admin: bool = False, minutes: int | None = None) -> str:
-        return create_access_token(settings, sub, admin=admin, expires_minutes=minutes)
+    def make(
+        sub: str = "alice",
+        *,
+        admin: bool = False,
+        minutes: int | None = None,
+        email: str | None = None,
+    ) -> str:
+        return create_access_token(settings, sub, admin=admin, expires_minutes=minutes, email=email)
 
     return make
 

@@ -19,7 +19,7 @@ class TestCreateIntent:
     ) -> None:
         response = await client.post(
             "/api/v1/payment/create-intent",
-            json={"plan": "pro", "amount": 1, "currency": "USD", "provider": "sandbox"},
+            json={"plan": "pro", "amount": 1, "currency": "eur", "provider": "sandbox"},
         )
         assert response.status_code == 201, response.text
         body = response.json()

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from cryptography.fernet import Fernet
 
 from app.main import create_app
@@ -372,3 +373,77 @@ class TestBrokenPlugins:
         assert done.returncode == 0, done.stderr
         assert set(listed(done.stdout)) == {*BUILTIN_PROVIDERS, "acme"}
         assert "provider.plugin_load_failed" in done.stderr
+
+
+class TestRoutingByCurrency:
+    """Acme charges EUR and USD only (its ``currencies``); the sandbox charges any."""
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "payment_provider": "acme",
+            "payment_fallback": ["sandbox"],
+            "payment_plans": {
+                "pro": {"name": "Pro", "prices": {"EUR": 2900, "USD": 3100, "NGN": 4500000}}
+            },
+        }
+
+    async def test_the_default_takes_the_currencies_it_charges(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        created = await create_payment(client, currency="usd")
+        assert (created["provider"], created["amount"], created["currency"]) == (
+            "acme",
+            3100,
+            "USD",
+        )
+
+    async def test_a_currency_the_default_cannot_charge_goes_to_the_fallback(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        created = await create_payment(client, currency="NGN")
+        assert (created["provider"], created["amount"], created["currency"]) == (
+            "sandbox",
+            4500000,
+            "NGN",
+        )
+
+    async def test_a_named_provider_that_cannot_charge_it_is_refused(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        response = await client.post(
+            "/api/v1/payment/create-intent",
+            json={"plan": "pro", "currency": "NGN", "provider": "acme"},
+        )
+        body = assert_problem(response, 422, "currency_not_supported")
+        assert (body["currency"], body["provider"]) == ("NGN", "acme")
+
+    async def test_the_plans_say_who_takes_each_currency(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/api/v1/payment/plans")
+        prices = {price["currency"]: price for price in response.json()["plans"][0]["prices"]}
+        assert prices["EUR"]["providers"] == ["acme", "sandbox"]
+        assert prices["NGN"]["providers"] == ["sandbox"]
+
+
+class TestNoProviderForTheCurrency:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "payment_provider": "acme",
+            "payment_fallback": [],
+            "payment_plans": {"pro": {"name": "Pro", "prices": {"EUR": 2900, "NGN": 4500000}}},
+        }
+
+    async def test_refused_never_charged_in_another_currency(
+        self, client: httpx.AsyncClient, redis_server: RedisServer
+    ) -> None:
+        response = await client.post(
+            "/api/v1/payment/create-intent", json={"plan": "pro", "currency": "ngn"}
+        )
+        body = assert_problem(response, 422, "currency_not_supported")
+        assert (body["currency"], body["provider"]) == ("NGN", "acme")
+        stored = redis.Redis(port=redis_server.port)
+        try:
+            assert stored.keys("test:pay:*") == []
+        finally:
+            stored.close()

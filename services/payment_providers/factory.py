@@ -15,7 +15,12 @@ import secrets
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 
-from services.errors import PaymentNotFound, ProviderNotConfigured, UnknownProvider
+from services.errors import (
+    CurrencyNotSupported,
+    PaymentNotFound,
+    ProviderNotConfigured,
+    UnknownProvider,
+)
 
 from .base import BasePaymentProvider
 
@@ -39,6 +44,11 @@ def _load(target: str) -> type[BasePaymentProvider]:
     if not (isinstance(cls, type) and issubclass(cls, BasePaymentProvider)):
         raise TypeError(f"{target} is not a BasePaymentProvider subclass")
     return cls
+
+
+def charges(provider: BasePaymentProvider, currency: str) -> bool:
+    """Whether ``provider`` can charge ``currency`` (None declared: any)."""
+    return provider.currencies is None or currency in provider.currencies
 
 
 def discover_provider_classes() -> dict[str, type[BasePaymentProvider]]:
@@ -128,33 +138,64 @@ class PaymentProviderFactory:
             raise UnknownProvider(f"No provider named {key!r}; known: {known}") from None
 
     def route(
-        self, requested: str | None, *, customer: str | None = None
+        self,
+        requested: str | None,
+        *,
+        currency: str,
+        customer: str | None = None,
     ) -> list[BasePaymentProvider]:
-        """The providers to try for a new payment, in order.
+        """The providers to try for a new payment in ``currency``, in order.
 
-        A provider the client named is the only candidate. Otherwise the first is the
-        weighted pick for this customer when a split is configured (the same customer always
-        lands on the same provider), else the default; then the fallback list.
+        A provider the client named is the only candidate, and must charge ``currency``.
+        Otherwise, among the providers that can charge it: the weighted pick for this customer
+        when a split is configured (the same customer always lands on the same provider),
+        else the default; then the fallback list. None can: ``CurrencyNotSupported``, never a
+        charge in another currency.
         """
         if requested is not None:
-            return [self.get_configured(requested)]
-        first = self._weighted_pick(customer) if self.weights else None
-        candidates = [self.get(first or self.default)]
-        for name in self.fallback:
-            provider = self.get(name)
-            if provider not in candidates:
-                candidates.append(provider)
-        return candidates
+            provider = self.get_configured(requested)
+            if not charges(provider, currency):
+                raise CurrencyNotSupported(
+                    f"The {provider.name} provider cannot charge {currency}",
+                    extra={"currency": currency, "provider": provider.name},
+                )
+            return [provider]
+        weights = {
+            name: weight
+            for name, weight in self.weights.items()
+            if name in self._providers and charges(self._providers[name], currency)
+        }
+        first = self._weighted_pick(weights, customer) if weights else self.default
+        candidates = [
+            provider
+            for provider in (self.get(first), *(self.get(name) for name in self.fallback))
+            if charges(provider, currency)
+        ]
+        if not candidates:
+            raise CurrencyNotSupported(
+                f"No provider this service routes to can charge {currency}",
+                extra={"currency": currency, "provider": self.default},
+            )
+        return list(dict.fromkeys(candidates))
 
-    def _weighted_pick(self, customer: str | None) -> str:
-        total = sum(self.weights.values())
+    @staticmethod
+    def _weighted_pick(weights: Mapping[str, int], customer: str | None) -> str:
+        total = sum(weights.values())
         digest = hashlib.sha256((customer or secrets.token_hex(8)).encode()).digest()
         point = int.from_bytes(digest[:8], "big") % total
-        for name, weight in sorted(self.weights.items()):
+        for name, weight in sorted(weights.items()):
             if point < weight:
                 return name
             point -= weight
         raise AssertionError("unreachable: the point falls within the total")
+
+    def takers(self, currency: str) -> list[str]:
+        """The active providers that can charge ``currency``, by name."""
+        return sorted(
+            provider.name
+            for provider in self._providers.values()
+            if self.is_active(provider) and charges(provider, currency)
+        )
 
     def get_configured(self, name: str | None = None) -> BasePaymentProvider:
         provider = self.get(name)

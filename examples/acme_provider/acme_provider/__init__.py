@@ -51,6 +51,7 @@ class AcmeProvider(BasePaymentProvider):
     display_name = "Acme Pay"
     id_prefixes = ("acme_",)
     capabilities = frozenset({Capability.CARD, Capability.REDIRECT})
+    currencies = frozenset({"EUR", "USD"})  # routing sends Acme no other
     settings_prefix = "acme_"  # api_key is the setting ACME_API_KEY
     secrets_model = AcmeSecrets
 

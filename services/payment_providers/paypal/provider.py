@@ -103,6 +103,14 @@ STATE_ISSUES = frozenset(
     }
 )
 REFUND_TOO_LARGE_ISSUES = frozenset({"REFUND_AMOUNT_EXCEEDED", "CAPTURE_FULLY_REFUNDED"})
+# The currencies PayPal's REST API takes ("Currency codes", developer.paypal.com/api/rest/
+# reference/currency-codes/); routing sends PayPal no other.
+PAYPAL_CURRENCIES = frozenset(
+    {
+        "AUD", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF", "ILS",
+        "JPY", "MXN", "MYR", "NOK", "NZD", "PHP", "PLN", "SEK", "SGD", "THB", "TWD", "USD",
+    }
+)  # fmt: skip
 CURRENCY_ISSUES = frozenset(
     {"INVALID_CURRENCY_CODE", "CURRENCY_NOT_SUPPORTED", "DECIMALS_NOT_SUPPORTED"}
 )
@@ -233,6 +241,7 @@ class PayPalProvider(BasePaymentProvider):
             Capability.WEBHOOKS,
         }
     )
+    currencies = PAYPAL_CURRENCIES
 
     def __init__(
         self,
