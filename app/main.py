@@ -17,7 +17,7 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
-from routers import health, payments, providers, sandbox
+from routers import api_docs, health, payments, providers, sandbox
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
@@ -39,7 +39,7 @@ from services.refunds import RefundService
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, sandbox, health, providers)
+ROUTERS = (payments, sandbox, health, providers, api_docs)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -216,6 +216,9 @@ def create_app(
         version="0.1.0",
         summary="Sells the plan catalogue through interchangeable payment providers.",
         lifespan=lifespan,
+        # Served by routers/api_docs.py from packaged assets, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     for module in ROUTERS:
         app.include_router(module.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,24 @@ class TestServe:
 
 
 class TestApiDescription:
+    @pytest.mark.parametrize("path", ["/docs", "/redoc"])
+    async def test_doc_pages_load_only_our_own_assets(
+        self, client: httpx.AsyncClient, path: str
+    ) -> None:
+        page = await client.get(path)
+        assert page.status_code == 200
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assets = re.findall(r'(?:src|href)=["\']([^"\']+)', page.text)
+        assert assets and all(asset.startswith("/docs/assets/") for asset in assets), assets
+        for asset in assets:
+            served = await client.get(asset)
+            assert served.status_code == 200 and len(served.content) > 1000, asset
+            assert served.headers["cache-control"] == "public, max-age=86400"
+
+    async def test_no_other_file_is_served_as_an_asset(self, client: httpx.AsyncClient) -> None:
+        for name in ("__init__.py", "..%2F__init__.py", "core.py"):
+            assert_problem(await client.get(f"/docs/assets/{name}"), 404, "not_found")
+
     async def test_docs_and_schema(self, client: httpx.AsyncClient) -> None:
         assert (await client.get("/docs")).status_code == 200
         schema = (await client.get("/openapi.json")).json()

@@ -157,3 +157,32 @@ def test_customer_settles_in_the_browser(
     page.goto(intent["redirect_url"])
     assert page.locator("#status").inner_text() == status
     assert page.locator("#pay").count() == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"),
+    [("/docs", ".opblock-summary-path"), ("/redoc", "[data-section-id]")],
+    ids=["swagger-ui", "redoc"],
+)
+def test_api_docs_render_offline(
+    service: ServiceProcess, page: Page, path: str, rendered: str
+) -> None:
+    """The documentation pages render with every request to another host refused: nothing
+    comes from a CDN."""
+    own = service.base_url.rstrip("/")
+    elsewhere: list[str] = []
+
+    def only_our_own(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(own):
+            route.continue_()
+        else:
+            elsewhere.append(url)
+            route.abort()
+
+    page.route("**/*", only_our_own)
+    response = page.goto(f"{own}{path}")
+    assert response is not None and response.status == 200
+    page.wait_for_selector(rendered)
+    assert page.locator(rendered).count() > 5
+    assert elsewhere == []
