@@ -44,8 +44,15 @@ async def get_routing(_admin: Admin, admin: ProviderAdminDep) -> RoutingConfig:
     responses=problems(401, 403, 422),
     summary="Switch the default provider, the fallback order or a weighted split",
 )
-async def put_routing(body: RoutingConfig, _admin: Admin, admin: ProviderAdminDep) -> RoutingConfig:
-    return await admin.set_routing(body)
+async def put_routing(
+    body: RoutingConfig,
+    _admin: Admin,
+    admin: ProviderAdminDep,
+    force: Annotated[
+        bool, Query(description="Route to a provider even if it cannot take payments yet")
+    ] = False,
+) -> RoutingConfig:
+    return await admin.set_routing(body, force=force)
 
 
 @router.get(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -12,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from app.deps import SandboxCheckoutDep
 from models.payment import PAYMENT_ID_PATTERN
 from routers.docs import problems
-from services.errors import InvalidStateTransition
+from services.errors import InvalidStateTransition, NotFound, PaymentNotFound
 from services.money import format_amount
 from services.payment_providers.sandbox import Outcome
 from services.receipt_render import TEMPLATES_DIR
@@ -21,6 +22,7 @@ router = APIRouter(prefix="/sandbox", tags=["sandbox"])
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 
 SandboxId = Annotated[str, Path(pattern=PAYMENT_ID_PATTERN.replace("^", "^sb_"))]
+_SANDBOX_ID = re.compile(PAYMENT_ID_PATTERN.replace("^", "^sb_"))
 
 
 def _page(request: Request, session: dict[str, str], payment_id: str, **extra: object) -> Response:
@@ -45,9 +47,25 @@ def _page(request: Request, session: dict[str, str], payment_id: str, **extra: o
     summary="The sandbox's hosted checkout page",
 )
 async def checkout_page(
-    payment_id: SandboxId, request: Request, checkout: SandboxCheckoutDep
+    payment_id: Annotated[str, Path(max_length=256)],
+    request: Request,
+    checkout: SandboxCheckoutDep,
 ) -> Response:
-    session = await checkout.session(payment_id)
+    try:
+        if not _SANDBOX_ID.fullmatch(payment_id):
+            raise PaymentNotFound("No such sandbox checkout")
+        session = await checkout.session(payment_id)
+    except NotFound:
+        # A customer's browser gets a page; an API client, the problem document.
+        if "text/html" not in request.headers.get("accept", ""):
+            raise
+        return templates.TemplateResponse(
+            request,
+            "sandbox_not_found.html",
+            {},
+            status_code=404,
+            headers={"Cache-Control": "no-store"},
+        )
     return _page(request, session, payment_id)
 
 

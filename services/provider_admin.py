@@ -47,6 +47,14 @@ class InvalidProviderConfig(ServiceError):
     title = "The configuration does not fit the provider"
 
 
+class RoutingToInactiveProvider(ServiceError):
+    """Routing new payments to a provider that cannot take them would fail every payment."""
+
+    status = 422
+    code = "provider_not_configured"
+    title = "The provider cannot take payments here"
+
+
 # -- what the operators send and see -----------------------------------------------------------
 
 
@@ -210,13 +218,28 @@ class ProviderAdmin:
             weights=factory.weights or None,
         )
 
-    async def set_routing(self, routing: RoutingConfig) -> RoutingConfig:
+    async def set_routing(self, routing: RoutingConfig, *, force: bool = False) -> RoutingConfig:
         """Store the default provider, the fallback order or a weighted split; every worker
-        follows within a second, this one at once."""
+        follows within a second, this one at once.
+
+        A default or a weighted provider that cannot take payments now (not configured, held
+        out or deactivated) is refused, unless ``force``: to route to a provider about to be
+        configured, say."""
         names = [routing.default] if routing.default else []
         names += list(routing.fallback or []) + list(routing.weights or {})
         for name in names:
             self._provider_class(name)
+        if not force:
+            factory = self._manager.current
+            routed = [routing.default] if routing.default else []
+            routed += [name for name, weight in (routing.weights or {}).items() if weight > 0]
+            for name in routed:
+                if not factory.is_active(factory.get(name)):
+                    raise RoutingToInactiveProvider(
+                        f"The {name} provider cannot take payments here (not configured or "
+                        "deactivated); configure it first, or repeat with ?force=true",
+                        extra={"provider": name},
+                    )
         if routing.weights is not None and (
             any(weight < 0 for weight in routing.weights.values())
             or not sum(routing.weights.values())
@@ -328,14 +351,27 @@ class ProviderAdmin:
             *(self._provider_health(provider) for provider in factory.providers())
         )
         providers = {check.provider: check for check in checks}
-        default = providers.get(factory.default)
+        # Who takes new payments: the default (or the weighted split), then the fallbacks.
+        routed = [factory.default, *factory.weights, *factory.fallback]
+
+        def takes_payments(name: str) -> bool:
+            check = providers.get(name)
+            return (
+                check is not None
+                and check.status == "connected"
+                and factory.is_active(factory.get(name))
+            )
+
+        serving = [name for name in routed if takes_payments(name)]
         status: Literal["healthy", "degraded", "unhealthy"]
-        if redis["status"] != "connected" or default is None or default.status != "connected":
-            status = "unhealthy"
-        elif unreadable is not None or any(
-            check.status in {"error", "circuit_open"} for check in checks
+        if redis["status"] != "connected" or not serving:
+            status = "unhealthy"  # no payment can be taken
+        elif (
+            not takes_payments(factory.default)
+            or unreadable is not None
+            or any(check.status in {"error", "circuit_open"} for check in checks)
         ):
-            status = "degraded"
+            status = "degraded"  # payments work, through a fallback or with a problem beside
         else:
             status = "healthy"
         return AdminHealth(
@@ -351,7 +387,12 @@ class ProviderAdmin:
                 provider=provider.name, status="error", configured=False, message=provider.reason
             )
         if not provider.is_configured():
-            return ProviderHealth(provider=provider.name, status="unconfigured", configured=False)
+            return ProviderHealth(
+                provider=provider.name,
+                status="unconfigured",
+                configured=False,
+                message=_what_configures(type(provider)),
+            )
         breaker = await self._guard.state(provider.name)
         if breaker is not BreakerState.CLOSED:
             return ProviderHealth(
@@ -364,11 +405,14 @@ class ProviderAdmin:
         try:
             result = await asyncio.wait_for(provider.health_check(), HEALTH_CHECK_TIMEOUT_S)
         except Exception as error:  # a health check reports failure, it does not fail
+            # The cause, for the operator: a ServiceError's own words (they never carry a
+            # secret), else the kind of failure (a connection error names the host).
+            cause = error.detail if isinstance(error, ServiceError) else str(error)
             return ProviderHealth(
                 provider=provider.name,
                 status="error",
                 configured=True,
-                message=type(error).__name__,
+                message=f"{type(error).__name__}: {cause}"[:300] if cause else type(error).__name__,
             )
         return ProviderHealth(
             provider=provider.name,
@@ -378,6 +422,21 @@ class ProviderAdmin:
             latency_ms=result.latency_ms,
             message=result.message,
         )
+
+
+def _what_configures(cls: type[BasePaymentProvider]) -> str:
+    """Why a provider is not configured, in the settings that would configure it."""
+    if cls.settings_prefix is None:
+        return "not available on this service"
+    required = [
+        f"{cls.settings_prefix}{name}".upper()
+        for model in (cls.config_model, cls.secrets_model)
+        for name, info in model.model_fields.items()
+        if info.is_required()
+    ]
+    if not required:
+        return "not configured"
+    return f"not configured: needs {', '.join(required)} (environment or a stored configuration)"
 
 
 def _validated(

@@ -33,15 +33,24 @@ class TestHealth:
         assert body["redis"]["status"] == "connected"
         assert body["providers"]["sandbox"]["status"] == "connected"
         assert body["providers"]["sandbox"]["latency_ms"] is not None
-        for name in ("stripe", "paypal", "mobilepay", "googlepay", "applepay"):
+        # Each unconfigured provider says what would configure it.
+        needs = {
+            "stripe": "not configured: needs STRIPE_SECRET_KEY "
+            "(environment or a stored configuration)",
+            "googlepay": "not available on this service",
+        }
+        for name, message in needs.items():
             assert body["providers"][name] == {
                 "provider": name,
                 "status": "unconfigured",
                 "configured": False,
                 "latency_ms": None,
-                "message": None,
+                "message": message,
                 "breaker": None,
             }
+        for name in ("paypal", "applepay"):
+            assert body["providers"][name]["status"] == "unconfigured"
+            assert body["providers"][name]["message"].startswith("not ")
 
     async def test_admin_health_is_for_admins(self, client: httpx.AsyncClient, token: Any) -> None:
         assert_problem(await client.get("/admin/health"), 401, "not_authenticated")

@@ -228,3 +228,20 @@ class TestSandboxSessionKeepsEveryCharacter:
         page = await client.get(f"/sandbox/checkout/{payment['payment_id']}")
         assert page.status_code == 200
         assert "Prämie ✓ «Pro»" in html.unescape(page.text)
+
+
+class TestUnknownCheckout:
+    @pytest.mark.parametrize(
+        "payment_id", ["sb_000000000000000000000000", "sb_", "pi_123", "x%20y"]
+    )
+    async def test_a_browser_gets_a_page(self, client: httpx.AsyncClient, payment_id: str) -> None:
+        response = await client.get(
+            f"/sandbox/checkout/{payment_id}", headers={"Accept": "text/html,*/*;q=0.8"}
+        )
+        assert response.status_code == 404
+        assert response.headers["content-type"].startswith("text/html")
+        assert "No such checkout" in response.text
+
+    async def test_an_api_client_gets_a_problem(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/sandbox/checkout/sb_000000000000000000000000")
+        assert_problem(response, 404, "payment_not_found")

@@ -318,10 +318,11 @@ class TestRouting:
     async def test_switch_default_and_fallback_at_run_time(
         self, client: httpx.AsyncClient, app: Any, admin: dict[str, str]
     ) -> None:
+        body = {"default": "mobilepay", "fallback": ["sandbox"]}
+        refused = await client.put("/api/v1/providers/routing", headers=admin, json=body)
+        assert assert_problem(refused, 422, "provider_not_configured")["provider"] == "mobilepay"
         routing = await client.put(
-            "/api/v1/providers/routing",
-            headers=admin,
-            json={"default": "mobilepay", "fallback": ["sandbox"]},
+            "/api/v1/providers/routing", headers=admin, json=body, params={"force": "true"}
         )
         assert routing.json()["default"] == "mobilepay"
         created = await client.post("/api/v1/payment/create-intent", json={"plan": "pro"})
@@ -331,7 +332,19 @@ class TestRouting:
             ("sandbox", "succeeded"),
         ]
         health = await client.get("/admin/health", headers=admin)
-        assert health.json()["status"] == "unhealthy"  # the default cannot take payments
+        # The default cannot take payments, the fallback does: degraded, and why.
+        assert (health.status_code, health.json()["status"]) == (200, "degraded")
+        assert health.json()["providers"]["mobilepay"]["message"].startswith("not ")
+
+        alone = await client.put(
+            "/api/v1/providers/routing",
+            headers=admin,
+            json={"default": "mobilepay", "fallback": []},
+            params={"force": "true"},
+        )
+        assert alone.status_code == 200
+        health = await client.get("/admin/health", headers=admin)
+        assert (health.status_code, health.json()["status"]) == (503, "unhealthy")
 
     @pytest.mark.parametrize(
         "body",
