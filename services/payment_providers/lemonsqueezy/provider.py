@@ -480,7 +480,7 @@ class LemonSqueezyProvider(BasePaymentProvider):
         order_id = kept.get("order_id")
         if order_id is None:
             # No order_created yet: the customer has not paid (or its webhook is on its way).
-            expires_at = tx._timestamp(kept.get("expires_at") or None)
+            expires_at = tx.timestamp(kept.get("expires_at") or None)
             status = PaymentStatus.PENDING
             if expires_at is not None and expires_at <= self._clock():
                 status = PaymentStatus.EXPIRED

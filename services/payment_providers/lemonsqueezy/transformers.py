@@ -222,7 +222,7 @@ class OrderFigures:
             refunded=_count(attributes, "refunded_amount"),
             status=attributes.get("status"),
             variant_id=variant if isinstance(variant, int) else None,
-            created_at=_timestamp(attributes.get("created_at")),
+            created_at=timestamp(attributes.get("created_at")),
         )
 
     def to_vendor(self, amount: int) -> int:
@@ -267,7 +267,7 @@ def refund_result(
     )
 
 
-def _timestamp(value: Any) -> datetime | None:
+def timestamp(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
@@ -346,7 +346,7 @@ def webhook_event(
     order = delivery.order
     if order is None:
         return WebhookEvent(**base)
-    base["occurred_at"] = _timestamp(order["attributes"].get("updated_at"))
+    base["occurred_at"] = timestamp(order["attributes"].get("updated_at"))
     base["capture_id"] = str(order["id"])
     if delivery.event_name == EventName.ORDER_CREATED:
         status = payment_status(order["attributes"].get("status"))
