@@ -663,7 +663,12 @@ class LemonSqueezyProvider(BasePaymentProvider):
             return tx.webhook_event(
                 tx.Delivery(delivery.event_name, None, None, None), verified=True
             )
-        _, figures = self._figures({"data": delivery.order}, payment_id)
+        try:
+            _, figures = self._figures({"data": delivery.order}, payment_id)
+        except ProviderUpstreamError as error:
+            # Signed, but not an order of this store we can read: nothing to apply, and no
+            # redelivery would change that.
+            raise InvalidWebhookPayload("The event's order is not one of this store's") from error
         if await self._link_order(payment_id, order_id) != order_id:
             # A second order for one checkout: not this payment's; the operator refunds it.
             return tx.webhook_event(
