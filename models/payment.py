@@ -146,6 +146,7 @@ class ProviderAttempt(BaseModel):
     outcome: Literal["succeeded", "failed", "skipped"]
     code: str | None = None
     latency_ms: float | None = None
+    at: datetime | None = Field(default=None, description="When the attempt started")
 
 
 class PaymentRecord(BaseModel):

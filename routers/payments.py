@@ -92,14 +92,19 @@ CancelCaller = Annotated[Caller, Depends(Access(RateLimit("cancel", 10)))]
 RefundAdminCaller = Annotated[Caller, Depends(Access(RateLimit("refund", 10), need=Need.ADMIN))]
 
 
-def _json(model: BaseModel, caller: Caller, status_code: int = 200) -> Response:
+def _json(
+    model: BaseModel, caller: Caller, status_code: int = 200, *, replayed: bool = False
+) -> Response:
     """The route's ``response_model``, already built by the service, as JSON with the caller's
-    RateLimit-* headers. Answering a Response skips FastAPI validating the model a second
-    time and serializing it again; the OpenAPI document still comes from response_model."""
+    RateLimit-* headers (and ``Idempotent-Replayed: true`` when it is the answer stored for
+    the request's Idempotency-Key). Answering a Response skips FastAPI validating the model a
+    second time and serializing it again; the OpenAPI document still comes from
+    response_model."""
+    headers = {**caller.headers, "Idempotent-Replayed": "true"} if replayed else caller.headers
     return Response(
         model.model_dump_json(),
         status_code=status_code,
-        headers=caller.headers,
+        headers=headers,
         media_type="application/json",
     )
 
@@ -128,7 +133,7 @@ async def create_intent(
         idempotency_key=_idempotency_key(request),
         base_url=str(request.base_url),
     )
-    return _json(created, caller, 201)
+    return _json(created.response, caller, 201, replayed=created.replayed)
 
 
 @router.get(
@@ -287,7 +292,7 @@ async def refund(
         user=caller.signed_in,
         idempotency_key=_idempotency_key(request),
     )
-    return _json(answer.response, caller, answer.status_code)
+    return _json(answer.response, caller, answer.status_code, replayed=answer.replayed)
 
 
 @router.get(

@@ -55,6 +55,12 @@ class CheckoutConfig:
     reconcile_after_s: float | None  # when an open payment is first checked again
 
 
+@dataclass(frozen=True, slots=True)
+class IntentAnswer:
+    response: IntentResponse
+    replayed: bool = False  # the answer stored for this Idempotency-Key, not a new payment
+
+
 class CheckoutService:
     def __init__(
         self,
@@ -113,7 +119,7 @@ class CheckoutService:
         caller: str,
         idempotency_key: str | None,
         base_url: str,
-    ) -> IntentResponse:
+    ) -> IntentAnswer:
         """Create a payment for a catalogue plan. The price is the catalogue's, never the
         client's. With an idempotency key, a replay answers the first response."""
         plan = self._catalogue.plan(body.plan, body.currency)
@@ -123,7 +129,9 @@ class CheckoutService:
             body.provider_name, currency=plan.currency, customer=customer
         )
         if idempotency_key is None:
-            return await self._create(body, plan, candidates, user, secrets.token_hex(16), base_url)
+            return IntentAnswer(
+                await self._create(body, plan, candidates, user, secrets.token_hex(16), base_url)
+            )
 
         scope = f"user:{user.sub}" if user else caller
         fingerprint = self._claims.fingerprint(
@@ -131,15 +139,17 @@ class CheckoutService:
         )
         stored = await self._claims.claim(scope, idempotency_key, fingerprint)
         if stored is not None:
-            return IntentResponse.model_validate(stored)
+            return IntentAnswer(IntentResponse.model_validate(stored), replayed=True)
         # The vendor sees a key derived from the caller's, so a retry after a crash between
         # the vendor call and our bookkeeping still finds the same vendor object.
         vendor_key = hashlib.sha256(f"{scope}\0{idempotency_key}".encode()).hexdigest()[:40]
         # The claim is renewed while the providers are tried, however long that takes: a
         # retry meanwhile waits (or hears 409) instead of creating a second payment.
         async with self._claims.held(scope, idempotency_key):
-            return await self._create(
-                body, plan, candidates, user, vendor_key, base_url, (scope, idempotency_key)
+            return IntentAnswer(
+                await self._create(
+                    body, plan, candidates, user, vendor_key, base_url, (scope, idempotency_key)
+                )
             )
 
     def _check_redirects(self, body: CreateIntentRequest, base_url: str) -> None:
@@ -256,10 +266,14 @@ class CheckoutService:
         attempts: list[ProviderAttempt] = []
         for index, provider in enumerate(candidates):
             last = index == len(candidates) - 1
+            at = datetime.now(UTC)
             if not self.providers.is_active(provider):
                 attempts.append(
                     ProviderAttempt(
-                        provider=provider.name, outcome="skipped", code=ProviderNotConfigured.code
+                        provider=provider.name,
+                        outcome="skipped",
+                        code=ProviderNotConfigured.code,
+                        at=at,
                     )
                 )
                 if last:
@@ -285,6 +299,7 @@ class CheckoutService:
                         outcome="failed",
                         code=error.code,
                         latency_ms=_ms_since(started),
+                        at=at,
                     )
                 )
                 if last or not isinstance(error, ProviderUnavailable) or error.outcome_unknown:
@@ -301,7 +316,10 @@ class CheckoutService:
                 continue
             attempts.append(
                 ProviderAttempt(
-                    provider=provider.name, outcome="succeeded", latency_ms=_ms_since(started)
+                    provider=provider.name,
+                    outcome="succeeded",
+                    latency_ms=_ms_since(started),
+                    at=at,
                 )
             )
             return provider, result, attempts

@@ -64,6 +64,7 @@ log = logging.getLogger("payments.refunds")
 @dataclass(frozen=True, slots=True)
 class RefundAnswer:
     response: RefundResponse
+    replayed: bool = False  # the answer stored for this Idempotency-Key, not a new refund
 
     @property
     def status_code(self) -> int:
@@ -105,7 +106,7 @@ class RefundService:
         fingerprint = self._claims.fingerprint(body.fingerprint_fields())
         stored = await self._claims.claim(scope, idempotency_key, fingerprint)
         if stored is not None:
-            return RefundAnswer(RefundResponse.model_validate(stored))
+            return RefundAnswer(RefundResponse.model_validate(stored), replayed=True)
         # The refund's id is derived from the key: a retry after a crash, or after an answer
         # that was lost, finds the same refund and asks the provider again under the same id.
         digest = hashlib.sha256(f"{scope}\0{idempotency_key}".encode()).hexdigest()

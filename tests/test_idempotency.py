@@ -21,6 +21,9 @@ class TestIdempotencyKey:
         second = await client.post(URL, json={"plan": "pro"}, headers=headers)
         assert first.status_code == second.status_code == 201
         assert first.json() == second.json()
+        # The replay says it is one (Stripe's and PayPal's header name).
+        assert "idempotent-replayed" not in first.headers
+        assert second.headers["idempotent-replayed"] == "true"
 
     @pytest.mark.parametrize(
         ("key", "error"),

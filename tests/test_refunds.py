@@ -193,6 +193,8 @@ class TestRefundIdempotency:
         second = await _refund(client, payment_id, headers, amount=1000)
         assert first.status_code == second.status_code == 200
         assert first.json() == second.json()
+        assert "idempotent-replayed" not in first.headers
+        assert second.headers["idempotent-replayed"] == "true"
         listing = await _refunds(client, payment_id, admin)
         assert len(listing["refunds"]) == 1 and listing["amount_refunded"] == 1000
         # The provider refunded once too.

@@ -109,6 +109,10 @@ class TestFallbackRouting:
             ("paypal", "skipped", "provider_not_configured"),
             ("sandbox", "succeeded", None),
         ]
+        # Each attempt says when it started, in order.
+        times = [attempt.at for attempt in record.attempts]
+        assert all(times) and times == sorted(times)
+        assert record.created_at >= times[-1]
 
     async def test_a_named_provider_is_never_swapped(self, client: httpx.AsyncClient) -> None:
         response = await client.post(URL, json={"plan": "pro", "provider": "stripe"})
