@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import httpx2
 from fastapi import FastAPI
 
+from app import openapi
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
@@ -225,6 +226,7 @@ def create_app(
     app.state.settings = settings
     app.state.receipt_executor = receipt_executor
     install_problem_handlers(app)
+    openapi.install(app, settings)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

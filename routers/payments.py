@@ -20,6 +20,7 @@ from app.deps import (
     RateLimit,
     ReceiptsDep,
 )
+from app.openapi import OPTIONAL_TOKEN
 from models.payment import (
     PAYMENT_ID_PATTERN,
     CreateIntentRequest,
@@ -121,7 +122,7 @@ def _checked_id(payment_id: str) -> str:
     status_code=201,
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Create a payment for a catalogue plan",
-    openapi_extra={"parameters": [_IDEMPOTENCY_KEY_PARAMETER]},
+    openapi_extra={"parameters": [_IDEMPOTENCY_KEY_PARAMETER], **OPTIONAL_TOKEN},
 )
 async def create_intent(
     body: CreateIntentRequest, request: Request, caller: CreateIntentCaller, checkout: CheckoutDep
@@ -156,6 +157,7 @@ async def plans(checkout: CheckoutDep) -> Response:
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 502),
     summary="Ask the provider for the payment's state and apply it",
+    openapi_extra=OPTIONAL_TOKEN,
 )
 async def verify(body: VerifyRequest, caller: VerifyCaller, payments: PaymentStateDep) -> Response:
     return _json(await payments.verify(body.payment_id, caller.user), caller)
@@ -201,7 +203,8 @@ async def receipt_pdf(
     "/webhook/{provider}",
     response_model=dict[str, Any],
     responses=problems(400, 404, 413, 422, 429, 503),
-    summary="Provider webhooks (stripe, paypal); the signature is the authentication",
+    summary="Provider webhooks; the signature is the authentication",
+    openapi_extra=OPTIONAL_TOKEN,
 )
 async def webhook(
     provider: Annotated[str, Path(pattern=r"^[a-z0-9_\-]{1,64}$")],
@@ -222,6 +225,7 @@ async def webhook(
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an approved PayPal order",
+    openapi_extra=OPTIONAL_TOKEN,
 )
 async def capture_paypal(
     payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
@@ -249,6 +253,7 @@ async def history(
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 402, 409, 502),
     summary="Capture an authorized payment",
+    openapi_extra=OPTIONAL_TOKEN,
 )
 async def capture(
     payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
@@ -261,6 +266,7 @@ async def capture(
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 409, 502),
     summary="Cancel a payment that has not been captured",
+    openapi_extra=OPTIONAL_TOKEN,
 )
 async def cancel(
     payment_id: PaymentIdPath, caller: CancelCaller, operations: OperationsDep

@@ -20,6 +20,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
@@ -110,3 +115,9 @@ def test_no_server_error_and_problems_for_client_errors(case: Any, fuzzed_app: A
         assert content_type.startswith("application/problem+json"), reproduce
         body = response.json()
         assert body["status"] == status and body["code"], reproduce
+    # And the document is true: every status, media type and body answered is the one it
+    # describes for the operation.
+    case.validate_response(
+        response,
+        checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+    )

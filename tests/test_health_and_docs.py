@@ -215,6 +215,24 @@ class TestApiDescription:
             assert served.status_code == 200 and len(served.content) > 1000, asset
             assert served.headers["cache-control"] == "public, max-age=86400"
 
+    async def test_the_document_says_what_is_answered(self, client: httpx.AsyncClient) -> None:
+        schema = (await client.get("/openapi.json")).json()
+        create = schema["paths"]["/api/v1/payment/create-intent"]["post"]
+        # A token is optional here, required for a receipt.
+        assert create["security"] == [{"HTTPBearer": []}, {}]
+        receipt = schema["paths"]["/api/v1/payment/receipt/{payment_id}"]["get"]
+        assert receipt["security"] == [{"HTTPBearer": []}]
+        # Every error is a problem document; a body can be malformed, too large or invalid.
+        for status in ("400", "413", "422"):
+            assert create["responses"][status]["content"] == {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            }
+        assert "HTTPValidationError" not in schema["components"]["schemas"]
+        # The plans and providers this deployment has.
+        body = schema["components"]["schemas"]["CreateIntentRequest"]["properties"]
+        assert body["plan"]["enum"] == ["basic", "expert", "pro"]
+        assert {"sandbox", "stripe", "paypal"} <= set(body["provider"]["anyOf"][0]["enum"])
+
     async def test_no_other_file_is_served_as_an_asset(self, client: httpx.AsyncClient) -> None:
         for name in ("__init__.py", "..%2F__init__.py", "core.py"):
             assert_problem(await client.get(f"/docs/assets/{name}"), 404, "not_found")
