@@ -31,6 +31,7 @@ from models.user import User
 from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
 from services.operations import PaymentOperations
+from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
@@ -222,6 +223,14 @@ async def get_sandbox_checkout(request: Request) -> SandboxCheckout:
 
 
 SandboxCheckoutDep = Annotated[SandboxCheckout, Depends(get_sandbox_checkout)]
+
+
+async def get_authorizenet_page(request: Request) -> AuthorizeNetHostedPage:
+    page: AuthorizeNetHostedPage = request.app.state.authorizenet_page
+    return page
+
+
+AuthorizeNetPageDep = Annotated[AuthorizeNetHostedPage, Depends(get_authorizenet_page)]
 
 
 async def get_provider_admin(request: Request) -> ProviderAdmin:

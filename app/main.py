@@ -18,11 +18,12 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
-from routers import api_docs, health, payments, providers, sandbox
+from routers import api_docs, authorizenet, health, payments, providers, sandbox
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
 from services.operations import PaymentOperations
+from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
 from services.payment_providers.base import LocalEvents, ProviderDeps
 from services.payment_providers.breaker import BreakerPolicy
 from services.payment_providers.factory import PaymentProviderFactory
@@ -40,7 +41,7 @@ from services.refunds import RefundService
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, sandbox, health, providers, api_docs)
+ROUTERS = (payments, sandbox, authorizenet, health, providers, api_docs)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -145,6 +146,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.guard = guard
     app.state.reconciler = reconciler
     app.state.sandbox_checkout = SandboxCheckout(providers)
+    app.state.authorizenet_page = AuthorizeNetHostedPage(providers)
     if settings.receipt_warm_up:
         await receipts.warm_up()
     log.info(

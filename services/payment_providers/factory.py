@@ -33,6 +33,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "stripe": "services.payment_providers.stripe:StripeProvider",
     "paypal": "services.payment_providers.paypal:PayPalProvider",
     "lemonsqueezy": "services.payment_providers.lemonsqueezy:LemonSqueezyProvider",
+    "authorizenet": "services.payment_providers.authorizenet:AuthorizeNetProvider",
     "mobilepay": "services.payment_providers.placeholders:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
