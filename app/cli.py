@@ -7,7 +7,9 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -33,8 +35,31 @@ def _token(args: argparse.Namespace) -> int:
 
 
 if TYPE_CHECKING:
+    from app.settings import Settings
     from services.provider_configs import ProviderConfigStore
     from services.provider_manager import ProviderManager
+
+
+# Where `make run` (scripts/run-local.sh) records the Redis it started, for the CLI run from
+# the same directory (as .env is read from it).
+LOCAL_REDIS_FILE = Path("var") / "redis.url"
+
+
+def _local_redis(settings: Settings) -> Settings:
+    """``settings``, on the Redis that `make run` started when REDIS_URL names none: the CLI
+    and the local server then read and write the same data."""
+    if "redis_url" in settings.model_fields_set or not LOCAL_REDIS_FILE.is_file():
+        return settings
+    recorded = LOCAL_REDIS_FILE.read_text(encoding="utf-8").strip()
+    return settings.model_copy(update={"redis_url": recorded}) if recorded else settings
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @asynccontextmanager
@@ -48,7 +73,9 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     from services.payment_store import PaymentStore, key_values, redis_client
     from services.provider_configs import ProviderConfigStore, SecretBox
 
-    settings = Settings()
+    settings = _local_redis(Settings())
+    where = "REDIS_CLUSTER" if settings.redis_cluster else "Redis"
+    print(f"{where}: {_without_password(settings.redis_url)}", file=sys.stderr)
     # The same client the service uses: standalone or Cluster, as REDIS_CLUSTER says.
     redis = redis_client(
         settings.redis_url,

@@ -20,6 +20,8 @@ if [ -z "${REDIS_URL:-}" ]; then
     started_redis=1
   fi
   export REDIS_URL="unix://$socket"
+  # The CLI (`.venv/bin/payments ...`) reads this when REDIS_URL is unset: same data as here.
+  echo "$REDIS_URL" > var/redis.url
   echo "Redis: $REDIS_URL (AOF under var/redis)"
 fi
 export RECEIPTS_DIR=${RECEIPTS_DIR:-var/receipts}
