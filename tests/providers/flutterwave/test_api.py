@@ -416,7 +416,17 @@ class TestWebhooks:
         assert fake.seen("GET", "/v3/transactions/") == []
 
     @pytest.mark.parametrize(
-        "body", [b"not json", b"[]", b'{"event": "charge.completed"}', b'{"data": {}}']
+        "body",
+        [
+            b"not json",
+            b"[]",
+            b'{"event": "charge.completed"}',
+            b'{"data": {}}',
+            b"[" * 100_000,
+            b'{"event": "charge.completed", "data": {"amount": 1e999999}}',
+            b'{"event": "a", "event": "b", "data": {}}',
+            b"\xff\xfe{}",
+        ],
     )
     async def test_what_is_not_an_event(
         self, client: httpx.AsyncClient, fake: FakeFlutterwave, body: bytes
