@@ -220,7 +220,6 @@ class TestVerify:
         client: httpx.AsyncClient,
         fake: FakeFlutterwave,
         tamper: dict[str, Any],
-        caplog: pytest.LogCaptureFixture,
     ) -> None:
         payment_id = await created(client)
         fake.pay(tx_ref(payment_id), **tamper)
