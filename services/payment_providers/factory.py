@@ -34,6 +34,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "paypal": "services.payment_providers.paypal:PayPalProvider",
     "lemonsqueezy": "services.payment_providers.lemonsqueezy:LemonSqueezyProvider",
     "authorizenet": "services.payment_providers.authorizenet:AuthorizeNetProvider",
+    "flutterwave": "services.payment_providers.flutterwave:FlutterwaveProvider",
     "mobilepay": "services.payment_providers.placeholders:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
