@@ -85,6 +85,7 @@ class Fault:
     kind: FaultKind
     path_prefix: str | None = None
     retry_after: int | None = None
+    method: str | None = None
 
 
 @dataclass
@@ -146,13 +147,14 @@ class FakePaystack:
         *,
         path_prefix: str | None = None,
         retry_after: int | None = None,
+        method: str | None = None,
     ) -> None:
-        """The next ``times`` calls (under ``path_prefix``, if given) answer 429 (with
+        """The next ``times`` calls (under ``path_prefix``, with ``method``, if given) answer 429 (with
         ``Retry-After``), 500, 503 or 401, or hang until ``release_hangs`` (``hang``: before
         doing anything; ``hang_after``: once the work is done, so only the answer is lost)."""
         with self._lock:
             for _ in range(times):
-                self._faults.append(Fault(kind, path_prefix, retry_after))
+                self._faults.append(Fault(kind, path_prefix, retry_after, method))
 
     def release_hangs(self) -> None:
         self._release.set()
@@ -303,13 +305,14 @@ class FakePaystack:
 
     # -- the API -------------------------------------------------------------------------------
 
-    async def _inject_fault(self, path: str, *, after: bool) -> None:
+    async def _inject_fault(self, method: str, path: str, *, after: bool) -> None:
         with self._lock:
             fault = next(
                 (
                     f
                     for f in self._faults
-                    if f.path_prefix is None or path.startswith(f.path_prefix)
+                    if (f.path_prefix is None or path.startswith(f.path_prefix))
+                    and (f.method is None or f.method == method)
                 ),
                 None,
             )
@@ -350,7 +353,7 @@ class FakePaystack:
         check_response = True
         extra_headers: dict[str, str] = {}
         try:
-            await self._inject_fault(path, after=False)
+            await self._inject_fault(method, path, after=False)
             self._authenticate(headers.get("authorization"))
             operation, violations = self._spec.check_request(method, path, query, headers, raw)
             if violations or operation is None:
@@ -361,7 +364,7 @@ class FakePaystack:
             with self._lock:
                 status, answer = self._serve(operation, record.body, dict(parse_qsl(query)))
             content = json.dumps(answer).encode()
-            await self._inject_fault(path, after=True)
+            await self._inject_fault(method, path, after=True)
         except PaystackError as error:
             status, content = error.status, json.dumps(error.body).encode()
             extra_headers = error.headers
@@ -539,7 +542,7 @@ class FakePaystack:
                 "last_name": "",
                 "email": transaction["customer"]["email"],
                 "customer_code": "CUS_1rkzaqsv4rrhqo6",
-                "phone": None,
+                "phone": "+2348000000000",
                 "metadata": "",
                 "risk_action": "default",
                 "international_format_phone": "",
