@@ -149,9 +149,10 @@ class FakePaystack:
         retry_after: int | None = None,
         method: str | None = None,
     ) -> None:
-        """The next ``times`` calls (under ``path_prefix``, with ``method``, if given) answer 429 (with
-        ``Retry-After``), 500, 503 or 401, or hang until ``release_hangs`` (``hang``: before
-        doing anything; ``hang_after``: once the work is done, so only the answer is lost)."""
+        """The next ``times`` calls (under ``path_prefix``, with ``method``, if given) answer
+        429 (with ``Retry-After``), 500, 503 or 401, or hang until ``release_hangs``
+        (``hang``: before doing anything; ``hang_after``: once the work is done, so only the
+        answer is lost)."""
         with self._lock:
             for _ in range(times):
                 self._faults.append(Fault(kind, path_prefix, retry_after, method))

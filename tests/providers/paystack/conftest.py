@@ -9,6 +9,7 @@ webhook deliveries are posted with its signature, and the fake's controls make i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -70,6 +71,22 @@ def paystack_env(fake: FakePaystack, monkeypatch: pytest.MonkeyPatch) -> dict[st
 @pytest.fixture
 def settings_overrides(paystack_env: dict[str, str]) -> dict[str, Any]:
     return {"payment_plans": PLANS, "provider_timeout_seconds": TIMEOUT_S}
+
+
+@pytest.fixture
+def provider_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Records of the ``payments`` loggers, at INFO, straight from that logger (the app's
+    logging setup stops it propagating to the root, where caplog listens)."""
+    logger = logging.getLogger("payments")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.level, logger.propagate = saved
 
 
 @pytest.fixture
