@@ -35,6 +35,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "lemonsqueezy": "services.payment_providers.lemonsqueezy:LemonSqueezyProvider",
     "authorizenet": "services.payment_providers.authorizenet:AuthorizeNetProvider",
     "flutterwave": "services.payment_providers.flutterwave:FlutterwaveProvider",
+    "paystack": "services.payment_providers.paystack:PaystackProvider",
     "mobilepay": "services.payment_providers.placeholders:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
