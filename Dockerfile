@@ -15,11 +15,19 @@ COPY models models
 COPY templates templates
 # Editable, so that templates/ stays beside the code that loads it.
 RUN pip install --no-cache-dir -e .
+# A named volume mounted here takes this directory's owner when Docker first creates it: the
+# app user's, so that receipts can be written.
+RUN mkdir -p /srv/data/receipts && chown -R app:app /srv/data
 
 USER app
-ENV RECEIPTS_DIR=/srv/data/receipts PORT=8000
+# Production unless told otherwise: the service then refuses to start without a real
+# JWT_SECRET_KEY, a real provider and verifiable webhooks. WEB_CONCURRENCY is the worker count.
+ENV ENVIRONMENT=production RECEIPTS_DIR=/srv/data/receipts PORT=8000 WEB_CONCURRENCY=2
 EXPOSE 8000
-HEALTHCHECK CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)" || exit 1
-# `payments serve`, not bare uvicorn: it hands uvicorn the proxies FORWARDED_ALLOW_IPS lists
-# (uvicorn alone would also believe X-Forwarded-For from any loopback peer). PORT is a setting.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
+# Exec form: `payments serve` is PID 1's child of nothing, so SIGTERM reaches uvicorn, which
+# stops gracefully. It hands uvicorn the proxies FORWARDED_ALLOW_IPS lists (uvicorn alone
+# would also believe X-Forwarded-For from any loopback peer). PORT and WEB_CONCURRENCY are read.
 CMD ["payments", "serve", "--host", "0.0.0.0"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -208,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
         "app.main:app",
         host=args.host,
         port=args.port or settings.port,
-        workers=args.workers,
+        workers=args.workers or int(os.environ.get("WEB_CONCURRENCY") or 1),
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies or None,
         log_level=settings.log_level.lower(),
@@ -230,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the API with uvicorn")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: WEB_CONCURRENCY, else 1)",
+    )
     serve.set_defaults(handler=_serve)
 
     providers = commands.add_parser("providers", help="list or health-check the providers")

@@ -33,8 +33,14 @@ DEFAULT_PLANS: dict[str, dict[str, object]] = {
 class Settings(BaseSettings):
     # Errors name the setting and what is wrong, never the value: pydantic would otherwise
     # echo the input (for the production check, every setting given, secrets included).
+    # An empty value is no value (as for the providers' settings): `MERCHANT_NAME=` in a .env
+    # made from .env.example keeps the default instead of printing an empty seller.
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+        env_file=".env",
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     environment: Literal["development", "test", "production"] = "development"

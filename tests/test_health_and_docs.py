@@ -185,6 +185,14 @@ class TestServe:
 
         return serve
 
+    def test_workers_from_web_concurrency(
+        self, started: Callable[[], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+        assert started()["workers"] == 1
+        monkeypatch.setenv("WEB_CONCURRENCY", "3")
+        assert started()["workers"] == 3
+
     def test_no_proxy_is_trusted_by_default(
         self, started: Callable[[], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -1,0 +1,62 @@
+"""The Docker image, compose file and .env.example, read as an operator's tools read them
+(there is no Docker daemon here to build them): what they promise is checked, not assumed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from app.settings import Settings
+from services.payment_providers.factory import discover_provider_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _provider_settings() -> set[str]:
+    names = set()
+    for cls in discover_provider_classes().values():
+        if cls.settings_prefix is None:
+            continue
+        for model in (cls.config_model, cls.secrets_model):
+            names |= {f"{cls.settings_prefix}{field}".upper() for field in model.model_fields}
+    return names
+
+
+class TestCompose:
+    def test_production_with_required_secrets_on_loopback(self) -> None:
+        api = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["api"]
+        environment = api["environment"]
+        assert environment["ENVIRONMENT"] == "production"
+        for name in ("JWT_SECRET_KEY", "PROVIDER_SECRETS_KEY", "PAYMENT_PROVIDER"):
+            # ${NAME:?message}: compose refuses to start while it is unset or empty.
+            assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", environment[name]), name
+        assert "FORWARDED_ALLOW_IPS" in environment
+        assert all(port.startswith("127.0.0.1:") for port in api["ports"])
+        assert api["init"] is True
+        assert api["env_file"] == [".env"]
+
+
+class TestDockerfile:
+    def test_signals_volume_health_and_workers(self) -> None:
+        text = (ROOT / "Dockerfile").read_text()
+        cmd = [line for line in text.splitlines() if line.startswith("CMD ")]
+        assert cmd == ['CMD ["payments", "serve", "--host", "0.0.0.0"]']  # exec form, no shell
+        assert "chown -R app:app /srv/data" in text  # the receipts volume is the app's
+        healthcheck = text[text.index("HEALTHCHECK") :]
+        assert "os.environ.get('PORT'" in healthcheck.split("\n\n")[0]
+        assert "ENVIRONMENT=production" in text and "WEB_CONCURRENCY=" in text
+
+
+class TestEnvExample:
+    def test_every_name_is_a_setting(self) -> None:
+        names = re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M)
+        known = {name.upper() for name in Settings.model_fields} | _provider_settings()
+        known |= {"WEB_CONCURRENCY"}  # read by `payments serve`
+        assert names and not set(names) - known, set(names) - known
+
+    def test_required_secrets_are_left_empty(self) -> None:
+        text = (ROOT / ".env.example").read_text()
+        for name in ("JWT_SECRET_KEY", "PROVIDER_SECRETS_KEY", "PAYMENT_PROVIDER"):
+            assert re.search(rf"^{name}=$", text, re.M), name
