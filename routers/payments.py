@@ -22,6 +22,7 @@ from app.deps import (
 )
 from models.payment import (
     PAYMENT_ID_PATTERN,
+    CaptureRequest,
     CreateIntentRequest,
     IntentResponse,
     PaymentHistoryResponse,
@@ -227,12 +228,18 @@ async def history(
     "/{payment_id}/capture",
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 402, 409, 502),
-    summary="Capture an authorized payment",
+    summary="Capture an authorized payment, all of it or part of it",
 )
 async def capture(
-    payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
+    payment_id: PaymentIdPath,
+    caller: CaptureCaller,
+    operations: OperationsDep,
+    body: CaptureRequest | None = None,
 ) -> Response:
-    return _json(await operations.capture(_checked_id(payment_id), caller.user), caller)
+    captured = await operations.capture(
+        _checked_id(payment_id), caller.user, amount=body.amount if body else None
+    )
+    return _json(captured, caller)
 
 
 @router.post(

@@ -27,7 +27,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "sandbox": "services.payment_providers.sandbox:SandboxProvider",
     "stripe": "services.payment_providers.stripe:StripeProvider",
     "paypal": "services.payment_providers.paypal:PayPalProvider",
-    "mobilepay": "services.payment_providers.placeholders:MobilePayProvider",
+    "mobilepay": "services.payment_providers.mobilepay:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
 }
