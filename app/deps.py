@@ -89,16 +89,21 @@ class Access(SecurityBase):
     limited too (by address), as they were when these were separate dependencies.
     """
 
-    def __init__(self, rate_limit: RateLimit | None = None, *, need: Need = Need.ANYONE) -> None:
+    def __init__(
+        self, rate_limit: RateLimit | None = None, *, need: Need = Need.ANYONE, bearer: bool = True
+    ) -> None:
         self.model = HTTPBearerModel(description="JWT from `payments token`")
         self.scheme_name = "HTTPBearer"
         self.rate_limit = rate_limit
         self.need = need
+        # False where the Authorization header is someone else's scheme (a provider's webhook
+        # signature, as Vipps MobilePay's ``HMAC-SHA256 ...``): it is not read as our token.
+        self.bearer = bearer
 
     async def __call__(self, request: Request) -> Caller:
         state = request.app.state
         settings: Settings = state.settings
-        user = _bearer_user(request, settings)
+        user = _bearer_user(request, settings) if self.bearer else None
         address = f"ip:{client_address(request)}"
         headers: Mapping[str, str] = _NO_HEADERS
         if self.rate_limit is not None and settings.rate_limits_enabled:

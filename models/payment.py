@@ -166,6 +166,9 @@ class PaymentRecord(BaseModel):
     redirect_url: str | None = None
     payment_method: str | None = None
     capture_id: str | None = None
+    amount_captured: int | None = Field(
+        default=None, description="What a partial capture took (None: the whole amount)"
+    )
     amount_refunded: int = Field(default=0, description="Sum of succeeded refunds")
     amount_pending_refund: int = Field(default=0, description="Sum of refunds still pending")
     attempts: list[ProviderAttempt] = Field(default_factory=list)
@@ -350,6 +353,18 @@ class VerifyRequest(BaseModel):
     payment_id: PaymentId
 
 
+class CaptureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int | None = Field(
+        default=None,
+        gt=0,
+        strict=True,  # 100, never true, "100" or 1.0
+        description="Minor units to capture, at most the payment's amount (the rest is "
+        "released); omit to capture all of it. Only for providers with partial_capture.",
+    )
+
+
 class RefundRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -409,6 +424,9 @@ class PaymentResponse(BaseModel):
     amount: int
     currency: str
     provider: str
+    amount_captured: int | None = Field(
+        default=None, description="What was captured, when only part of the amount was"
+    )
     amount_refunded: int = 0
     amount_pending_refund: int = 0
     receipt_url: str | None = None

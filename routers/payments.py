@@ -23,6 +23,7 @@ from app.deps import (
 from app.openapi import OPTIONAL_TOKEN
 from models.payment import (
     PAYMENT_ID_PATTERN,
+    CaptureRequest,
     CreateIntentRequest,
     IntentResponse,
     PaymentHistoryResponse,
@@ -87,7 +88,9 @@ ReceiptUserCaller = Annotated[Caller, Depends(Access(RateLimit("receipt", 30), n
 ReceiptPdfUserCaller = Annotated[
     Caller, Depends(Access(RateLimit("receipt-pdf", 10), need=Need.USER))
 ]
-WebhookCaller = Annotated[Caller, Depends(Access(RateLimit("webhook", 100)))]
+# A provider's webhook signs with its own Authorization header (Vipps MobilePay's HMAC): the
+# signature is the authentication, and the header is never read as our bearer token.
+WebhookCaller = Annotated[Caller, Depends(Access(RateLimit("webhook", 100), bearer=False))]
 CaptureCaller = Annotated[Caller, Depends(Access(RateLimit("capture", 10)))]
 CancelCaller = Annotated[Caller, Depends(Access(RateLimit("cancel", 10)))]
 RefundAdminCaller = Annotated[Caller, Depends(Access(RateLimit("refund", 10), need=Need.ADMIN))]
@@ -252,13 +255,19 @@ async def history(
     "/{payment_id}/capture",
     response_model=PaymentResponse,
     responses=problems(*_COMMON, 402, 409, 502),
-    summary="Capture an authorized payment",
+    summary="Capture an authorized payment, all of it or part of it",
     openapi_extra=OPTIONAL_TOKEN,
 )
 async def capture(
-    payment_id: PaymentIdPath, caller: CaptureCaller, operations: OperationsDep
+    payment_id: PaymentIdPath,
+    caller: CaptureCaller,
+    operations: OperationsDep,
+    body: CaptureRequest | None = None,
 ) -> Response:
-    return _json(await operations.capture(_checked_id(payment_id), caller.user), caller)
+    captured = await operations.capture(
+        _checked_id(payment_id), caller.user, amount=body.amount if body else None
+    )
+    return _json(captured, caller)
 
 
 @router.post(

@@ -107,6 +107,12 @@ class RefundExceedsBalance(ServiceError):
     title = "The refund is larger than what is left to refund"
 
 
+class CaptureExceedsAmount(ServiceError):
+    status = 422
+    code = "capture_exceeds_amount"
+    title = "The capture is larger than the payment's authorized amount"
+
+
 class IdempotencyKeyReused(ServiceError):
     status = 422
     code = "idempotency_key_reused"

@@ -15,8 +15,14 @@ from models.payment import (
     RefundRequest,
 )
 from models.user import User
-from services.errors import InvalidStateTransition, PaymentNotFound, ProviderUnavailable
-from services.payment_providers.base import BasePaymentProvider
+from services.errors import (
+    CaptureExceedsAmount,
+    InvalidStateTransition,
+    OperationNotSupported,
+    PaymentNotFound,
+    ProviderUnavailable,
+)
+from services.payment_providers.base import BasePaymentProvider, Capability
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
 from services.refunds import RefundAnswer, RefundService
@@ -78,22 +84,50 @@ class PaymentOperations:
             raise
 
     async def capture(
-        self, payment_id: str, user: User | None, *, provider_name: str | None = None
+        self,
+        payment_id: str,
+        user: User | None,
+        *,
+        provider_name: str | None = None,
+        amount: int | None = None,
     ) -> PaymentResponse:
-        """Capture an authorized payment. Capturing a paid payment again answers its state."""
+        """Capture an authorized payment: all of it, or ``amount`` minor units of it where
+        the provider can capture part (the rest is released). Capturing a paid payment again
+        answers its state, unless it asks for another amount than was captured."""
         if provider_name is not None:
             expected = self.providers.get_configured(provider_name)
             if not expected.can_handle_payment_id(payment_id):
                 raise PaymentNotFound(f"No {provider_name} payment {payment_id!r}")
         provider = self.providers.for_payment_id(payment_id)
         record = await self._state.visible(payment_id, user)
+        if amount is not None:
+            if amount > record.amount:
+                raise CaptureExceedsAmount(
+                    f"At most {record.amount} minor units can be captured",
+                    extra={"amount": record.amount},
+                )
+            if amount == record.amount:
+                amount = None  # all of it: an ordinary capture, whoever the provider is
+            elif Capability.PARTIAL_CAPTURE not in provider.capabilities:
+                raise OperationNotSupported(
+                    f"{provider.display_name} captures the whole amount only"
+                )
         if record.status.is_paid:
+            captured = record.amount_captured or record.amount
+            if amount is not None and amount != captured:
+                raise InvalidStateTransition(
+                    f"The payment was captured already, for {captured} minor units"
+                )
             return payment_response(record)
         if record.status in _FINAL_UNPAID:
             raise InvalidStateTransition(f"A {record.status} payment cannot be captured")
+        # One key per payment, whatever the amount: a retry after a lost answer can never
+        # capture a second time.
         state = await self._operate(
             provider,
-            partial(provider.capture, payment_id, idempotency_key=f"capture-{payment_id}"),
+            partial(
+                provider.capture, payment_id, idempotency_key=f"capture-{payment_id}", amount=amount
+            ),
             record,
         )
         return payment_response(await self._state.apply(record, state, cause="api:capture"))

@@ -119,6 +119,19 @@ class PaymentStateService:
                 "The provider reports a different amount for this payment",
                 provider=record.provider,
             )
+        if state.amount_captured is not None and not 0 < state.amount_captured <= record.amount:
+            log.error(
+                "payment.captured_amount_mismatch",
+                extra={
+                    "payment_id": record.payment_id,
+                    "expected_at_most": record.amount,
+                    "provider_said": state.amount_captured,
+                },
+            )
+            raise ProviderUpstreamError(
+                "The provider reports a captured amount this payment cannot have",
+                provider=record.provider,
+            )
         # Refunds are records of their own, moved by the provider's word on each refund: a
         # payment the provider calls (partially) refunded is, to the payment's own state, paid.
         target = state.status
@@ -132,6 +145,8 @@ class PaymentStateService:
         fields: dict[str, str | int | None] = {
             "capture_id": state.capture_id,
             "payment_method": state.payment_method,
+            # Only a capture of part of the amount is recorded: refunds are limited to it.
+            "amount_captured": _partial_capture(record, state),
         }
         result = await self._store.transition(
             record.payment_id, target, cause=cause, event_id=event_id, fields=fields
@@ -284,9 +299,15 @@ class PaymentStateService:
         return record
 
 
+def _partial_capture(record: PaymentRecord, state: PaymentState) -> int | None:
+    captured = state.amount_captured
+    return captured if captured is not None and captured < record.amount else None
+
+
 def _says_nothing_new(record: PaymentRecord, state: PaymentState, target: PaymentStatus) -> bool:
     return (
         target is record.status
         and state.capture_id in (None, record.capture_id)
         and state.payment_method in (None, record.payment_method)
+        and _partial_capture(record, state) in (None, record.amount_captured)
     )

@@ -254,7 +254,9 @@ if not status then return {'missing', ''} end
 if status ~= 'succeeded' and status ~= 'partially_refunded' and status ~= 'refunded' then
   return {'unpaid', status}
 end
-local total = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+-- What was taken: a partial capture's amount, else the whole amount.
+local total = tonumber(redis.call('HGET', KEYS[1], 'amount_captured')
+  or redis.call('HGET', KEYS[1], 'amount'))
 local refunded = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
 local pending = tonumber(redis.call('HGET', KEYS[1], 'amount_pending_refund') or '0')
 local left = total - refunded - pending
@@ -325,7 +327,8 @@ if outcome == 'applied' then
   redis.call('RPUSH', KEYS[4], cjson.encode(entry))
   changed = true
   local refunded = tonumber(redis.call('HGET', KEYS[1], 'amount_refunded') or '0')
-  local total = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+  local total = tonumber(redis.call('HGET', KEYS[1], 'amount_captured')
+    or redis.call('HGET', KEYS[1], 'amount'))
   local target = nil
   if refunded >= total then
     target = 'refunded'

@@ -21,6 +21,7 @@ def payment_response(record: PaymentRecord) -> PaymentResponse:
         amount=record.amount,
         currency=record.currency,
         provider=record.provider,
+        amount_captured=record.amount_captured,
         amount_refunded=record.amount_refunded,
         amount_pending_refund=record.amount_pending_refund,
         receipt_url=(

@@ -76,6 +76,24 @@ class TestCaptureAndCancel:
         twice = await client.post(f"/api/v1/payment/{payment_id}/capture")
         assert twice.status_code == 200 and twice.json()["status"] == "succeeded"
 
+    async def test_part_of_the_amount_needs_a_provider_that_captures_part(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        payment = await create_payment(client, capture_method="manual")
+        payment_id = payment["payment_id"]
+        await pay_in_sandbox(client, payment_id)
+        await client.post("/api/v1/payment/verify", json={"payment_id": payment_id})
+        part = await client.post(f"/api/v1/payment/{payment_id}/capture", json={"amount": 100})
+        assert_problem(part, 422, "operation_not_supported")
+        too_much = payment["amount"] + 1
+        over = await client.post(f"/api/v1/payment/{payment_id}/capture", json={"amount": too_much})
+        assert_problem(over, 422, "capture_exceeds_amount")
+        whole = payment["amount"]
+        captured = await client.post(
+            f"/api/v1/payment/{payment_id}/capture", json={"amount": whole}
+        )
+        assert captured.json()["status"] == "succeeded"
+
     async def test_cancel_open_payment(self, client: httpx.AsyncClient) -> None:
         payment = await create_payment(client)
         canceled = await client.post(f"/api/v1/payment/{payment['payment_id']}/cancel")

@@ -179,6 +179,9 @@ class PaymentState:
     status: PaymentStatus
     amount: int | None = None
     currency: str | None = None
+    # What was captured, where the provider can capture part of the amount (None: all of it,
+    # once paid). Refunds are limited to it.
+    amount_captured: int | None = None
     capture_id: str | None = None
     payment_method: str | None = None  # e.g. "card", a wallet: how the customer paid
     vendor_status: str | None = None  # the vendor's own word, for logs

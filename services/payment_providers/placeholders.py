@@ -52,13 +52,6 @@ class UnavailableProvider(BasePaymentProvider):
         return HealthStatus(healthy=False, message="no integration available")
 
 
-class MobilePayProvider(UnavailableProvider):
-    name = "mobilepay"
-    display_name = "MobilePay"
-    id_prefixes = ("mp_",)
-    capabilities = frozenset({Capability.WALLET, Capability.REDIRECT})
-
-
 class GooglePayProvider(UnavailableProvider):
     name = "googlepay"
     display_name = "Google Pay"
