@@ -27,6 +27,9 @@ _BODY_ERRORS = {
 # is still a 401): FastAPI documents every security dependency as required; this extra
 # requirement, the empty one, is merged into the operation's list and says "or none".
 OPTIONAL_TOKEN: dict[str, Any] = {"security": [{}]}
+# For the routes whose request the sender's signature authenticates (provider webhooks): no
+# bearer token is read there at all (Authorization may carry the vendor's own scheme).
+SIGNATURE_ONLY: dict[str, Any] = {"x-authentication": "signature of the sender"}
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -50,6 +53,8 @@ def _problems_everywhere(schema: dict[str, Any]) -> None:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for path in schema.get("paths", {}).values():
         for operation in path.values():
+            if "x-authentication" in operation:
+                operation["security"] = []
             responses = operation.setdefault("responses", {})
             if "requestBody" in operation:
                 for status, description in _BODY_ERRORS.items():

@@ -20,7 +20,7 @@ from app.deps import (
     RateLimit,
     ReceiptsDep,
 )
-from app.openapi import OPTIONAL_TOKEN
+from app.openapi import OPTIONAL_TOKEN, SIGNATURE_ONLY
 from models.payment import (
     PAYMENT_ID_PATTERN,
     CaptureRequest,
@@ -207,7 +207,7 @@ async def receipt_pdf(
     response_model=dict[str, Any],
     responses=problems(400, 404, 413, 422, 429, 503),
     summary="Provider webhooks; the signature is the authentication",
-    openapi_extra=OPTIONAL_TOKEN,
+    openapi_extra=SIGNATURE_ONLY,
 )
 async def webhook(
     provider: Annotated[str, Path(pattern=r"^[a-z0-9_\-]{1,64}$")],

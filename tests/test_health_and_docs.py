@@ -230,6 +230,8 @@ class TestApiDescription:
         assert create["security"] == [{"HTTPBearer": []}, {}]
         receipt = schema["paths"]["/api/v1/payment/receipt/{payment_id}"]["get"]
         assert receipt["security"] == [{"HTTPBearer": []}]
+        webhook = schema["paths"]["/api/v1/payment/webhook/{provider}"]["post"]
+        assert webhook["security"] == []  # the sender's signature, never our token
         # Every error is a problem document; a body can be malformed, too large or invalid.
         for status in ("400", "413", "422"):
             assert create["responses"][status]["content"] == {
