@@ -27,6 +27,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "sandbox": "services.payment_providers.sandbox:SandboxProvider",
     "stripe": "services.payment_providers.stripe:StripeProvider",
     "paypal": "services.payment_providers.paypal:PayPalProvider",
+    "paddle": "services.payment_providers.paddle:PaddleProvider",
     "mobilepay": "services.payment_providers.placeholders:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
