@@ -171,6 +171,7 @@ class Fault:
     kind: FaultKind
     path_prefix: str | None = None
     retry_after: int | None = None
+    method: str | None = None
 
 
 @dataclass
@@ -243,14 +244,16 @@ class FakePaddle:
         *,
         path_prefix: str | None = None,
         retry_after: int | None = None,
+        method: str | None = None,
     ) -> None:
-        """Make the next ``times`` calls (optionally only those under ``path_prefix``) answer
+        """Make the next ``times`` calls (optionally only those under ``path_prefix``, or of
+        ``method``) answer
         429 (with ``Retry-After`` when given), 500, 503, 401, or hang until ``release_hangs``
         (or ``hang_limit_s``): ``hang`` before doing anything, ``hang_after`` once the work
         is done (the answer is what is lost)."""
         with self._lock:
             for _ in range(times):
-                self._faults.append(Fault(kind, path_prefix, retry_after))
+                self._faults.append(Fault(kind, path_prefix, retry_after, method))
 
     def release_hangs(self) -> None:
         self._release.set()
@@ -404,7 +407,7 @@ class FakePaddle:
         check_response = True
         extra_headers: dict[str, str] = {}
         try:
-            await self._inject_fault(path, after=False)
+            await self._inject_fault(method, path, after=False)
             self._authenticate(headers.get("authorization"))
             operation, violations = self._spec.check_request(method, path, query, headers, raw)
             if violations:
@@ -424,13 +427,22 @@ class FakePaddle:
                 status, answer = handler(record.body, operation.path_params, dict(parse_qsl(query)))
             answer.setdefault("meta", {})["request_id"] = request_id
             content = json.dumps(answer).encode()
-            await self._inject_fault(path, after=True)
+            await self._inject_fault(method, path, after=True)
         except PaddleError as error:
             status, content = error.status, json.dumps(error.body(request_id)).encode()
             extra_headers = error.headers
         record.status = status
         if check_response:
-            problems = self._spec.check_response(method, path, query, headers, raw, status, content)
+            problems = self._spec.check_response(
+                method,
+                path,
+                query,
+                headers,
+                raw,
+                status,
+                content,
+                {"Request-Id": request_id, **extra_headers},
+            )
             if problems:
                 with self._lock:
                     self.violations.extend(problems)
@@ -450,7 +462,7 @@ class FakePaddle:
         if not hmac.compare_digest(key.encode(), self.api_key.encode()):
             raise PaddleError("invalid_token")
 
-    async def _inject_fault(self, path: str, *, after: bool) -> None:
+    async def _inject_fault(self, method: str, path: str, *, after: bool) -> None:
         with self._lock:
             fault = next(
                 (
@@ -458,6 +470,7 @@ class FakePaddle:
                     for f in self._faults
                     if (f.kind == "hang_after") == after
                     and (f.path_prefix is None or path.startswith(f.path_prefix))
+                    and (f.method is None or f.method == method)
                 ),
                 None,
             )

@@ -203,12 +203,15 @@ class PaddleSpec:
         body: bytes,
         status: int,
         response_body: bytes,
+        response_headers: Mapping[str, str] | None = None,
     ) -> list[Violation]:
         """Every way the fake's own answer departs from the description."""
         if self.operation(method, path) is None or status in UNDECLARED_STATUSES:
             return []
         request = self._mock_request(method, path, query, headers, body)
-        response = MockResponse(response_body, status_code=status)
+        response = MockResponse(
+            response_body, status_code=status, headers=dict(response_headers or {})
+        )
         try:
             self._api.validate_response(request, response)
         except Exception as error:
