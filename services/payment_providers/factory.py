@@ -36,6 +36,7 @@ BUILTIN_PROVIDERS: Mapping[str, str] = {
     "authorizenet": "services.payment_providers.authorizenet:AuthorizeNetProvider",
     "flutterwave": "services.payment_providers.flutterwave:FlutterwaveProvider",
     "paystack": "services.payment_providers.paystack:PaystackProvider",
+    "paddle": "services.payment_providers.paddle:PaddleProvider",
     "mobilepay": "services.payment_providers.mobilepay:MobilePayProvider",
     "googlepay": "services.payment_providers.placeholders:GooglePayProvider",
     "applepay": "services.payment_providers.placeholders:ApplePayProvider",
