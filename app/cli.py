@@ -182,6 +182,19 @@ async def _mappings_lookup(provider: str, entity: str, some_id: str) -> int:
         return 0
 
 
+async def _mappings_link(provider: str, entity: str, local_id: str, external_id: str) -> int:
+    """Map one of our IDs to the provider's (a plan to a Paddle price, a LemonSqueezy
+    variant), both ways."""
+    from services.payment_store import PaymentStore
+
+    async with _platform() as (manager, configs):
+        manager.current.get(provider)
+        store = PaymentStore(configs.redis, prefix=configs.prefix)
+        await store.link(provider, entity, local_id, external_id)
+        print(f"linked {provider} {entity} {local_id} -> {external_id}")
+        return 0
+
+
 async def _rotate_secrets() -> int:
     async with _platform() as (_, configs):
         print(f"re-encrypted {await configs.rotate_secrets()} stored configuration(s)")
@@ -267,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     lookup.add_argument("entity")
     lookup.add_argument("id")
     lookup.set_defaults(handler=lambda a: asyncio.run(_mappings_lookup(a.provider, a.entity, a.id)))
+    link = mapping_commands.add_parser(
+        "link", help="e.g. link paddle plan pro pri_01h...: our ID -> the provider's"
+    )
+    link.add_argument("provider")
+    link.add_argument("entity")
+    link.add_argument("local_id")
+    link.add_argument("external_id")
+    link.set_defaults(
+        handler=lambda a: asyncio.run(
+            _mappings_link(a.provider, a.entity, a.local_id, a.external_id)
+        )
+    )
 
     args = parser.parse_args(argv)
     try:

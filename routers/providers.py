@@ -9,6 +9,8 @@ from fastapi import APIRouter, Path, Query, Response
 from app.deps import Admin, ProviderAdminDep
 from routers.docs import problems
 from services.provider_admin import (
+    MappingIn,
+    MappingOut,
     MappingPage,
     ProviderConfigIn,
     ProviderConfigPatch,
@@ -53,6 +55,16 @@ async def put_routing(
     ] = False,
 ) -> RoutingConfig:
     return await admin.set_routing(body, force=force)
+
+
+@router.put(
+    "/mappings",
+    response_model=MappingOut,
+    responses=problems(401, 403, 422),
+    summary="Map one of our IDs to the provider's (a plan to a Paddle price, a variant)",
+)
+async def link_mapping(body: MappingIn, _admin: Admin, admin: ProviderAdminDep) -> MappingOut:
+    return await admin.link(body)
 
 
 @router.get(

@@ -224,6 +224,9 @@ return 1
 
 # KEYS: ours -> theirs hash, theirs -> ours hash (one slot). ARGV: our ID, their ID.
 _MAPPING_LUA = """
+-- A new link of the same ID of ours replaces the old: the old reverse entry goes with it.
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+if previous and previous ~= ARGV[2] then redis.call('HDEL', KEYS[2], previous) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 return 1

@@ -104,6 +104,18 @@ class MappingOut(BaseModel):
     external_id: str
 
 
+class MappingIn(BaseModel):
+    """One of our IDs and the provider's for the same thing: a plan and a Paddle price or a
+    LemonSqueezy variant, say."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(pattern=r"^[a-z0-9_\-]{1,64}$")
+    entity: str = Field(pattern=r"^[a-z_]{1,32}$")
+    local_id: str = Field(min_length=1, max_length=256)
+    external_id: str = Field(min_length=1, max_length=256)
+
+
 class MappingPage(BaseModel):
     items: list[MappingOut]
     next_cursor: int | None
@@ -322,6 +334,14 @@ class ProviderAdmin:
         return MappingPage(
             items=[MappingOut(**asdict(item)) for item in items], next_cursor=next_cursor or None
         )
+
+    async def link(self, mapping: MappingIn) -> MappingOut:
+        """Map our ID to the provider's, both ways (a later link of the same ID replaces it)."""
+        self._provider_class(mapping.provider)
+        await self._store.link(
+            mapping.provider, mapping.entity, mapping.local_id, mapping.external_id
+        )
+        return MappingOut(**mapping.model_dump())
 
     # -- reconciliation and health ---------------------------------------------------------
 

@@ -96,3 +96,41 @@ class TestMappings:
             assert f"external_id={payment['payment_id']}" in found.stdout
         missing = await cli("provider-mappings", "lookup", "sandbox", "payment", "ord_none")
         assert missing.returncode == 1
+
+        linked = await cli("provider-mappings", "link", "paddle", "plan", "pro", "pri_01cli")
+        assert linked.returncode == 0, linked.stderr
+        assert await app.state.store.external_id("paddle", "plan", "pro") == "pri_01cli"
+
+
+class TestLinking:
+    async def test_an_admin_maps_a_plan_to_a_vendor_price(
+        self, client: httpx.AsyncClient, app: Any, token: Any
+    ) -> None:
+        admin = bearer(token("ops", admin=True))
+        url = "/api/v1/providers/mappings"
+        body = {"provider": "paddle", "entity": "plan", "local_id": "pro", "external_id": "pri_1"}
+        linked = await client.put(url, json=body, headers=admin)
+        assert linked.status_code == 200, linked.text
+        assert linked.json() == body
+        # Linked again to another price: the old one no longer leads back to the plan.
+        await client.put(url, json={**body, "external_id": "pri_2"}, headers=admin)
+        store = app.state.store
+        assert await store.external_id("paddle", "plan", "pro") == "pri_2"
+        assert await store.local_id("paddle", "plan", "pri_2") == "pro"
+        assert await store.local_id("paddle", "plan", "pri_1") is None
+
+    async def test_refused(self, client: httpx.AsyncClient, token: Any) -> None:
+        url = "/api/v1/providers/mappings"
+        body = {"provider": "paddle", "entity": "plan", "local_id": "pro", "external_id": "pri_1"}
+        assert_problem(await client.put(url, json=body), 401, "not_authenticated")
+        user = bearer(token("alice"))
+        assert_problem(await client.put(url, json=body, headers=user), 403, "forbidden")
+        admin = bearer(token("ops", admin=True))
+        for bad in (
+            {**body, "provider": "nope"},
+            {**body, "entity": "Plan!"},
+            {**body, "external_id": ""},
+            {**body, "extra": 1},
+        ):
+            response = await client.put(url, json=bad, headers=admin)
+            assert response.status_code == 422, (bad, response.text)
