@@ -17,7 +17,12 @@ from models.payment import PaymentHistoryResponse, PaymentRecord, PaymentRespons
 from models.user import User
 from services.access import owned_by, seen_by
 from services.errors import PaymentNotFound, ProviderUpstreamError
-from services.payment_providers.base import BasePaymentProvider, PaymentState, WebhookEvent
+from services.payment_providers.base import (
+    BasePaymentProvider,
+    CardDetails,
+    PaymentState,
+    WebhookEvent,
+)
 from services.payment_store import PaymentStore, TransitionOutcome
 from services.refunds import RefundService
 from services.views import payment_response
@@ -132,6 +137,7 @@ class PaymentStateService:
         fields: dict[str, str | int | None] = {
             "capture_id": state.capture_id,
             "payment_method": state.payment_method,
+            **_card_fields(state.card),
         }
         result = await self._store.transition(
             record.payment_id, target, cause=cause, event_id=event_id, fields=fields
@@ -231,6 +237,8 @@ class PaymentStateService:
                     payment_id=record.payment_id,
                     status=event.status,
                     capture_id=event.capture_id,
+                    payment_method=event.payment_method,
+                    card=event.card,
                 )
             else:
                 state = await self._guard.run(
@@ -285,8 +293,23 @@ class PaymentStateService:
 
 
 def _says_nothing_new(record: PaymentRecord, state: PaymentState, target: PaymentStatus) -> bool:
+    card = state.card
     return (
         target is record.status
         and state.capture_id in (None, record.capture_id)
         and state.payment_method in (None, record.payment_method)
+        and (
+            card is None
+            or (
+                card.brand in (None, record.card_brand)
+                and card.last4 in (None, record.card_last4)
+                and card.wallet in (None, record.wallet)
+            )
+        )
     )
+
+
+def _card_fields(card: CardDetails | None) -> dict[str, str | None]:
+    if card is None:
+        return {}
+    return {"card_brand": card.brand, "card_last4": card.last4, "wallet": card.wallet}
