@@ -37,9 +37,9 @@ from services.receipt_document import Seller
 from services.receipt_ledger import ReceiptLedger
 from services.receipt_service import ReceiptConfig, ReceiptService
 from services.receipt_signing import signing_material
-from services.tax import TaxPolicy, vat_country
 from services.reconciler import Reconciler
 from services.refunds import RefundService
+from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 

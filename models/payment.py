@@ -290,9 +290,9 @@ class Buyer(BaseModel):
     @classmethod
     def _compact(cls, value: object) -> object:
         # "DE 123 456 789" and "de123456789" are the same id.
-        return value.replace(" ", "").replace(".", "").replace("-", "") if isinstance(
-            value, str
-        ) else value
+        if isinstance(value, str):
+            return value.replace(" ", "").replace(".", "").replace("-", "").upper()
+        return value
 
 
 class CreateIntentRequest(BaseModel):

@@ -93,9 +93,7 @@ class PaymentReceipts:
         document = await self.renderer.receipt(record, plan, facts)
         tax = self.renderer.tax_lines(record, plan)
         fmt = Formatter(self.renderer.config.locale)
-        credit_notes = (
-            await self._credit_notes(record, tax) if record.amount_refunded > 0 else []
-        )
+        credit_notes = await self._credit_notes(record, tax) if record.amount_refunded > 0 else []
         return ReceiptResponse(
             payment_id=record.payment_id,
             receipt_number=document.number,
@@ -119,7 +117,9 @@ class PaymentReceipts:
 
     async def _credit_notes(self, record: PaymentRecord, tax: TaxLines) -> list[CreditNoteView]:
         views = []
-        for refund, before in _succeeded_with_running_total(await self._store.refunds(record.payment_id)):
+        for refund, before in _succeeded_with_running_total(
+            await self._store.refunds(record.payment_id)
+        ):
             document = await self._credit_note_document(record, refund, before)
             views.append(
                 CreditNoteView(

@@ -215,7 +215,9 @@ def check_number_format(template: str) -> str:
     try:
         format_number(template, 2026, 1)
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"a document number format may use only {{year}} and {{seq}}: {error}")
+        raise ValueError(
+            f"a document number format may use only {{year}} and {{seq}}: {error}"
+        ) from error
     return template
 
 
@@ -300,4 +302,51 @@ def _entry_fields(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-PdfReader = Callable[[LedgerDocument], bytes | None]
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """What ``verify`` found: how much it checked, and the first entry that does not match
+    (None when everything does)."""
+
+    entries: int
+    documents: int
+    mismatch: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatch is None
+
+
+async def verify(ledger: ReceiptLedger, read_pdf: Callable[[str], bytes | None]) -> ChainReport:
+    """Walk the chain from its first entry: each must link to the one before and hash to
+    what it says; then each document's newest version must be the PDF stored for it
+    (``read_pdf(doc_id)``: its bytes, None when missing). Names the first mismatch."""
+    entries = await ledger.chain()
+    previous = GENESIS
+    newest: dict[str, ChainEntry] = {}
+    for position, entry in enumerate(entries):
+        where = f"entry {position} ({entry.number} v{entry.version})"
+        if entry.index != position:
+            return ChainReport(position, len(newest), f"{where}: index says {entry.index}")
+        if entry.prev != previous:
+            return ChainReport(position, len(newest), f"{where}: does not link to entry before")
+        if entry.expected_hash() != entry.hash:
+            return ChainReport(position, len(newest), f"{where}: its hash does not match")
+        before = newest.get(entry.doc_id)
+        if entry.version != (before.version + 1 if before else 1):
+            return ChainReport(position, len(newest), f"{where}: version out of sequence")
+        newest[entry.doc_id] = entry
+        previous = entry.hash
+    documents = await ledger.all_documents()
+    for doc_id, entry in newest.items():
+        where = f"entry {entry.index} ({entry.number} v{entry.version})"
+        held = documents.get(doc_id)
+        if held is None or held.sha256 != entry.pdf_sha256 or held.number != entry.number:
+            return ChainReport(len(entries), len(newest), f"{where}: the ledger's record differs")
+        data = read_pdf(doc_id)
+        if data is None:
+            return ChainReport(len(entries), len(newest), f"{where}: the stored PDF is missing")
+        if hashlib.sha256(data).hexdigest() != entry.pdf_sha256:
+            return ChainReport(
+                len(entries), len(newest), f"{where}: the stored PDF does not match its hash"
+            )
+    return ChainReport(len(entries), len(newest))

@@ -31,7 +31,6 @@ from services.tax import TaxLines, TaxPolicy, refunded_tax
 log = logging.getLogger("payments.receipts")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Document:
     """A rendered receipt or credit note, as served: its number, bytes and their hash."""
@@ -66,6 +65,14 @@ class _ByteCache:
         while self._size > self._max:
             _, evicted = self._items.popitem(last=False)
             self._size -= len(evicted.data)
+
+
+def document_path(directory: Path, doc_id: str) -> Path:
+    """Where a receipt (by payment id) or credit note (by refund id) is stored. The IDs are
+    validated to [A-Za-z0-9_-], so they are safe file names; a two-level fan-out keeps
+    directories small."""
+    shard = hashlib.sha256(doc_id.encode()).hexdigest()[:2]
+    return directory / shard / f"{doc_id}.pdf"
 
 
 def new_render_pool(workers: int) -> ProcessPoolExecutor:
@@ -156,10 +163,7 @@ class ReceiptService:
     # -- documents -------------------------------------------------------------------------
 
     def path_for(self, doc_id: str) -> Path:
-        # Payment and refund IDs are validated to [A-Za-z0-9_-], so they are safe file names;
-        # a two-level fan-out keeps directories small.
-        shard = hashlib.sha256(doc_id.encode()).hexdigest()[:2]
-        return self._directory / shard / f"{doc_id}.pdf"
+        return document_path(self._directory, doc_id)
 
     def tax_lines(self, record: PaymentRecord, plan: Plan) -> TaxLines:
         return self._config.tax.lines(record, plan)
@@ -168,9 +172,7 @@ class ReceiptService:
         """The document if this process holds it, else None (no I/O)."""
         return self._cache.get(doc_id)
 
-    async def receipt(
-        self, record: PaymentRecord, plan: Plan, provider: ProviderFacts
-    ) -> Document:
+    async def receipt(self, record: PaymentRecord, plan: Plan, provider: ProviderFacts) -> Document:
         """The payment's receipt: from memory, from disk, or numbered and rendered now."""
         paid_at = record.paid_at or record.updated_at
         config = self._config

@@ -58,7 +58,7 @@ def _signer(material: SigningMaterial) -> Any:
     return signers.SimpleSigner(
         signing_cert=certs[0],
         signing_key=key,
-        cert_registry=SimpleCertificateStore.from_certs(certs),
+        cert_registry=SimpleCertificateStore.from_certs(certs),  # type: ignore[no-untyped-call]
     )
 
 

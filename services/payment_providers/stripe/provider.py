@@ -217,7 +217,7 @@ class StripeProvider(BasePaymentProvider):
         self._publishable_key = publishable_key
         self._webhook_secret = webhook_secret or None
         # Stripe's test-mode keys (secret or restricted) move no real money.
-        self._test_mode = bool(secret_key) and secret_key.startswith(("sk_test_", "rk_test_"))
+        self._test_mode = (secret_key or "").startswith(("sk_test_", "rk_test_"))
         self._retry_policy = retry_policy or RetryPolicy()
         self._http: _HTTPX2Client | None = None
         self._client: stripe.StripeClient | None = None
