@@ -132,9 +132,7 @@ def _memory(pids: list[int]) -> dict[str, int]:
 class _Receipts:
     """One ReceiptService over a pool of ``processes`` render processes."""
 
-    def __init__(
-        self, settings: Settings, processes: int, directory: Path, redis_url: str
-    ) -> None:
+    def __init__(self, settings: Settings, processes: int, directory: Path, redis_url: str) -> None:
         self.pool = new_render_pool(processes)
         self.redis = Redis.from_url(redis_url, decode_responses=True)
         self.service = ReceiptService(
