@@ -739,3 +739,28 @@ def test_replace_keeps_config_fields(tmp_path: Path) -> None:
     settings = make_settings("redis://127.0.0.1:1/0", tmp_path)
     config = replace(receipt_config(settings), directory=tmp_path / "x", render_workers=2)
     assert config.render_workers == 2 and config.locale == "en"
+
+
+class TestStripeCardDetails:
+    def test_brand_last4_and_wallet_from_the_charge(self) -> None:
+        # The shape of Stripe's Charge.payment_method_details.card (API reference, Charges).
+        from services.payment_providers.base import CardDetails
+        from services.payment_providers.stripe.transformers import state_from_payment_intent
+
+        intent = {
+            "id": "pi_1",
+            "status": "succeeded",
+            "amount": 2900,
+            "currency": "eur",
+            "latest_charge": {
+                "id": "ch_1",
+                "captured": True,
+                "payment_method_details": {
+                    "type": "card",
+                    "card": {"brand": "visa", "last4": "4242", "wallet": {"type": "apple_pay"}},
+                },
+            },
+        }
+        state = state_from_payment_intent(intent)
+        assert state.card == CardDetails(brand="visa", last4="4242", wallet="apple_pay")
+        assert state.payment_method == "card"
