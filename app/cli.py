@@ -1,4 +1,4 @@
-"""`payments`: the service's command line (serve, token, providers, secrets)."""
+"""`payments`: the service's command line (serve, token, providers, secrets, receipts)."""
 
 from __future__ import annotations
 
@@ -201,6 +201,37 @@ async def _rotate_secrets() -> int:
     return 0
 
 
+async def _receipts_verify() -> int:
+    """Walk the receipts' hash chain and the stored PDFs; exit 1 naming the first mismatch."""
+    from app.settings import Settings
+    from services.payment_store import redis_client
+    from services.receipt_ledger import ReceiptLedger, verify
+    from services.receipt_service import document_path
+
+    settings = Settings()
+    redis = redis_client(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout_s=settings.redis_timeout_seconds,
+    )
+
+    def read_pdf(doc_id: str) -> bytes | None:
+        try:
+            return document_path(settings.receipts_dir, doc_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    try:
+        report = await verify(ReceiptLedger(redis, prefix=settings.redis_key_prefix), read_pdf)
+    finally:
+        await redis.aclose()
+    if report.mismatch is not None:
+        print(f"MISMATCH {report.mismatch}")
+        return 1
+    print(f"ok: {report.entries} chain entries, {report.documents} documents match")
+    return 0
+
+
 def _secrets_key(_: argparse.Namespace) -> int:
     from cryptography.fernet import Fernet
 
@@ -268,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "secrets-key", help="print a new key for PROVIDER_SECRETS_KEY"
     ).set_defaults(handler=_secrets_key)
+
+    receipts = commands.add_parser("receipts", help="receipts and credit notes")
+    receipt_commands = receipts.add_subparsers(dest="action", required=True)
+    receipt_commands.add_parser(
+        "verify", help="check the hash chain and the stored PDFs; exit 1 on a mismatch"
+    ).set_defaults(handler=lambda _: asyncio.run(_receipts_verify()))
 
     mappings = commands.add_parser("provider-mappings", help="our IDs <-> the providers' IDs")
     mapping_commands = mappings.add_subparsers(dest="action", required=True)

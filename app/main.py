@@ -35,9 +35,13 @@ from services.payment_store import PaymentStore, key_values, redis_client
 from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
+from services.receipt_document import Seller
+from services.receipt_ledger import ReceiptLedger
 from services.receipt_service import ReceiptConfig, ReceiptService
+from services.receipt_signing import signing_material
 from services.reconciler import Reconciler
 from services.refunds import RefundService
+from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 
@@ -88,7 +92,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await redis.aclose()
         raise StoredConfigsUnreadable(f"refusing to start in production: {unreadable.reason}")
-    receipts = ReceiptService(receipt_config(settings), executor=app.state.receipt_executor)
+    receipts = ReceiptService(
+        receipt_config(settings),
+        ReceiptLedger(redis, prefix=settings.redis_key_prefix),
+        executor=app.state.receipt_executor,
+    )
     guard = ProviderGuard(
         redis,
         key_prefix=settings.redis_key_prefix,
@@ -108,8 +116,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     reconcile_after_s = settings.reconcile_schedule[0] if settings.reconcile_enabled else None
     catalogue = Catalogue(settings.plans)
     claims = IdempotencyClaims(store, lease_s=settings.idempotency_lease_seconds)
-    refunds = RefundService(store, providers, guard, claims, reconcile_after_s=reconcile_after_s)
     payment_receipts = PaymentReceipts(store, providers, catalogue, receipts)
+    refunds = RefundService(
+        store,
+        providers,
+        guard,
+        claims,
+        reconcile_after_s=reconcile_after_s,
+        on_succeeded=payment_receipts.credit_note_soon,
+    )
     payment_state = PaymentStateService(
         store, providers, guard, refunds, on_paid=payment_receipts.render_soon
     )
@@ -125,6 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         providers,
         guard,
         claims,
+        tax=tax_policy(settings),
     )
     operations = PaymentOperations(
         payment_state, store, providers, guard, refunds, reconcile_after_s=reconcile_after_s
@@ -138,7 +154,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch=settings.reconcile_batch,
     )
     app.state.store = store
-    app.state.provider_admin = ProviderAdmin(manager, configs, store, guard, reconciler)
+    app.state.provider_admin = ProviderAdmin(
+        manager, configs, store, guard, reconciler, receipts_signed=receipts.signed
+    )
     app.state.checkout = checkout
     app.state.payment_state = payment_state
     app.state.operations = operations
@@ -172,12 +190,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         collector.restore()
 
 
+def tax_policy(settings: Settings) -> TaxPolicy:
+    seller_country = settings.merchant_country or (
+        vat_country(settings.merchant_vat_id) if settings.merchant_vat_id else None
+    )
+    return TaxPolicy(
+        default_rate=settings.tax_rate,
+        name=settings.tax_name,
+        prices_include_tax=settings.prices_include_tax,
+        reverse_charge_enabled=settings.reverse_charge_enabled,
+        seller_country=seller_country,
+    )
+
+
 def receipt_config(settings: Settings) -> ReceiptConfig:
+    key = settings.receipt_signing_key
     return ReceiptConfig(
-        merchant_name=settings.merchant_name,
-        merchant_address=settings.merchant_address,
-        merchant_vat_id=settings.merchant_vat_id,
+        seller=Seller(
+            name=settings.merchant_name,
+            address=settings.merchant_address,
+            vat_id=settings.merchant_vat_id,
+            email=settings.merchant_email,
+            website=settings.merchant_website,
+        ),
         directory=settings.receipts_dir,
+        tax=tax_policy(settings),
+        locale=settings.receipt_locale,
+        receipt_number_format=settings.receipt_number_format,
+        credit_note_number_format=settings.credit_note_number_format,
+        signing=signing_material(
+            key.get_secret_value() if key else None, settings.receipt_signing_cert
+        ),
         render_workers=settings.receipt_render_workers,
         memory_cache_bytes=settings.receipt_memory_cache_bytes,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.payment import CataloguePlan, SandboxBehaviour
+from services.receipt_ledger import check_number_format
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - refused in production
 
@@ -63,9 +65,31 @@ class Settings(BaseSettings):
     payment_provider: str = "sandbox"
     payment_plans: dict[str, dict[str, object]] = Field(default_factory=lambda: DEFAULT_PLANS)
 
+    # The seller named on receipts and credit notes.
     merchant_name: str = "Example Merchant Ltd"
     merchant_address: str = "1 Example Street, 10115 Berlin, Germany"
     merchant_vat_id: str | None = None
+    # ISO 3166 alpha-2; where reverse charge compares the buyer's VAT id with. Defaults to
+    # the country prefix of MERCHANT_VAT_ID.
+    merchant_country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    merchant_email: str | None = None
+    merchant_website: str | None = None
+    # Gapless per series and year; {year} and {seq} (e.g. {seq:06d}) are filled in.
+    receipt_number_format: str = "R-{year}-{seq:06d}"
+    credit_note_number_format: str = "CN-{year}-{seq:06d}"
+    receipt_locale: Literal["en", "de"] = "en"
+    # Tax on receipts: TAX_RATE percent (a plan's own tax_rate in PAYMENT_PLANS wins), named
+    # TAX_NAME. With PRICES_INCLUDE_TAX the catalogue price is what the buyer pays, tax
+    # included; without it, tax is added on top at checkout.
+    prices_include_tax: bool = True
+    tax_rate: Decimal = Field(default=Decimal(0), ge=0, lt=100)
+    tax_name: str = Field(default="VAT", min_length=1, max_length=40)
+    # No tax charged to a buyer who gives a VAT id of another country than the seller's.
+    reverse_charge_enabled: bool = False
+    # PAdES signatures on receipts and credit notes: a PEM private key and its PEM
+    # certificate (chain), as text or as a path to a file. Unsigned without them.
+    receipt_signing_key: SecretStr | None = None
+    receipt_signing_cert: str | None = None
     receipts_dir: Path = Path("var/receipts")
     receipt_render_workers: int = Field(default=1, ge=1, le=32)
     receipt_warm_up: bool = True
@@ -132,6 +156,17 @@ class Settings(BaseSettings):
     # Faults for every sandbox payment that brings none of its own (JSON, as create-intent's
     # `sandbox` object), e.g. {"fail": "unavailable"} to rehearse a provider outage.
     sandbox_behaviour: dict[str, Any] | None = None
+
+    @field_validator("receipt_number_format", "credit_note_number_format")
+    @classmethod
+    def _number_format(cls, value: str) -> str:
+        return check_number_format(value)
+
+    @model_validator(mode="after")
+    def _signing_needs_both(self) -> Settings:
+        if bool(self.receipt_signing_key) != bool(self.receipt_signing_cert):
+            raise ValueError("RECEIPT_SIGNING_KEY and RECEIPT_SIGNING_CERT go together")
+        return self
 
     @field_validator("redis_key_prefix")
     @classmethod

@@ -861,8 +861,16 @@ def main(argv: list[str] | None = None) -> int:
             run.cluster.stop()
             run.cluster = None
         if "render" in parts:
-            log("receipt rendering (servers stopped)")
-            figures = asyncio.run(run_render_bench(run.settings, mode.render, workdir, log))
+            log("receipt rendering (servers stopped; an idle redis-server for the ledger)")
+            # The receipts' numbers and hash chain live in Redis: a fresh, idle server.
+            ledger_redis = RedisServer(workdir / "redis-ledger")
+            ledger_redis.start()
+            try:
+                figures = asyncio.run(
+                    run_render_bench(run.settings, mode.render, workdir, log, ledger_redis.url)
+                )
+            finally:
+                ledger_redis.stop()
             render_rows(run, figures)
     finally:
         if run.redis is not None:

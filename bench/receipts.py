@@ -18,15 +18,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 from app.main import receipt_config
 from app.settings import Settings
 from models.payment import PaymentRecord, PaymentStatus, Plan
 from services import receipt_render
+from services.receipt_document import ProviderFacts, receipt_context
+from services.receipt_ledger import ReceiptLedger
 from services.receipt_service import ReceiptService, new_render_pool
 
 from .procs import read_memory_kb
 
 PLAN = Plan(code="pro", name="Pro", amount=2900, currency="EUR")
+PROVIDER = ProviderFacts(display_name="Sandbox")
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,12 @@ def _memory(pids: list[int]) -> dict[str, int]:
 class _Receipts:
     """One ReceiptService over a pool of ``processes`` render processes."""
 
-    def __init__(self, settings: Settings, processes: int, directory: Path) -> None:
+    def __init__(self, settings: Settings, processes: int, directory: Path, redis_url: str) -> None:
         self.pool = new_render_pool(processes)
+        self.redis = Redis.from_url(redis_url, decode_responses=True)
         self.service = ReceiptService(
             replace(receipt_config(settings), directory=directory, render_workers=processes),
+            ReceiptLedger(self.redis, prefix=f"bench:{processes}:"),
             executor=self.pool,
         )
 
@@ -140,16 +147,30 @@ class _Receipts:
             await asyncio.gather(*(self.render() for _ in range(warm_renders)))
 
     async def render(self) -> bytes:
-        return await self.service.pdf(_record(datetime.now(UTC)), PLAN)
+        """A fresh payment's receipt: numbered, rendered, entered in the chain."""
+        document = await self.service.receipt(_record(datetime.now(UTC)), PLAN, PROVIDER)
+        return document.data
 
     def context(self) -> dict[str, Any]:
         """The template context the service builds for a fresh receipt (same HTML)."""
         record = _record(datetime.now(UTC))
-        return self.service._context(self.service.info(record, PLAN), record)
+        config = self.service.config
+        return receipt_context(
+            record,
+            PLAN,
+            number="R-2026-000001",
+            tax=config.tax.lines(record, PLAN),
+            seller=config.seller,
+            provider=PROVIDER,
+            locale=config.locale,
+        )
 
     def close(self) -> None:
         self.service.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
 
 
 def _timed(function: Callable[[], Any]) -> float:
@@ -165,10 +186,16 @@ async def _timed_async(coroutine: Any) -> float:
 
 
 async def run_render_bench(
-    settings: Settings, config: RenderConfig, workdir: Path, log: Callable[[str], None]
+    settings: Settings,
+    config: RenderConfig,
+    workdir: Path,
+    log: Callable[[str], None],
+    redis_url: str,
 ) -> RenderFigures:
+    """``redis_url``: where the receipts' ledger (numbers, hash chain) lives, as in the
+    service: each of the service's first renders includes its two ledger round trips."""
     figures = RenderFigures()
-    one = _Receipts(settings, 1, workdir / "receipts-1")
+    one = _Receipts(settings, 1, workdir / "receipts-1", redis_url)
     try:
         # What RECEIPT_WARM_UP does (start the process, import, build fonts and CSS), and
         # the same for the bare renderer here.
@@ -220,7 +247,7 @@ async def run_render_bench(
         figures.rss_late = _memory(_pool_pids(one.pool))
         figures.rss_counts = (early, mid, rendered)
 
-        two = _Receipts(settings, 2, workdir / "receipts-2")
+        two = _Receipts(settings, 2, workdir / "receipts-2", redis_url)
         spinners = {n: new_render_pool(n) for n in (1, 2)}
         try:
             await two.start(warm_renders=4)
@@ -246,8 +273,10 @@ async def run_render_bench(
                     _add(figures.calibration, processes, count, time.perf_counter() - started)
         finally:
             two.close()
+            await two.aclose()
             for pool in spinners.values():
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         one.close()
+        await one.aclose()
     return figures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -88,6 +89,17 @@ class Plan(BaseModel):
     name: str = Field(min_length=1, max_length=120)
     amount: int = Field(gt=0, description="Price in minor units of the currency")
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+    tax_rate: Decimal | None = Field(
+        default=None, ge=0, lt=100, description="Percent; TAX_RATE when not given"
+    )
+
+
+class TaxTreatment(StrEnum):
+    """How a sale was taxed, decided at checkout and printed on its receipt."""
+
+    STANDARD = "standard"  # tax at the rate recorded with the payment
+    NO_TAX = "no_tax"  # the rate is 0
+    REVERSE_CHARGE = "reverse_charge"  # the buyer, VAT-registered in another country, owes it
 
 
 class CataloguePlan(BaseModel):
@@ -100,6 +112,9 @@ class CataloguePlan(BaseModel):
     code: PlanCode
     name: str = Field(min_length=1, max_length=120)
     prices: dict[CurrencyCode, Annotated[int, Field(gt=0, strict=True)]] = Field(min_length=1)
+    tax_rate: Decimal | None = Field(
+        default=None, ge=0, lt=100, description="Percent; TAX_RATE when not given"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -129,7 +144,13 @@ class CataloguePlan(BaseModel):
 
     def at(self, currency: str) -> Plan:
         """This plan at its price in ``currency`` (one it has)."""
-        return Plan(code=self.code, name=self.name, amount=self.prices[currency], currency=currency)
+        return Plan(
+            code=self.code,
+            name=self.name,
+            amount=self.prices[currency],
+            currency=currency,
+            tax_rate=self.tax_rate,
+        )
 
 
 class HistoryEntry(BaseModel):
@@ -175,6 +196,20 @@ class PaymentRecord(BaseModel):
     created_at: datetime
     updated_at: datetime
     paid_at: datetime | None = None
+    # For the receipt. The buyer as the client gave it at create-intent (never used for
+    # amounts); the tax decided then; how the customer paid, where the provider tells; and
+    # whether the money was test money (a sandbox or a vendor's test mode).
+    buyer_name: str | None = None
+    buyer_address: str | None = None
+    buyer_country: str | None = None
+    buyer_vat_id: str | None = None
+    tax_rate: Decimal | None = None
+    tax_amount: int | None = None
+    tax_treatment: TaxTreatment | None = None
+    card_brand: str | None = None
+    card_last4: str | None = None
+    wallet: str | None = None
+    test_mode: bool = False
 
 
 class RefundHistoryEntry(BaseModel):
@@ -280,6 +315,50 @@ class SandboxBehaviour(BaseModel):
         return value
 
 
+_Line = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class Buyer(BaseModel):
+    """Who buys, as the receipt names them. Printed, never used for amounts; a VAT id may
+    make the sale reverse charge where the service allows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: _Line | None = None
+    address: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+        | None
+    ) = Field(default=None, description="Postal address; lines separated by newlines")
+    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = Field(
+        default=None, description="ISO 3166-1 alpha-2"
+    )
+    vat_id: (
+        Annotated[
+            str,
+            StringConstraints(
+                strip_whitespace=True, to_upper=True, pattern=r"^[A-Z]{2}[A-Z0-9+*]{2,13}$"
+            ),
+        ]
+        | None
+    ) = Field(default=None, description="VAT id with its country prefix, e.g. FR12345678901")
+
+    @field_validator("name", "address")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # Newlines separate address lines; no other control characters reach the PDF.
+        if value is not None and any(ord(c) < 32 and c != "\n" for c in value):
+            raise ValueError("control characters are not allowed")
+        return value
+
+    @field_validator("vat_id", mode="before")
+    @classmethod
+    def _compact(cls, value: object) -> object:
+        # "DE 123 456 789" and "de123456789" are the same id.
+        if isinstance(value, str):
+            return value.replace(" ", "").replace(".", "").replace("-", "").upper()
+        return value
+
+
 class CreateIntentRequest(BaseModel):
     """Body of create-intent. Any amount a client sends is ignored: prices come from the
     server-side plan catalogue only (``currency`` chooses among the plan's prices)."""
@@ -302,6 +381,9 @@ class CreateIntentRequest(BaseModel):
             "ISO 4217 code of the plan price to pay (case-insensitive); the plan's first "
             "price when omitted. It picks one of the catalogue's prices, never sets an amount."
         ),
+    )
+    buyer: Buyer | None = Field(
+        default=None, description="The buyer's name, address and VAT id, for the receipt"
     )
     ui_mode: Literal["hosted", "embedded"] | None = Field(
         default=None, description="Stripe only: hosted Checkout (default) or embedded Elements"
@@ -335,7 +417,7 @@ class CreateIntentRequest(BaseModel):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that make two requests the same request, for idempotency."""
-        return {
+        fields: dict[str, Any] = {
             "plan": self.plan,
             "provider": self.provider_name,
             "return_url": str(self.return_url) if self.return_url else None,
@@ -347,6 +429,9 @@ class CreateIntentRequest(BaseModel):
             # Only when given: a key claimed before currencies existed keeps its fingerprint.
             **({"currency": self.currency} if self.currency else {}),
         }
+        if self.buyer is not None:  # absent: the same fingerprint as before buyers existed
+            fields["buyer"] = self.buyer.model_dump()
+        return fields
 
 
 class VerifyRequest(BaseModel):
@@ -474,18 +559,48 @@ class PaymentHistoryResponse(BaseModel):
     transitions: list[HistoryEntry]
 
 
+class TaxView(BaseModel):
+    """A document's tax lines, in minor units: net + tax == gross."""
+
+    name: str
+    rate: Decimal = Field(description="Percent")
+    treatment: TaxTreatment
+    net: int
+    tax: int
+    gross: int
+
+
+class CreditNoteView(BaseModel):
+    number: str
+    refund_id: str
+    amount: int
+    currency: str
+    tax: TaxView
+    pdf_url: str
+    pdf_sha256: str
+
+
 class ReceiptResponse(BaseModel):
     payment_id: str
     receipt_number: str
+    document: Literal["receipt", "payment_confirmation"] = Field(
+        description="payment_confirmation where a merchant of record sold (its tax receipt)"
+    )
+    merchant_of_record: str | None = None
+    test: bool = Field(description="Test money: the PDF carries a TEST mark")
     plan: str
     plan_name: str
     amount: int
     currency: str
     amount_formatted: str
+    tax: TaxView
     payment_method: str
     status: PaymentStatus
     paid_at: datetime
     pdf_url: str
+    pdf_sha256: str = Field(description="SHA-256 of the PDF's bytes, as the hash chain holds")
+    signed: bool = Field(description="The PDF carries a PAdES signature")
+    credit_notes: list[CreditNoteView] = Field(default_factory=list)
 
 
 class Problem(BaseModel):

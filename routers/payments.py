@@ -191,6 +191,10 @@ async def receipt_pdf(
     payment_id: PaymentIdPath, caller: ReceiptPdfUserCaller, receipts: ReceiptsDep
 ) -> Response:
     filename, data = await receipts.receipt_pdf(_checked_id(payment_id), caller.signed_in)
+    return _pdf(filename, data, caller)
+
+
+def _pdf(filename: str, data: bytes, caller: Caller) -> Response:
     return Response(
         data,
         media_type="application/pdf",
@@ -200,6 +204,29 @@ async def receipt_pdf(
             **caller.headers,
         },
     )
+
+
+@router.get(
+    "/{payment_id}/refunds/{refund_id}/pdf",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/pdf": {}}, "description": "The credit note PDF"},
+        **problems(*_COMMON),
+    },
+    summary="Download a succeeded refund's credit note (owner or admin)",
+)
+async def credit_note_pdf(
+    payment_id: PaymentIdPath,
+    refund_id: Annotated[str, Path(max_length=256)],
+    caller: ReceiptPdfUserCaller,
+    receipts: ReceiptsDep,
+) -> Response:
+    if not re.fullmatch(PAYMENT_ID_PATTERN, refund_id):
+        raise PaymentNotFound("No credit note for this refund")
+    filename, data = await receipts.credit_note_pdf(
+        _checked_id(payment_id), refund_id, caller.signed_in
+    )
+    return _pdf(filename, data, caller)
 
 
 @router.post(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from models.payment import (
@@ -40,6 +40,7 @@ from services.idempotency import IdempotencyClaims
 from services.money import format_amount
 from services.payment_providers.base import BasePaymentProvider, IntentRequest, IntentResult
 from services.payment_store import IdempotencyAnswer, PaymentStore
+from services.tax import Sale, TaxPolicy
 
 if TYPE_CHECKING:
     from services.payment_providers.factory import PaymentProviderFactory
@@ -70,8 +71,11 @@ class CheckoutService:
         providers: Callable[[], PaymentProviderFactory],
         guard: ProviderGuard,
         claims: IdempotencyClaims,
+        *,
+        tax: TaxPolicy | None = None,
     ) -> None:
         self._config = config
+        self._tax = tax or TaxPolicy()
         self._catalogue = catalogue
         self._store = store
         self._providers = providers
@@ -182,6 +186,10 @@ class CheckoutService:
         """Create at the first provider that can take it, then store the payment and (with a
         key) the answer to replay, in one round trip."""
         reference = f"ord_{secrets.token_hex(12)}"
+        # Tax is decided once, here, and recorded for the receipt; where prices exclude it
+        # the provider charges the price with tax added.
+        sale = self._tax.sale(plan, body.buyer)
+        plan = sale.charged(plan)
         options = body.provider_options()
         # The client's email, else the signed-in user's from the token (vendors that need one,
         # as Paystack, refuse without it: CustomerEmailRequired).
@@ -217,6 +225,7 @@ class CheckoutService:
             attempts=attempts,
             created_at=now,
             updated_at=now,
+            **_receipt_facts(body, sale, test_mode=provider.test_mode),
         )
         response = IntentResponse(
             payment_id=record.payment_id,
@@ -324,6 +333,22 @@ class CheckoutService:
             )
             return provider, result, attempts
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _receipt_facts(body: CreateIntentRequest, sale: Sale, *, test_mode: bool) -> dict[str, Any]:
+    """What the payment's receipt will print besides the price: the buyer as given, the tax
+    decided for this sale, and whether it is test money."""
+    buyer = body.buyer
+    return {
+        "buyer_name": buyer.name if buyer else None,
+        "buyer_address": buyer.address if buyer else None,
+        "buyer_country": buyer.country if buyer else None,
+        "buyer_vat_id": buyer.vat_id if buyer else None,
+        "tax_rate": sale.rate,
+        "tax_amount": sale.tax,
+        "tax_treatment": sale.treatment,
+        "test_mode": test_mode,
+    }
 
 
 def _ms_since(started: float) -> float:

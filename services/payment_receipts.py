@@ -1,26 +1,47 @@
-"""Receipts as the API serves them: to the payment's owner or an admin only, for a paid
-payment, rendered ahead of the first download when a payment becomes paid."""
+"""Receipts and credit notes as the API serves them: to the payment's owner or an admin only,
+for a paid payment (a succeeded refund), rendered ahead of the first download when a payment
+becomes paid (a refund succeeds)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
-from models.payment import PaymentRecord, ReceiptResponse
+from models.payment import (
+    CreditNoteView,
+    PaymentRecord,
+    ReceiptResponse,
+    RefundRecord,
+    RefundStatus,
+    TaxView,
+)
 from models.user import User
 from services.access import owned_by
 from services.catalogue import Catalogue
-from services.errors import ReceiptNotAvailable
+from services.errors import PaymentNotFound, ReceiptNotAvailable, UnknownProvider
 from services.payment_store import PaymentStore
-from services.receipt_service import ReceiptService
+from services.receipt_document import Formatter, ProviderFacts, payment_method_line
+from services.receipt_service import Document, ReceiptService
+from services.tax import TaxLines, refunded_tax
 from services.views import API_PREFIX
 
 if TYPE_CHECKING:
     from services.payment_providers.factory import PaymentProviderFactory
 
 log = logging.getLogger("payments.receipts")
+
+
+def _tax_view(lines: TaxLines) -> TaxView:
+    return TaxView(
+        name=lines.name,
+        rate=lines.rate,
+        treatment=lines.treatment,
+        net=lines.net,
+        tax=lines.tax,
+        gross=lines.gross,
+    )
 
 
 class PaymentReceipts:
@@ -37,6 +58,18 @@ class PaymentReceipts:
         self.renderer = renderer
         self._background: set[asyncio.Task[None]] = set()
 
+    def _provider_facts(self, record: PaymentRecord) -> ProviderFacts:
+        """The payment's provider as its documents name it; a provider no longer installed
+        is named as the payment recorded it."""
+        try:
+            provider = self._providers().get(record.provider)
+        except UnknownProvider:
+            return ProviderFacts(display_name=record.provider)
+        return ProviderFacts(
+            display_name=provider.display_name,
+            merchant_of_record=type(provider).merchant_of_record,
+        )
+
     async def _owned(self, payment_id: str, user: User) -> PaymentRecord:
         self._providers().for_payment_id(payment_id)
         return owned_by(await self._store.get(payment_id), payment_id, user)
@@ -47,44 +80,138 @@ class PaymentReceipts:
             raise ReceiptNotAvailable(f"A {record.status} payment has no receipt")
         return record
 
+    async def _receipt(self, record: PaymentRecord) -> Document:
+        plan = self._catalogue.plan_of(record)
+        return await self.renderer.receipt(record, plan, self._provider_facts(record))
+
     async def receipt(self, payment_id: str, user: User) -> ReceiptResponse:
         record = await self._receipt_record(payment_id, user)
-        info = self.renderer.info(record, self._catalogue.plan_of(record))
+        plan = self._catalogue.plan_of(record)
+        facts = self._provider_facts(record)
+        # From memory when this process has it; otherwise the ledger's number and the stored
+        # PDF (rendered now if the background render has not run).
+        document = await self.renderer.receipt(record, plan, facts)
+        tax = self.renderer.tax_lines(record, plan)
+        fmt = Formatter(self.renderer.config.locale)
+        credit_notes = await self._credit_notes(record, tax) if record.amount_refunded > 0 else []
         return ReceiptResponse(
             payment_id=record.payment_id,
-            receipt_number=info.receipt_number,
+            receipt_number=document.number,
+            document="payment_confirmation" if facts.merchant_of_record else "receipt",
+            merchant_of_record=facts.merchant_of_record,
+            test=record.test_mode,
             plan=record.plan,
-            plan_name=info.plan.name,
+            plan_name=plan.name,
             amount=record.amount,
             currency=record.currency,
-            amount_formatted=info.amount_formatted,
-            payment_method=info.payment_method,
+            amount_formatted=fmt.amount(record.amount, record.currency),
+            tax=_tax_view(tax),
+            payment_method=payment_method_line(record, fmt.text),
             status=record.status,
-            paid_at=info.paid_at,
+            paid_at=record.paid_at or record.updated_at,
             pdf_url=f"{API_PREFIX}/receipt/{record.payment_id}/pdf",
+            pdf_sha256=document.sha256,
+            signed=self.renderer.signed,
+            credit_notes=credit_notes,
+        )
+
+    async def _credit_notes(self, record: PaymentRecord, tax: TaxLines) -> list[CreditNoteView]:
+        views = []
+        for refund, before in _succeeded_with_running_total(
+            await self._store.refunds(record.payment_id)
+        ):
+            document = await self._credit_note_document(record, refund, before)
+            views.append(
+                CreditNoteView(
+                    number=document.number,
+                    refund_id=refund.refund_id,
+                    amount=refund.amount,
+                    currency=refund.currency,
+                    tax=_tax_view(refunded_tax(tax, before, refund.amount)),
+                    pdf_url=f"{API_PREFIX}/{record.payment_id}/refunds/{refund.refund_id}/pdf",
+                    pdf_sha256=document.sha256,
+                )
+            )
+        return views
+
+    async def _credit_note_document(
+        self, record: PaymentRecord, refund: RefundRecord, refunded_before: int
+    ) -> Document:
+        return await self.renderer.credit_note(
+            record,
+            self._catalogue.plan_of(record),
+            refund,
+            refunded_before=refunded_before,
+            provider=self._provider_facts(record),
         )
 
     async def receipt_pdf(self, payment_id: str, user: User) -> tuple[str, bytes]:
-        # The record is read on every download: a refund that succeeded since the last one
-        # changes what the receipt says (ReceiptService.key_of), on whichever worker it did.
+        # A cached receipt costs the record's read (who may see it) and nothing else.
         record = await self._receipt_record(payment_id, user)
-        info = self.renderer.info(record, self._catalogue.plan_of(record))
-        data = await self.renderer.pdf(record, info.plan)
-        return f"receipt-{info.receipt_number}.pdf", data
+        document = await self._receipt(record)
+        return f"receipt-{document.number}.pdf", document.data
 
-    def render_soon(self, record: PaymentRecord) -> None:
-        task = asyncio.create_task(self._render_receipt(record))
+    async def credit_note_pdf(
+        self, payment_id: str, refund_id: str, user: User
+    ) -> tuple[str, bytes]:
+        """The credit note of a succeeded refund; any other refund id is not found."""
+        record = await self._owned(payment_id, user)
+        for refund, before in _succeeded_with_running_total(await self._store.refunds(payment_id)):
+            if refund.refund_id == refund_id:
+                document = await self._credit_note_document(record, refund, before)
+                return f"credit-note-{document.number}.pdf", document.data
+        raise PaymentNotFound("No credit note for this refund")
+
+    # -- ahead of the first download ------------------------------------------------------
+
+    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def render_soon(self, record: PaymentRecord) -> None:
+        """A payment became paid: number and render its receipt now."""
+        self._soon(self._render_receipt(record))
+
+    def credit_note_soon(self, record: PaymentRecord, refund: RefundRecord) -> None:
+        """A refund succeeded: number and render its credit note now."""
+        self._soon(self._render_credit_notes(record.payment_id))
+
     async def _render_receipt(self, record: PaymentRecord) -> None:
         try:
-            await self.renderer.ensure(record, self._catalogue.plan_of(record))
+            await self._receipt(record)
         except Exception:
             # The receipt is rendered on first download instead; nothing is lost.
             log.exception("receipt.render_failed", extra={"payment_id": record.payment_id})
 
+    async def _render_credit_notes(self, payment_id: str) -> None:
+        try:
+            record = await self._store.get(payment_id)
+            if record is None or not record.status.is_paid:
+                return
+            for refund, before in _succeeded_with_running_total(
+                await self._store.refunds(payment_id)
+            ):
+                await self._credit_note_document(record, refund, before)
+        except Exception:
+            log.exception("credit_note.render_failed", extra={"payment_id": payment_id})
+
     async def drain(self, grace_s: float = 30.0) -> None:
-        """Let receipt renders in flight finish before shutdown."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=grace_s)
+        """Let renders in flight finish before shutdown."""
+        while self._background:
+            done, _ = await asyncio.wait(set(self._background), timeout=grace_s)
+            if not done:
+                return
+
+
+def _succeeded_with_running_total(
+    refunds: list[RefundRecord],
+) -> list[tuple[RefundRecord, int]]:
+    """Succeeded refunds, oldest first, each with the sum refunded before it."""
+    running = 0
+    result = []
+    for refund in refunds:
+        if refund.status is RefundStatus.SUCCEEDED:
+            result.append((refund, running))
+            running += refund.amount
+    return result

@@ -17,7 +17,12 @@ from models.payment import PaymentHistoryResponse, PaymentRecord, PaymentRespons
 from models.user import User
 from services.access import owned_by, seen_by
 from services.errors import PaymentNotFound, ProviderUpstreamError
-from services.payment_providers.base import BasePaymentProvider, PaymentState, WebhookEvent
+from services.payment_providers.base import (
+    BasePaymentProvider,
+    CardDetails,
+    PaymentState,
+    WebhookEvent,
+)
 from services.payment_store import PaymentStore, TransitionOutcome
 from services.refunds import RefundService
 from services.views import payment_response
@@ -147,6 +152,7 @@ class PaymentStateService:
             "payment_method": state.payment_method,
             # Only a capture of part of the amount is recorded: refunds are limited to it.
             "amount_captured": _partial_capture(record, state),
+            **_card_fields(state.card),
         }
         result = await self._store.transition(
             record.payment_id, target, cause=cause, event_id=event_id, fields=fields
@@ -246,6 +252,8 @@ class PaymentStateService:
                     payment_id=record.payment_id,
                     status=event.status,
                     capture_id=event.capture_id,
+                    payment_method=event.payment_method,
+                    card=event.card,
                 )
             else:
                 state = await self._guard.run(
@@ -305,9 +313,24 @@ def _partial_capture(record: PaymentRecord, state: PaymentState) -> int | None:
 
 
 def _says_nothing_new(record: PaymentRecord, state: PaymentState, target: PaymentStatus) -> bool:
+    card = state.card
     return (
         target is record.status
         and state.capture_id in (None, record.capture_id)
         and state.payment_method in (None, record.payment_method)
         and _partial_capture(record, state) in (None, record.amount_captured)
+        and (
+            card is None
+            or (
+                card.brand in (None, record.card_brand)
+                and card.last4 in (None, record.card_last4)
+                and card.wallet in (None, record.wallet)
+            )
+        )
     )
+
+
+def _card_fields(card: CardDetails | None) -> dict[str, str | None]:
+    if card is None:
+        return {}
+    return {"card_brand": card.brand, "card_last4": card.last4, "wallet": card.wallet}

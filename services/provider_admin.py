@@ -157,8 +157,25 @@ class StoredConfigsHealth(BaseModel):
         )
 
 
+class ReceiptsHealth(BaseModel):
+    """Whether receipts and credit notes are signed (PAdES) on this service."""
+
+    signing: Literal["signed", "unsigned"]
+    message: str
+
+    @classmethod
+    def of(cls, signed: bool) -> ReceiptsHealth:
+        if signed:
+            return cls(signing="signed", message="PDFs are signed with RECEIPT_SIGNING_CERT")
+        return cls(
+            signing="unsigned",
+            message="RECEIPT_SIGNING_KEY and RECEIPT_SIGNING_CERT are not set: PDFs are unsigned",
+        )
+
+
 class AdminHealth(ServiceHealth):
     stored_configs: StoredConfigsHealth
+    receipts: ReceiptsHealth = Field(default_factory=lambda: ReceiptsHealth.of(False))
 
 
 # -- the service -------------------------------------------------------------------------------
@@ -172,7 +189,10 @@ class ProviderAdmin:
         store: PaymentStore,
         guard: ProviderGuard,
         reconciler: Reconciler,
+        *,
+        receipts_signed: bool = False,
     ) -> None:
+        self._receipts_signed = receipts_signed
         self._manager = manager
         self._configs = configs
         self._store = store
@@ -399,6 +419,7 @@ class ProviderAdmin:
             redis=redis,
             providers=providers,
             stored_configs=StoredConfigsHealth.of(unreadable),
+            receipts=ReceiptsHealth.of(self._receipts_signed),
         )
 
     async def _provider_health(self, provider: BasePaymentProvider) -> ProviderHealth:

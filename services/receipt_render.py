@@ -15,12 +15,15 @@ from typing import Any
 
 import jinja2
 
+from services.receipt_signing import SigningMaterial, sign_pdf
+
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+DOCUMENT_TEMPLATES = ("receipt.html", "credit_note.html")
 
 
 @dataclass
 class _Renderer:
-    template: jinja2.Template
+    environment: jinja2.Environment
     font_config: Any
     stylesheet: Any
     base_url: str
@@ -41,8 +44,10 @@ def init_worker(templates_dir: str = str(TEMPLATES_DIR)) -> None:
     font_config = FontConfiguration()
     # Passed as a CSS object, never inlined into the HTML: autoescaping would mangle it.
     stylesheet = CSS(filename=os.path.join(templates_dir, "receipt.css"), font_config=font_config)
+    for name in DOCUMENT_TEMPLATES:
+        environment.get_template(name)  # parsed once, here; cached by the environment
     _renderer = _Renderer(
-        template=environment.get_template("receipt.html"),
+        environment=environment,
         font_config=font_config,
         stylesheet=stylesheet,
         base_url=templates_dir,
@@ -50,13 +55,14 @@ def init_worker(templates_dir: str = str(TEMPLATES_DIR)) -> None:
 
 
 def render_pdf(context: dict[str, Any]) -> bytes:
-    """Render one receipt to PDF bytes."""
+    """Render one receipt or credit note (``context["template"]``) to PDF bytes."""
     from weasyprint import HTML
 
     if _renderer is None:
         init_worker()
     assert _renderer is not None
-    html = _renderer.template.render(**context)
+    template = _renderer.environment.get_template(context.get("template", "receipt.html"))
+    html = template.render(**context)
     document = HTML(string=html, base_url=_renderer.base_url)
     pdf: bytes = document.write_pdf(
         stylesheets=[_renderer.stylesheet], font_config=_renderer.font_config
@@ -64,9 +70,14 @@ def render_pdf(context: dict[str, Any]) -> bytes:
     return pdf
 
 
-def render_to_file(context: dict[str, Any], destination: str) -> bytes:
-    """Render and write atomically: a reader sees the whole PDF or none."""
+def render_to_file(
+    context: dict[str, Any], destination: str, signing: SigningMaterial | None = None
+) -> bytes:
+    """Render (and sign, with ``signing``), then write atomically: a reader sees the whole
+    PDF or none."""
     pdf = render_pdf(context)
+    if signing is not None:
+        pdf = sign_pdf(pdf, signing, reason=str(context.get("title", "")))
     path = Path(destination)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

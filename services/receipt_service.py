@@ -1,4 +1,5 @@
-"""Receipt PDFs: rendered once per paid payment, stored on disk, served from memory when hot."""
+"""Receipt and credit-note PDFs: numbered by the ledger, rendered once, entered in the hash
+chain, stored on disk and served from memory when hot."""
 
 from __future__ import annotations
 
@@ -6,69 +7,72 @@ import asyncio
 import hashlib
 import logging
 import multiprocessing
+import os
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.payment import PaymentRecord, Plan
+from models.payment import PaymentRecord, Plan, RefundRecord
 from services import receipt_render
-from services.money import format_amount
+from services.receipt_document import (
+    ProviderFacts,
+    Seller,
+    credit_note_context,
+    receipt_context,
+)
+from services.receipt_ledger import ReceiptLedger, Series
+from services.receipt_signing import SigningMaterial
+from services.tax import TaxLines, TaxPolicy, refunded_tax
 
 log = logging.getLogger("payments.receipts")
 
-# Labels for the payment-method line; unknown methods print as given.
-_METHOD_LABELS = {
-    "sandbox": "Sandbox test payment",
-    "card": "Card",
-    "paypal": "PayPal",
-    "link": "Link",
-}
-
 
 @dataclass(frozen=True, slots=True)
-class ReceiptInfo:
-    payment_id: str
-    receipt_number: str
-    plan: Plan
-    amount_formatted: str
-    payment_method: str
-    paid_at: datetime
+class Document:
+    """A rendered receipt or credit note, as served: its number, bytes and their hash."""
 
-
-def receipt_number(payment_id: str, paid_at: datetime) -> str:
-    """Stable per payment, so re-rendering never changes the number on the paper."""
-    digest = hashlib.sha256(payment_id.encode()).hexdigest()[:10].upper()
-    return f"R-{paid_at:%Y%m%d}-{digest}"
+    number: str
+    data: bytes
+    sha256: str
 
 
 class _ByteCache:
-    """A small LRU of recent PDFs, bounded in bytes."""
+    """A small LRU of recent documents, bounded in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, Document] = OrderedDict()
         self._size = 0
         self._max = max_bytes
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Document | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: str, value: bytes) -> None:
-        if len(value) > self._max:
+    def put(self, key: str, value: Document) -> None:
+        if len(value.data) > self._max:
             return
         old = self._items.pop(key, None)
         if old is not None:
-            self._size -= len(old)
+            self._size -= len(old.data)
         self._items[key] = value
-        self._size += len(value)
+        self._size += len(value.data)
         while self._size > self._max:
             _, evicted = self._items.popitem(last=False)
-            self._size -= len(evicted)
+            self._size -= len(evicted.data)
+
+
+def document_path(directory: Path, doc_id: str) -> Path:
+    """Where a receipt (by payment id) or credit note (by refund id) is stored. The IDs are
+    validated to [A-Za-z0-9_-], so they are safe file names; a two-level fan-out keeps
+    directories small."""
+    shard = hashlib.sha256(doc_id.encode()).hexdigest()[:2]
+    return directory / shard / f"{doc_id}.pdf"
 
 
 def new_render_pool(workers: int) -> ProcessPoolExecutor:
@@ -82,35 +86,58 @@ def new_render_pool(workers: int) -> ProcessPoolExecutor:
 
 @dataclass(frozen=True, slots=True)
 class ReceiptConfig:
-    """Who sells, where receipts are kept and how they are rendered."""
+    """Who sells, how tax and numbers read, where documents are kept and how rendered."""
 
-    merchant_name: str
-    merchant_address: str
-    merchant_vat_id: str | None
+    seller: Seller
     directory: Path
+    tax: TaxPolicy = field(default_factory=TaxPolicy)
+    locale: str = "en"
+    receipt_number_format: str = "R-{year}-{seq:06d}"
+    credit_note_number_format: str = "CN-{year}-{seq:06d}"
+    signing: SigningMaterial | None = None
     render_workers: int = 1
     memory_cache_bytes: int = 16 * 1024 * 1024
 
 
 class ReceiptService:
-    """Renders receipts in a process pool and stores them under ``RECEIPTS_DIR``.
+    """Renders receipts and credit notes in a process pool and stores them under
+    ``RECEIPTS_DIR``, each numbered by the ledger and entered in its hash chain.
 
-    Concurrent first requests for one receipt in a process share one render. Across
-    processes the atomic rename makes a duplicate render harmless: both write the same bytes.
+    A document is rendered once: later downloads come from memory or disk, and the ledger
+    keeps its number. Concurrent first requests for one document in a process share one
+    render; across processes the atomic rename and the deterministic output make a duplicate
+    render harmless (same bytes, and the chain enters the same bytes once).
     """
 
     def __init__(
-        self, config: ReceiptConfig, *, executor: ProcessPoolExecutor | None = None
+        self,
+        config: ReceiptConfig,
+        ledger: ReceiptLedger,
+        *,
+        executor: ProcessPoolExecutor | None = None,
     ) -> None:
         self._config = config
+        self._ledger = ledger
         self._directory = config.directory
         self._workers = config.render_workers
         # An executor handed in (one shared pool for many apps, as in the tests) is not ours
         # to shut down.
         self._pool: ProcessPoolExecutor | None = executor
         self._owns_pool = executor is None
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._inflight: dict[str, asyncio.Future[Document]] = {}
         self._cache = _ByteCache(config.memory_cache_bytes)
+
+    @property
+    def config(self) -> ReceiptConfig:
+        return self._config
+
+    @property
+    def ledger(self) -> ReceiptLedger:
+        return self._ledger
+
+    @property
+    def signed(self) -> bool:
+        return self._config.signing is not None
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -133,118 +160,166 @@ class ReceiptService:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    # -- receipts --------------------------------------------------------------------------
+    # -- documents -------------------------------------------------------------------------
 
-    def path_for(self, payment_id: str) -> Path:
-        # Payment IDs are validated to [A-Za-z0-9_-], so they are safe file names; a two-level
-        # fan-out keeps directories small.
-        shard = hashlib.sha256(payment_id.encode()).hexdigest()[:2]
-        return self._directory / shard / f"{payment_id}.pdf"
+    def path_for(self, doc_id: str) -> Path:
+        return document_path(self._directory, doc_id)
 
-    @staticmethod
-    def key_of(record: PaymentRecord) -> str:
-        """Which rendering of the receipt ``record`` needs: one per sum of succeeded refunds,
-        so that a receipt shows what went back once (and only once) it has."""
-        if record.amount_refunded <= 0:
-            return record.payment_id
-        return f"{record.payment_id}-r{record.amount_refunded}"
+    def tax_lines(self, record: PaymentRecord, plan: Plan) -> TaxLines:
+        return self._config.tax.lines(record, plan)
 
-    def info(self, record: PaymentRecord, plan: Plan) -> ReceiptInfo:
+    def in_memory(self, doc_id: str) -> Document | None:
+        """The document if this process holds it, else None (no I/O)."""
+        return self._cache.get(doc_id)
+
+    async def receipt(self, record: PaymentRecord, plan: Plan, provider: ProviderFacts) -> Document:
+        """The payment's receipt: from memory, from disk, or numbered and rendered now."""
         paid_at = record.paid_at or record.updated_at
-        return ReceiptInfo(
-            payment_id=record.payment_id,
-            receipt_number=receipt_number(record.payment_id, paid_at),
-            plan=plan,
-            amount_formatted=format_amount(record.amount, record.currency),
-            payment_method=_METHOD_LABELS.get(
-                record.payment_method or record.provider, record.payment_method or record.provider
-            ),
-            paid_at=paid_at,
+        config = self._config
+
+        def context(number: str) -> dict[str, Any]:
+            return receipt_context(
+                record,
+                plan,
+                number=number,
+                tax=self.tax_lines(record, plan),
+                seller=config.seller,
+                provider=provider,
+                locale=config.locale,
+            )
+
+        return await self._document(
+            record.payment_id,
+            kind="receipt",
+            series=Series.RECEIPT,
+            year=paid_at.year,
+            template=config.receipt_number_format,
+            context=context,
         )
 
-    def _context(self, info: ReceiptInfo, record: PaymentRecord) -> dict[str, Any]:
+    async def credit_note(
+        self,
+        record: PaymentRecord,
+        plan: Plan,
+        refund: RefundRecord,
+        *,
+        refunded_before: int,
+        provider: ProviderFacts,
+    ) -> Document:
+        """The credit note for one succeeded refund: it names the receipt it corrects (whose
+        number it allocates first if need be) and the tax that went back."""
+        receipt = await self.receipt(record, plan, provider)
         config = self._config
-        return {
-            "merchant": {
-                "name": config.merchant_name,
-                "address": config.merchant_address,
-                "vat_id": config.merchant_vat_id,
-            },
-            "receipt_number": info.receipt_number,
-            "paid_at": info.paid_at.strftime("%d %B %Y, %H:%M UTC"),
-            "plan_name": info.plan.name,
-            "plan_code": info.plan.code,
-            "amount": info.amount_formatted,
-            "currency": record.currency,
-            "payment_method": info.payment_method,
-            "provider": record.provider,
-            "payment_id": record.payment_id,
-            "customer_email": record.customer_email,
-            # Succeeded refunds only: a pending one has given nothing back yet.
-            "refunded": (
-                format_amount(record.amount_refunded, record.currency)
-                if record.amount_refunded > 0
-                else None
-            ),
-            "net": format_amount(record.amount - record.amount_refunded, record.currency),
-        }
+        tax = refunded_tax(self.tax_lines(record, plan), refunded_before, refund.amount)
 
-    def in_memory(self, payment_id: str) -> bytes | None:
-        """The receipt's bytes if this process holds them, else None (no I/O)."""
-        return self._cache.get(payment_id)
+        def context(number: str) -> dict[str, Any]:
+            return credit_note_context(
+                record,
+                plan,
+                refund,
+                number=number,
+                receipt_number=receipt.number,
+                tax=tax,
+                seller=config.seller,
+                provider=provider,
+                locale=config.locale,
+            )
 
-    async def pdf(self, record: PaymentRecord, plan: Plan) -> bytes:
-        """The receipt's bytes: from memory, from disk, or rendered now (once)."""
-        key = self.key_of(record)
-        cached = self._cache.get(key)
+        return await self._document(
+            refund.refund_id,
+            kind="credit_note",
+            series=Series.CREDIT_NOTE,
+            year=refund.updated_at.year,
+            template=config.credit_note_number_format,
+            context=context,
+        )
+
+    async def _document(
+        self,
+        doc_id: str,
+        *,
+        kind: str,
+        series: Series,
+        year: int,
+        template: str,
+        context: Callable[[str], dict[str, Any]],
+    ) -> Document:
+        cached = self._cache.get(doc_id)
         if cached is not None:
             return cached
-        path = self.path_for(key)
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            data = await self._render_once(record, plan)
-        self._cache.put(key, data)
-        return data
-
-    async def ensure(self, record: PaymentRecord, plan: Plan) -> None:
-        """Make sure the receipt exists on disk (called when a payment succeeds)."""
-        key = self.key_of(record)
-        if self._cache.get(key) is not None:
-            return
-        if await asyncio.to_thread(self.path_for(key).exists):
-            return
-        data = await self._render_once(record, plan)
-        self._cache.put(key, data)
-
-    async def _render_once(self, record: PaymentRecord, plan: Plan) -> bytes:
-        key = self.key_of(record)
-        pending = self._inflight.get(key)
+        pending = self._inflight.get(doc_id)
         if pending is not None:
             return await asyncio.shield(pending)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._inflight[key] = future
+        future: asyncio.Future[Document] = loop.create_future()
+        self._inflight[doc_id] = future
         try:
-            context = self._context(self.info(record, plan), record)
-            started = loop.time()
-            data = await loop.run_in_executor(
-                self._executor(), receipt_render.render_to_file, context, str(self.path_for(key))
-            )
-            log.info(
-                "receipt.rendered",
-                extra={
-                    "payment_id": key,
-                    "bytes": len(data),
-                    "ms": round((loop.time() - started) * 1000, 1),
-                },
-            )
-            future.set_result(data)
-            return data
+            document = await self._load_or_render(doc_id, kind, series, year, template, context)
+            self._cache.put(doc_id, document)
+            future.set_result(document)
+            return document
         except BaseException as error:
             future.set_exception(error)
             # Mark the exception retrieved when nobody else was waiting on it.
             future.exception()
             raise
         finally:
-            del self._inflight[key]
+            del self._inflight[doc_id]
+
+    async def _load_or_render(
+        self,
+        doc_id: str,
+        kind: str,
+        series: Series,
+        year: int,
+        template: str,
+        context: Callable[[str], dict[str, Any]],
+    ) -> Document:
+        # One round trip: the number this document has, or its next one.
+        entry = await self._ledger.number(
+            doc_id, series=series, year=year, template=template, kind=kind
+        )
+        path = self.path_for(doc_id)
+        try:
+            data: bytes | None = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            digest = hashlib.sha256(data).hexdigest()
+            if entry.sha256 is None or digest == entry.sha256:
+                if entry.sha256 is None:  # rendered, but the chain never heard of it
+                    await self._ledger.record(entry, digest, at=datetime.now(UTC))
+                return Document(entry.number, data, digest)
+            # Not the bytes the chain holds: keep them as evidence, never serve them, and
+            # render the document again as a new version.
+            log.error(
+                "receipt.tampered",
+                extra={"doc_id": doc_id, "number": entry.number, "sha256": digest},
+            )
+            await asyncio.to_thread(
+                os.replace, path, path.with_name(f"{path.name}.tampered-{digest[:12]}")
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        data = await loop.run_in_executor(
+            self._executor(),
+            receipt_render.render_to_file,
+            context(entry.number),
+            str(path),
+            self._config.signing,
+        )
+        digest = hashlib.sha256(data).hexdigest()
+        # A second round trip: the new bytes enter the chain (a new version if they differ).
+        recorded = await self._ledger.record(entry, digest, at=datetime.now(UTC))
+        log.info(
+            "receipt.rendered",
+            extra={
+                "payment_id": doc_id,
+                "kind": kind,
+                "number": entry.number,
+                "version": recorded.version,
+                "bytes": len(data),
+                "ms": round((loop.time() - started) * 1000, 1),
+            },
+        )
+        return Document(entry.number, data, digest)

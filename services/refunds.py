@@ -81,7 +81,9 @@ class RefundService:
         claims: IdempotencyClaims,
         *,
         reconcile_after_s: float | None,
+        on_succeeded: Callable[[PaymentRecord, RefundRecord], None] = lambda record, refund: None,
     ) -> None:
+        self._on_succeeded = on_succeeded  # e.g. render the refund's credit note
         self._store = store
         self._providers = providers
         self._guard = guard
@@ -282,6 +284,8 @@ class RefundService:
             log.warning("refund.transition_rejected", extra=log_extra)
         elif applied.outcome is TransitionOutcome.APPLIED:
             log.info("refund.transition", extra=log_extra)
+            if refund.status is RefundStatus.SUCCEEDED:
+                self._on_succeeded(record, refund)
         if refund.status is RefundStatus.PENDING:
             await self._follow_later(record.payment_id)
         return applied

@@ -269,10 +269,11 @@ class TestCreateIdempotencyOutlivesItsLease:
         assert len(created) == 1, "the retry started a second create"
 
 
-class TestReceiptShowsSucceededRefunds:
-    async def test_pending_refunds_are_not_on_it_succeeded_ones_are(
-        self, client: httpx.AsyncClient, admin: dict[str, str], token: Any
+class TestCreditNotesForSucceededRefunds:
+    async def test_pending_refunds_get_none_succeeded_ones_do(
+        self, client: httpx.AsyncClient, app: Any, admin: dict[str, str], token: Any
     ) -> None:
+        # The receipt never changes after it is issued: what went back is on a credit note.
         alice = bearer(token("alice"))
         payment = await create_payment(
             client,
@@ -281,15 +282,19 @@ class TestReceiptShowsSucceededRefunds:
         )
         payment_id = payment["payment_id"]
         await pay_in_sandbox(client, payment_id)
-        url = f"/api/v1/payment/receipt/{payment_id}/pdf"
-        assert "Refunded" not in _pdf_text((await client.get(url, headers=alice)).content)
+        url = f"/api/v1/payment/receipt/{payment_id}"
+        receipt = (await client.get(f"{url}/pdf", headers=alice)).content
         assert (await _refund(client, payment_id, admin, amount=900)).status_code == 202
-        # Pending: nothing went back yet, so the receipt says nothing of it.
-        assert "Refunded" not in _pdf_text((await client.get(url, headers=alice)).content)
+        # Pending: nothing went back yet, so there is no credit note.
+        assert (await client.get(url, headers=alice)).json()["credit_notes"] == []
         await _until_settled(client, payment_id, admin)
-        text = _pdf_text((await client.get(url, headers=alice)).content)
-        assert "Refunded" in text and "9.00" in text
-        assert "Net paid" in text and "20.00" in text
+        await app.state.receipts.drain()
+        meta = (await client.get(url, headers=alice)).json()
+        [note] = meta["credit_notes"]
+        assert note["amount"] == 900
+        text = _pdf_text((await client.get(note["pdf_url"], headers=alice)).content)
+        assert "Credit note" in text and "9.00" in text and meta["receipt_number"] in text
+        assert (await client.get(f"{url}/pdf", headers=alice)).content == receipt
 
 
 def _pdf_text(data: bytes) -> str:

@@ -168,6 +168,16 @@ class RefundResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CardDetails:
+    """What a receipt may print about how the customer paid: never more than the brand and
+    the last four digits of a card, or the wallet it was paid through."""
+
+    brand: str | None = None  # visa, mastercard, amex, ...
+    last4: str | None = None
+    wallet: str | None = None  # apple_pay, google_pay, link, ...
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentState:
     """The provider's truth about one payment, as of now.
 
@@ -186,6 +196,7 @@ class PaymentState:
     payment_method: str | None = None  # e.g. "card", a wallet: how the customer paid
     vendor_status: str | None = None  # the vendor's own word, for logs
     refunds: tuple[RefundResult, ...] | None = None
+    card: CardDetails | None = None  # for the receipt, where the vendor tells it
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +220,9 @@ class WebhookEvent:
     # vendor object other than the one whose ID we stored (a payment object the vendor made
     # for the checkout we created) are found by it.
     reference: str | None = None
+    # How the customer paid, when a verified event says (taken as PaymentState.card).
+    payment_method: str | None = None
+    card: CardDetails | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +315,12 @@ class BasePaymentProvider(abc.ABC):
 
     def get_provider_name(self) -> str:
         return self.name
+
+    @property
+    def test_mode(self) -> bool:
+        """True when this provider moves test money (a sandbox, a vendor's test keys): its
+        payments' receipts carry a TEST mark."""
+        return False
 
     def can_handle_payment_id(self, payment_id: str) -> bool:
         return payment_id.startswith(self.id_prefixes)

@@ -42,6 +42,7 @@ from services.errors import (
 from .base import (
     BasePaymentProvider,
     Capability,
+    CardDetails,
     HealthStatus,
     IntentRequest,
     IntentResult,
@@ -180,6 +181,10 @@ class SandboxSecrets(BaseModel):
     )
 
 
+# The card every sandbox payment reports, as a vendor's test mode would (Stripe's 4242 card).
+TEST_CARD = CardDetails(brand="visa", last4="4242")
+
+
 class SandboxProvider(BasePaymentProvider):
     name = "sandbox"
     display_name = "Sandbox"
@@ -239,6 +244,10 @@ class SandboxProvider(BasePaymentProvider):
             behaviour=behaviour.model_dump() if behaviour else None,
             events=deps.events,
         )
+
+    @property
+    def test_mode(self) -> bool:
+        return True  # never real money
 
     def is_configured(self) -> bool:
         return self._enabled
@@ -352,6 +361,8 @@ class SandboxProvider(BasePaymentProvider):
                 verified=True,
                 payment_id=payment_id,
                 status=_EVENT_STATUS.get(event_type),
+                payment_method="sandbox",
+                card=TEST_CARD,
             )
             await self._events.publish(self.name, event, cause="sandbox:checkout")
         return session
@@ -395,6 +406,7 @@ class SandboxProvider(BasePaymentProvider):
             currency=fields["currency"],
             payment_method="sandbox",
             vendor_status=fields["status"],
+            card=TEST_CARD,
         )
 
     async def capture(
@@ -556,6 +568,8 @@ class SandboxProvider(BasePaymentProvider):
             payment_id=payment_id,
             status=_EVENT_STATUS.get(event_type),
             refund=refund,
+            payment_method="sandbox" if refund is None else None,
+            card=TEST_CARD if refund is None else None,
         )
 
     async def health_check(self) -> HealthStatus:

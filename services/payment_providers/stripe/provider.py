@@ -216,6 +216,8 @@ class StripeProvider(BasePaymentProvider):
     ) -> None:
         self._publishable_key = publishable_key
         self._webhook_secret = webhook_secret or None
+        # Stripe's test-mode keys (secret or restricted) move no real money.
+        self._test_mode = (secret_key or "").startswith(("sk_test_", "rk_test_"))
         self._retry_policy = retry_policy or RetryPolicy()
         self._http: _HTTPX2Client | None = None
         self._client: stripe.StripeClient | None = None
@@ -250,6 +252,10 @@ class StripeProvider(BasePaymentProvider):
             timeout_seconds=deps.timeout_s,
             retry_policy=retry_policy,
         )
+
+    @property
+    def test_mode(self) -> bool:
+        return self._test_mode
 
     def is_configured(self) -> bool:
         return self._client is not None

@@ -15,7 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from models.payment import PaymentStatus, RefundStatus
 
-from ..base import IntentRequest, IntentResult, PaymentState, RefundResult, WebhookEvent
+from ..base import (
+    CardDetails,
+    IntentRequest,
+    IntentResult,
+    PaymentState,
+    RefundResult,
+    WebhookEvent,
+)
 
 if TYPE_CHECKING:
     from stripe.params import PaymentIntentCreateParams
@@ -178,7 +185,24 @@ def _charge_facts(intent: StripeObject | None) -> dict[str, Any]:
     return {
         "capture_id": _id_of(charge) if charge.get("captured") else None,
         "payment_method": method if isinstance(method, str) else None,
+        "card": _card_of(details),
     }
+
+
+def _card_of(details: StripeObject) -> CardDetails | None:
+    """The receipt's card line from the charge's payment_method_details.card: brand, last
+    four and the wallet (apple_pay, google_pay, link, ...) it came through, if any."""
+    card = _expanded(details.get("card"))
+    if card is None:
+        return None
+    wallet = _expanded(card.get("wallet"))
+    brand, last4 = card.get("brand"), card.get("last4")
+    wallet_type = wallet.get("type") if wallet is not None else None
+    return CardDetails(
+        brand=brand if isinstance(brand, str) else None,
+        last4=last4 if isinstance(last4, str) else None,
+        wallet=wallet_type if isinstance(wallet_type, str) else None,
+    )
 
 
 def state_from_payment_intent(
