@@ -20,6 +20,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from models.payment import PaymentStatus, Plan, RefundStatus
+from models.subscription import BillingInterval, SubscriptionStatus
 from services.errors import OperationNotSupported
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Capability(StrEnum):
     REFUND = "refund"
     PARTIAL_REFUND = "partial_refund"
     WEBHOOKS = "webhooks"
+    SUBSCRIPTIONS = "subscriptions"
 
 
 class LocalEvents:
@@ -223,6 +225,87 @@ class WebhookEvent:
     # How the customer paid, when a verified event says (taken as PaymentState.card).
     payment_method: str | None = None
     card: CardDetails | None = None
+    # The subscription the event is about (customer.subscription.*, BILLING.SUBSCRIPTION.*,
+    # subscription.*), and the invoice it paid or failed, if any.
+    subscription: SubscriptionState | None = None
+    invoice: InvoicePayment | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecurringPrice:
+    """A recurring plan at one of its prices, as a provider bills it: ``amount`` minor units
+    of ``currency`` every ``interval_count`` ``interval``s, after ``trial_days`` free."""
+
+    plan: Plan
+    interval: BillingInterval
+    interval_count: int = 1
+    trial_days: int = 0
+
+    @property
+    def key(self) -> str:
+        """What identifies this price among the plan's: a new key is a new vendor price (a
+        price change never edits an old one). Our ``plan``/``price`` mappings use it."""
+        return (
+            f"{self.plan.code}:{self.plan.currency}:{self.plan.amount}:"
+            f"{self.interval_count}{self.interval}:{self.trial_days}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRequest:
+    """What the service asks a provider to start: ``subscription_id`` is ours (sub_...), to
+    be carried in the vendor's metadata so that its events lead back to our record."""
+
+    subscription_id: str
+    price: RecurringPrice
+    idempotency_key: str
+    base_url: str
+    vendor_price_id: str | None = None  # from plan sync (mapping ``price``/``price.key``)
+    user_id: str | None = None
+    customer_email: str | None = None
+    return_url: str | None = None
+    cancel_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStarted:
+    """The vendor's subscription (or, until the customer completes the vendor's page, the
+    checkout that will make it) and where to send the customer."""
+
+    provider_subscription_id: str
+    status: SubscriptionStatus
+    redirect_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePayment:
+    """One paid (or failed) invoice or renewal of a subscription, as the vendor reports it:
+    the service records each paid one as a payment linked to the subscription, with its
+    receipt, refundable like any payment."""
+
+    provider_invoice_id: str
+    amount: int
+    currency: str
+    paid: bool
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    payment_id: str | None = None  # the vendor's payment for it, when it has its own id
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    """The vendor's truth about one subscription, as of now. Unknown vendor statuses map to
+    ``incomplete`` before a first payment and to ``past_due`` after one, never to active."""
+
+    provider_subscription_id: str
+    status: SubscriptionStatus
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    cancel_at_period_end: bool = False
+    vendor_price_id: str | None = None  # the price billed now
+    subscription_id: str | None = None  # ours, when the vendor carries it back
+    latest_invoice: InvoicePayment | None = None
+    vendor_status: str | None = None  # the vendor's own word, for logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +459,51 @@ class BasePaymentProvider(abc.ABC):
         """The vendor's truth about one refund of ``payment_id``. Raises ``NotFound`` when
         the vendor does not know it."""
         raise OperationNotSupported(f"{self.name} does not support refunds")
+
+    # -- subscriptions (Capability.SUBSCRIPTIONS) -------------------------------------------
+
+    async def sync_price(self, price: RecurringPrice, *, existing: str | None) -> str:
+        """The vendor's price id for ``price``: ``existing`` (from our mappings) when the
+        vendor still has it active, else a product and price created for it (idempotently:
+        ``price.key`` is the idempotency key or the vendor-side lookup key)."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def create_subscription(self, request: SubscriptionRequest) -> SubscriptionStarted:
+        """Start a subscription: the vendor's page where the customer starts it."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def get_subscription(self, provider_subscription_id: str) -> SubscriptionState:
+        """The vendor's truth about one subscription. Raises ``NotFound`` if it has none."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def cancel_subscription(
+        self, provider_subscription_id: str, *, at_period_end: bool, idempotency_key: str
+    ) -> SubscriptionState:
+        """Cancel now, or at the end of the paid period (``cancel_at_period_end``)."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def resume_subscription(
+        self, provider_subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionState:
+        """Undo a cancel at period end, before the period ends."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def change_subscription_price(
+        self,
+        provider_subscription_id: str,
+        *,
+        vendor_price_id: str,
+        now: bool,
+        prorate: bool,
+        idempotency_key: str,
+    ) -> SubscriptionState:
+        """Bill another price: ``now`` (an upgrade: charged in full at once unless
+        ``prorate``) or from the next renewal (a downgrade)."""
+        raise OperationNotSupported(f"{self.name} does not bill subscriptions")
+
+    async def customer_portal_url(self, provider_subscription_id: str, *, return_url: str) -> str:
+        """The vendor's page where the customer manages the subscription."""
+        raise OperationNotSupported(f"{self.name} has no customer portal")
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify and normalize one webhook delivery.
