@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from babel.numbers import format_currency
+
 # ISO 4217 minor-unit exponents that are not 2.
 _EXPONENTS = {
     "BIF": 0,
@@ -30,7 +32,6 @@ _EXPONENTS = {
     "OMR": 3,
     "TND": 3,
 }
-_SYMBOLS = {"EUR": "€", "USD": "$", "GBP": "£", "JPY": "¥", "CHF": "CHF ", "INR": "₹"}
 
 
 def currency_exponent(currency: str) -> int:
@@ -43,11 +44,17 @@ def to_major(amount: int, currency: str) -> Decimal:
     return (Decimal(amount) / (Decimal(10) ** exponent)).quantize(Decimal(1).scaleb(-exponent))
 
 
-def format_amount(amount: int, currency: str) -> str:
-    """A human amount with grouping: '€1,234.50', '¥1,900', '12.345 KWD'."""
-    code = currency.upper()
-    major = to_major(amount, code)
-    exponent = currency_exponent(code)
-    number = f"{major:,.{exponent}f}"
-    symbol = _SYMBOLS.get(code)
-    return f"{symbol}{number}" if symbol else f"{number} {code}"
+def format_amount(amount: int, currency: str, locale: str = "en") -> str:
+    """A human amount as CLDR writes it for ``locale``: '€1,234.50', '¥1,900', 'NGN45,000.00'
+    in English, '1.234,50 €' in German. The digits are ISO 4217's (``to_major``), whatever
+    CLDR's own idea of the currency's decimals."""
+    return str(
+        format_currency(
+            to_major(amount, currency),
+            currency.upper(),
+            locale=locale,
+            # CLDR's digits for the currency, but never fewer than the amount has: an ISO
+            # amount is printed exactly, never rounded to CLDR's idea of the currency.
+            decimal_quantization=False,
+        )
+    )

@@ -13,10 +13,10 @@ from decimal import Decimal
 from typing import Any
 
 from babel.dates import format_date, format_time
-from babel.numbers import format_currency, format_decimal
+from babel.numbers import format_decimal
 
 from models.payment import PaymentRecord, Plan, RefundRecord, TaxTreatment
-from services.money import to_major
+from services.money import format_amount
 from services.receipt_text import TEXTS
 from services.tax import TaxLines
 
@@ -67,7 +67,7 @@ class Formatter:
         self.text = TEXTS[locale]
 
     def amount(self, minor: int, currency: str) -> str:
-        return str(format_currency(to_major(minor, currency), currency, locale=self.locale))
+        return format_amount(minor, currency, self.locale)
 
     def rate(self, rate: Decimal) -> str:
         return str(format_decimal(rate.normalize(), locale=self.locale))

@@ -88,12 +88,12 @@ class TestCreateIntent:
             f"/api/v1/payment/receipt/{created['payment_id']}", headers=bearer(user)
         )
         assert receipt.status_code == 200, receipt.text
-        assert receipt.json()["amount_formatted"] == "45,000.00 NGN"
+        assert receipt.json()["amount_formatted"] == "NGN45,000.00"
         pdf = await client.get(
             f"/api/v1/payment/receipt/{created['payment_id']}/pdf", headers=bearer(user)
         )
         text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.content)).pages)
-        assert "45,000.00 NGN" in text
+        assert "NGN45,000.00" in text
 
 
 class TestPlansEndpoint:
@@ -119,7 +119,7 @@ class TestPlansEndpoint:
             {
                 "currency": "NGN",
                 "amount": 4500000,
-                "amount_formatted": "45,000.00 NGN",
+                "amount_formatted": "NGN45,000.00",
                 "providers": ["sandbox"],
             },
         ]

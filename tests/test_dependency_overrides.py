@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from app.deps import get_checkout
-from models.payment import Plan
+from models.payment import CataloguePlan
 from services.catalogue import Catalogue
 from services.checkout import CheckoutService
 
@@ -20,7 +20,7 @@ class TestOverrides:
         unknown = await client.post("/api/v1/payment/create-intent", json={"plan": "gold"})
         assert unknown.status_code == 422
         current: CheckoutService = app.state.checkout
-        gold = Plan(code="gold", name="Gold", amount=9900, currency="EUR")
+        gold = CataloguePlan(code="gold", name="Gold", prices={"EUR": 9900})
         other = CheckoutService(
             current._config,
             Catalogue({"gold": gold}),

@@ -86,8 +86,7 @@ class TestCreateIntent:
     ) -> None:
         response = await create_paypal_payment(
             client,
-            amount=1,
-            currency="USD",
+            amount=1,  # ignored: the price is the catalogue's
             return_url="https://shop.example/paid",
             cancel_url="https://shop.example/cart",
         )

@@ -388,8 +388,10 @@ class TestHistory:
                 "outcome": "succeeded",
                 "code": None,
                 "latency_ms": body["attempts"][0]["latency_ms"],
+                "at": body["attempts"][0]["at"],
             }
         ]
+        assert body["attempts"][0]["at"] <= body["transitions"][0]["at"]
         assert body["attempts"][0]["latency_ms"] >= 0
         assert [(t["previous"], t["status"]) for t in body["transitions"]] == [
             (None, "pending"),

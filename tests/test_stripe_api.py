@@ -136,8 +136,7 @@ class TestCreateIntent:
         body = await create_stripe(
             client,
             token=token("alice"),
-            amount=1,
-            currency="USD",
+            amount=1,  # ignored: the price is the catalogue's
             customer_email="alice@example.com",
         )
         assert body["payment_id"].startswith("cs_")
@@ -154,7 +153,7 @@ class TestCreateIntent:
     async def test_embedded_is_a_payment_intent_with_client_secret_and_publishable_key(
         self, client: httpx.AsyncClient, fake_stripe: FakeStripe
     ) -> None:
-        body = await create_stripe(client, ui_mode="embedded", amount=1, currency="USD")
+        body = await create_stripe(client, ui_mode="embedded", amount=1)
         assert body["payment_id"].startswith("pi_")
         intent = fake_stripe.payment_intents[body["payment_id"]]
         assert body["client_secret"] == intent["client_secret"]

@@ -172,6 +172,19 @@ def running_service(
 
 
 @pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the end-to-end tests' own: the others flush theirs between tests,
+    which would pull data from under a service process that outlives a test (a receipt it is
+    still rendering in the background, say)."""
+    directory = Path(tempfile.mkdtemp(prefix="payments-e2e-redis-"))
+    server = RedisServer(port=free_port(), directory=directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def uvicorn_service(redis_server: RedisServer) -> Iterator[ServiceProcess]:
     with running_service(redis_server) as service:
         yield service

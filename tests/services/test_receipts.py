@@ -115,8 +115,8 @@ class TestMoney:
             (1900, "EUR", "€19.00"),
             (123456, "USD", "$1,234.56"),
             (1900, "JPY", "¥1,900"),
-            (12345, "KWD", "12.345 KWD"),
-            (5, "SEK", "0.05 SEK"),
+            (12345, "KWD", "KWD12.345"),
+            (5, "SEK", "SEK0.05"),
         ],
     )
     def test_format_amount(self, amount: int, currency: str, text: str) -> None:

@@ -180,11 +180,11 @@ class TestVerify:
         assert meta.status_code == 200, meta.text
         receipt = meta.json()
         assert (receipt["amount"], receipt["currency"]) == (PRO_NGN, "NGN")
-        assert receipt["amount_formatted"] == "45,000.00 NGN"
+        assert receipt["amount_formatted"] == "NGN45,000.00"
         pdf = await client.get(f"{API}/receipt/{payment_id}/pdf", headers=bearer(alice))
         assert pdf.status_code == 200
         text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
-        for expected in ("45,000.00 NGN", "Pro", payment_id):
+        for expected in ("NGN45,000.00", "Pro", payment_id):
             assert expected in text, f"{expected!r} missing from the receipt"
 
     async def test_a_declined_card_fails_the_payment(

@@ -172,12 +172,12 @@ class TestReceipt:
         assert meta.status_code == 200, meta.text
         receipt = meta.json()
         assert (receipt["plan"], receipt["amount"], receipt["currency"]) == ("pro", 4500000, "NGN")
-        assert receipt["amount_formatted"] == "45,000.00 NGN"
+        assert receipt["amount_formatted"] == "NGN45,000.00"
         assert receipt["status"] == "succeeded"
 
         pdf = await client.get(f"{API}/receipt/{payment_id}/pdf", headers=bearer(ada))
         assert pdf.status_code == 200
         assert pdf.headers["content-type"] == "application/pdf"
         text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
-        for expected in (receipt["receipt_number"], "Pro", "45,000.00 NGN", payment_id):
+        for expected in (receipt["receipt_number"], "Pro", "NGN45,000.00", payment_id):
             assert expected in text, f"{expected!r} missing from the receipt"

@@ -63,5 +63,5 @@ class TestRoutingByCurrency:
         plans = (await client.get(f"{API}/plans")).json()["plans"]
         prices = {price["currency"]: price for price in plans[0]["prices"]}
         assert prices["NGN"]["providers"] == ["paystack", "sandbox"]
-        assert prices["NGN"]["amount_formatted"] == "45,000.00 NGN"
+        assert prices["NGN"]["amount_formatted"] == "NGN45,000.00"
         assert prices["EUR"]["providers"] == ["sandbox"]
