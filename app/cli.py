@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -249,16 +251,40 @@ def _serve(args: argparse.Namespace) -> int:
     # app.deps.client_address), for the scheme they forward; none when none is listed, where
     # uvicorn's own default would trust any local peer's X-Forwarded-For.
     proxies = ",".join(str(network) for network in settings.forwarded_allow_ips)
-    uvicorn.run(
-        "app.main:app",
-        host=args.host,
-        port=args.port or settings.port,
-        workers=args.workers or int(os.environ.get("WEB_CONCURRENCY") or 1),
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=proxies or None,
-        log_level=settings.log_level.lower(),
-    )
+    workers = args.workers or int(os.environ.get("WEB_CONCURRENCY") or 1)
+    metrics_dir = _metrics_directory(workers)
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=args.host,
+            port=args.port or settings.port,
+            workers=workers,
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or None,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if metrics_dir is not None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _metrics_directory(workers: int) -> str | None:
+    """With several workers, prometheus-client's multiprocess mode: each worker writes its
+    figures to files in PROMETHEUS_MULTIPROC_DIR and /metrics sums them. A directory the
+    operator names is emptied first (figures of a previous run would add up); without one,
+    a temporary one is made here, and removed when the server stops (its path returned)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        return None
+    if workers < 2:
+        return None
+    made = tempfile.mkdtemp(prefix="payments-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,12 @@ from fastapi import FastAPI
 
 from app import openapi
 from app.logging import configure_logging
+from app.metrics import RequestMetrics, serve_metrics_port
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
-from routers import api_docs, authorizenet, health, payments, providers, sandbox
+from routers import api_docs, authorizenet, health, metrics, payments, providers, sandbox
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
@@ -45,7 +46,7 @@ from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, sandbox, authorizenet, health, providers, api_docs)
+ROUTERS = (payments, sandbox, authorizenet, health, providers, api_docs, metrics)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -177,10 +178,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     if settings.reconcile_enabled:
         reconciler.start()
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server, metrics_task = await serve_metrics_port(
+            settings.metrics_host,
+            settings.metrics_port,
+            app.state.provider_admin.live_figures,
+        )
     collector = _tune_collector()
     try:
         yield
     finally:
+        if metrics_server is not None:
+            metrics_server.should_exit = True
+            await metrics_task
         await reconciler.aclose()
         await payment_receipts.drain()
         receipts.close()
@@ -277,6 +288,8 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         max_webhook_bytes=settings.max_webhook_body_bytes,
     )
+    # Outermost: every request is counted and timed, refusals by the limits above included.
+    app.add_middleware(RequestMetrics)
     return app
 
 

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     port: int = 8000
+    # /metrics without a token on this port (every worker binds it), on METRICS_HOST: a
+    # private address, never a public one. Unset: /metrics only on the API port, for admins.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
     public_base_url: str | None = Field(
         default=None, description="How clients reach the service; defaults to the request's"
     )

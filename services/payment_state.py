@@ -17,6 +17,7 @@ from models.payment import PaymentHistoryResponse, PaymentRecord, PaymentRespons
 from models.user import User
 from services.access import owned_by, seen_by
 from services.errors import PaymentNotFound, ProviderUpstreamError
+from services.metrics import WEBHOOKS_RECEIVED, outcome_of
 from services.payment_providers.base import (
     BasePaymentProvider,
     CardDetails,
@@ -211,13 +212,23 @@ class PaymentStateService:
         """Apply one provider event at most once. An event whose signature could not be
         verified is never taken at its word: it only makes us ask the provider's API, and
         never marks a later delivery as a duplicate."""
-        provider = self.providers.get_configured(provider_name)
-        # Checking a signature is our own work: no breaker may refuse it, and its outcome
-        # says nothing about the provider's health.
-        event = await self._guard.within_deadline(
-            provider, partial(provider.parse_webhook, body, headers)
-        )
-        return await self._apply_event(provider, event)
+        try:
+            provider = self.providers.get_configured(provider_name)
+            # Checking a signature is our own work: no breaker may refuse it, and its outcome
+            # says nothing about the provider's health.
+            event = await self._guard.within_deadline(
+                provider, partial(provider.parse_webhook, body, headers)
+            )
+            ack = await self._apply_event(provider, event)
+        except BaseException as error:
+            # A label per provider this service has; any other name sent to the route is
+            # "unknown", so that made-up names cannot grow the metric without bound.
+            known = any(p.name == provider_name for p in self.providers.providers())
+            label = provider_name if known else "unknown"
+            WEBHOOKS_RECEIVED.labels(label, outcome_of(error)).inc()
+            raise
+        WEBHOOKS_RECEIVED.labels(provider_name, ack.outcome).inc()
+        return ack
 
     async def apply_provider_event(
         self, provider_name: str, event: WebhookEvent, cause: str

@@ -37,6 +37,7 @@ from models.payment import (
     RefundStatus,
 )
 from services.errors import StoreUnavailable
+from services.metrics import REDIS_ERRORS
 
 S = PaymentStatus
 
@@ -977,6 +978,7 @@ class store_errors:
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, _UNAVAILABLE):
+            REDIS_ERRORS.labels(type(exc).__name__).inc()
             raise StoreUnavailable("The payment store is unavailable; retry shortly") from exc
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,6 +102,16 @@ class MappingOut(BaseModel):
     entity: str
     local_id: str
     external_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFigures:
+    """What /metrics reads from Redis at each scrape: each provider's breaker state and the
+    reconciliation backlog (shared by every worker, so no worker's memory has them)."""
+
+    breakers: dict[str, str]
+    queued: int
+    due: int
 
 
 class MappingIn(BaseModel):
@@ -362,6 +372,17 @@ class ProviderAdmin:
             mapping.provider, mapping.entity, mapping.local_id, mapping.external_id
         )
         return MappingOut(**mapping.model_dump())
+
+    async def live_figures(self) -> LiveFigures:
+        factory = self._manager.current
+        names = [provider.name for provider in factory.providers()]
+        states = await asyncio.gather(*(self._guard.state(name) for name in names))
+        queued, due = await self._store.reconcile_queue_size()
+        return LiveFigures(
+            breakers={name: str(state) for name, state in zip(names, states, strict=True)},
+            queued=queued,
+            due=due,
+        )
 
     # -- reconciliation and health ---------------------------------------------------------
 

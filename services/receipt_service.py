@@ -18,6 +18,7 @@ from typing import Any
 
 from models.payment import PaymentRecord, Plan, RefundRecord
 from services import receipt_render
+from services.metrics import timed_render
 from services.receipt_document import (
     ProviderFacts,
     Seller,
@@ -301,13 +302,14 @@ class ReceiptService:
             )
         loop = asyncio.get_running_loop()
         started = loop.time()
-        data = await loop.run_in_executor(
-            self._executor(),
-            receipt_render.render_to_file,
-            context(entry.number),
-            str(path),
-            self._config.signing,
-        )
+        with timed_render():
+            data = await loop.run_in_executor(
+                self._executor(),
+                receipt_render.render_to_file,
+                context(entry.number),
+                str(path),
+                self._config.signing,
+            )
         digest = hashlib.sha256(data).hexdigest()
         # A second round trip: the new bytes enter the chain (a new version if they differ).
         recorded = await self._ledger.record(entry, digest, at=datetime.now(UTC))

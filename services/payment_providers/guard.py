@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from services.errors import ProviderUnavailable
+from services.metrics import timed_provider_call
 
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 
@@ -44,9 +45,14 @@ class ProviderGuard:
         return await self.breaker(provider_name).state()
 
     async def run(self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one provider call under the deadline and the provider's breaker."""
-        return await self.breaker(provider.name).call(
-            lambda: self.within_deadline(provider, operation)
+        """Run one provider call under the deadline and the provider's breaker, counted and
+        timed (payments_provider_calls_total, refusals by an open breaker included)."""
+        return await timed_provider_call(
+            provider.name,
+            _operation_name(operation),
+            lambda: self.breaker(provider.name).call(
+                lambda: self.within_deadline(provider, operation)
+            ),
         )
 
     async def within_deadline(
@@ -63,3 +69,10 @@ class ProviderGuard:
             raise ProviderUnavailable(
                 f"{provider.name} did not answer in time", provider=provider.name
             ) from error
+
+
+def _operation_name(operation: Callable[..., object]) -> str:
+    """The provider method a call runs (``partial(provider.refund, ...)`` is "refund"), as
+    the metric's operation label."""
+    target = getattr(operation, "func", operation)
+    return getattr(target, "__name__", "call")

@@ -130,7 +130,11 @@ def _wait_until_healthy(service: ServiceProcess) -> None:
 
 @contextlib.contextmanager
 def running_service(
-    redis_server: RedisServer, *, workers: int = 1, key_prefix: str = "e2e:"
+    redis_server: RedisServer,
+    *,
+    workers: int = 1,
+    key_prefix: str = "e2e:",
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServiceProcess]:
     """`uvicorn app.main:app` with ``workers`` processes on a free loopback port, configured
     only by its environment; stopped with SIGTERM, and failed if it did not stop cleanly."""
@@ -141,6 +145,7 @@ def running_service(
         env={
             **service_env(redis_server.url, directory / "receipts"),
             "REDIS_KEY_PREFIX": key_prefix,
+            **(env or {}),
         },
         log_path=directory / "uvicorn.log",
     )

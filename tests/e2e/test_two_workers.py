@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RedisServer
 from tests.e2e.conftest import ServiceProcess, bearer, running_service
+from tests.fakes.server import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -21,8 +23,21 @@ REQUESTS = 24
 
 
 @pytest.fixture(scope="module")
-def two_workers(redis_server: RedisServer) -> Iterator[ServiceProcess]:
-    with running_service(redis_server, workers=2, key_prefix="e2e2:") as service:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, metrics_port: int
+) -> Iterator[ServiceProcess]:
+    # As `payments serve --workers 2` runs them: metrics in multiprocess mode, and both
+    # workers on the token-free metrics port.
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
+        "METRICS_PORT": str(metrics_port),
+    }
+    with running_service(redis_server, workers=2, key_prefix="e2e2:", env=env) as service:
         yield service
 
 
@@ -108,3 +123,43 @@ def test_one_worker_reconciles(two_workers: ServiceProcess, admin: dict[str, str
             stats = http.get("/api/v1/providers/reconciliation", headers=admin).json()
             leaders.add(stats["leader"])
     assert len(leaders) == 1 and None not in leaders
+
+
+CREATED = 8  # under a user's create-intent limit (10 a minute)
+
+
+def _created_count(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        if family.name == "payments_http_requests":
+            return sum(
+                sample.value
+                for sample in family.samples
+                if sample.name == "payments_http_requests_total"
+                and sample.labels["route"] == "/api/v1/payment/create-intent"
+                and sample.labels["status"] == "201"
+            )
+    return 0.0
+
+
+def test_metrics_count_every_worker(
+    two_workers: ServiceProcess, admin: dict[str, str], metrics_port: int
+) -> None:
+    with _client(two_workers) as http:
+        before = _created_count(http.get("/metrics", headers=admin).text)
+        assert len(_workers_seen(http, admin)) == 2
+        # A user of its own: the other tests' anonymous creates count against the address.
+        made = two_workers.cli("token", "--sub", "metrics-counter")
+        user = bearer(made.stdout.strip())
+        for _ in range(CREATED):
+            created = http.post("/api/v1/payment/create-intent", json={"plan": "pro"}, headers=user)
+            assert created.status_code == 201, created.text
+        # Whichever worker answers, it counts the requests both workers served.
+        for _ in range(4):
+            after = _created_count(http.get("/metrics", headers=admin).text)
+            assert after - before == CREATED
+    # And without a token on the metrics port, which both workers share.
+    with httpx.Client(timeout=15, trust_env=False, limits=FRESH) as plain:
+        scraped = plain.get(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert scraped.status_code == 200
+    assert _created_count(scraped.text) - before == CREATED
+    assert "payments_breaker_state" in scraped.text
