@@ -119,7 +119,9 @@ class SubscriptionStateService:
             await self.record_invoice(updated, paid)
         return updated, applied.outcome
 
-    async def _billed_price(self, provider: str, vendor_price_id: str | None) -> tuple[str, int] | None:
+    async def _billed_price(
+        self, provider: str, vendor_price_id: str | None
+    ) -> tuple[str, int] | None:
         """(plan, amount) of the price the vendor bills now, when it is one of ours."""
         if not vendor_price_id:
             return None
@@ -169,7 +171,9 @@ class SubscriptionStateService:
             period_start=invoice.period_start,
             period_end=invoice.period_end,
         )
-        created = await self._payments.create(payment, cause=f"subscription:{record.subscription_id}")
+        created = await self._payments.create(
+            payment, cause=f"subscription:{record.subscription_id}"
+        )
         await self._store.record_invoice(
             record.subscription_id, invoice.provider_invoice_id, payment.payment_id
         )

@@ -310,7 +310,7 @@ class SubscriptionService:
         if record.status not in _LIVE or not record.cancel_at_period_end:
             raise InvalidSubscriptionState(
                 "Only a subscription set to cancel at the period's end can resume, before then",
-                extra={"status": str(record.status)},
+                extra={"subscription_status": str(record.status)},
             )
         provider = self._provider_of(record)
         state = await self._guard.run(
@@ -332,7 +332,7 @@ class SubscriptionService:
         if record.status not in (SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING):
             raise InvalidSubscriptionState(
                 "Only an active or trialing subscription changes plan",
-                extra={"status": str(record.status)},
+                extra={"subscription_status": str(record.status)},
             )
         if plan in (record.plan, record.pending_plan):
             raise PlanChangeNotAllowed(f"The subscription is already on plan {plan!r}")

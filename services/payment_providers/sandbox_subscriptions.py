@@ -325,9 +325,9 @@ class SandboxSubscriptions:
             if status in ("canceled", "incomplete_expired"):
                 return None  # canceling twice answers the first result
             if at_period_end and status in _LIVE:
-                return None if fields["cancel_at_period_end"] == "1" else {
-                    "cancel_at_period_end": "1"
-                }
+                return (
+                    None if fields["cancel_at_period_end"] == "1" else {"cancel_at_period_end": "1"}
+                )
             return {"status": "canceled" if status != "incomplete" else "incomplete_expired"}
 
         fields, _ = await self._change(sandbox_id, compute)
