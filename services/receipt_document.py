@@ -178,7 +178,7 @@ def receipt_context(
         "paid_on": fmt.day(paid_at),
         # A subscription's invoice: the period it paid for.
         "service_period": (
-            f"{fmt.day(record.period_start)} – {fmt.day(record.period_end)}"
+            f"{fmt.day(record.period_start)} - {fmt.day(record.period_end)}"
             if record.period_start and record.period_end
             else None
         ),
