@@ -197,6 +197,44 @@ async def _mappings_link(provider: str, entity: str, local_id: str, external_id:
         return 0
 
 
+async def _plans_sync() -> int:
+    """Make vendor prices of every recurring plan at each provider that bills subscriptions;
+    non-zero when one failed."""
+    from app.settings import Settings
+    from services.catalogue import Catalogue
+    from services.payment_providers.breaker import BreakerPolicy
+    from services.payment_providers.guard import ProviderGuard
+    from services.payment_store import PaymentStore, redis_client
+    from services.plan_sync import PlanSync
+
+    settings = _local_redis(Settings())
+    async with _platform() as (manager, _):
+        redis = redis_client(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            timeout_s=settings.redis_timeout_seconds,
+        )
+        try:
+            guard = ProviderGuard(
+                redis,
+                key_prefix=settings.redis_key_prefix,
+                policy=BreakerPolicy(),
+                deadline_s=settings.provider_deadline_seconds,
+            )
+            sync = PlanSync(
+                Catalogue(settings.plans),
+                PaymentStore(redis, prefix=settings.redis_key_prefix),
+                lambda: manager.current,
+                guard,
+            )
+            results = await sync.run()
+        finally:
+            await redis.aclose()
+    for item in results:
+        print(f"{item.provider:<11} {item.price_key:<40} {item.vendor_price_id or item.error}")
+    return 1 if any(item.error for item in results) else 0
+
+
 async def _rotate_secrets() -> int:
     async with _platform() as (_, configs):
         print(f"re-encrypted {await configs.rotate_secrets()} stored configuration(s)")
@@ -331,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     receipt_commands.add_parser(
         "verify", help="check the hash chain and the stored PDFs; exit 1 on a mismatch"
     ).set_defaults(handler=lambda _: asyncio.run(_receipts_verify()))
+
+    plans = commands.add_parser("plans", help="the recurring plans at the vendors")
+    plan_commands = plans.add_subparsers(dest="action", required=True)
+    plan_commands.add_parser(
+        "sync", help="make vendor prices of every recurring plan; exit 1 on a failure"
+    ).set_defaults(handler=lambda _: asyncio.run(_plans_sync()))
 
     mappings = commands.add_parser("provider-mappings", help="our IDs <-> the providers' IDs")
     mapping_commands = mappings.add_subparsers(dest="action", required=True)

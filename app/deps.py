@@ -36,7 +36,9 @@ from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore
+from services.plan_sync import PlanSync
 from services.provider_admin import ProviderAdmin
+from services.subscriptions import SubscriptionService
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -216,7 +218,19 @@ async def get_receipts(request: Request) -> PaymentReceipts:
     return service
 
 
+async def get_subscriptions(request: Request) -> SubscriptionService:
+    service: SubscriptionService = request.app.state.subscriptions
+    return service
+
+
+async def get_plan_sync(request: Request) -> PlanSync:
+    service: PlanSync = request.app.state.plan_sync
+    return service
+
+
 CheckoutDep = Annotated[CheckoutService, Depends(get_checkout)]
+SubscriptionsDep = Annotated[SubscriptionService, Depends(get_subscriptions)]
+PlanSyncDep = Annotated[PlanSync, Depends(get_plan_sync)]
 PaymentStateDep = Annotated[PaymentStateService, Depends(get_payment_state)]
 OperationsDep = Annotated[PaymentOperations, Depends(get_operations)]
 ReceiptsDep = Annotated[PaymentReceipts, Depends(get_receipts)]

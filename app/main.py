@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -19,7 +20,16 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
-from routers import api_docs, authorizenet, health, metrics, payments, providers, sandbox
+from routers import (
+    api_docs,
+    authorizenet,
+    health,
+    metrics,
+    payments,
+    providers,
+    sandbox,
+    subscriptions,
+)
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
@@ -33,6 +43,7 @@ from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
 from services.payment_store import PaymentStore, key_values, redis_client
+from services.plan_sync import PlanSync
 from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
@@ -42,11 +53,14 @@ from services.receipt_service import ReceiptConfig, ReceiptService
 from services.receipt_signing import signing_material
 from services.reconciler import Reconciler
 from services.refunds import RefundService
+from services.subscription_state import SubscriptionStateService
+from services.subscription_store import SubscriptionStore
+from services.subscriptions import SubscriptionConfig, SubscriptionService
 from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, sandbox, authorizenet, health, providers, api_docs, metrics)
+ROUTERS = (payments, subscriptions, sandbox, authorizenet, health, providers, api_docs, metrics)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -130,6 +144,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store, providers, guard, refunds, on_paid=payment_receipts.render_soon
     )
     local_events.connect(payment_state.apply_provider_event)
+    plan_sync = PlanSync(catalogue, store, providers, guard)
+    subscription_store = SubscriptionStore(redis, prefix=settings.redis_key_prefix)
+    subscription_state = SubscriptionStateService(
+        subscription_store,
+        store,
+        providers,
+        guard,
+        plan_sync,
+        on_paid=payment_receipts.render_soon,
+    )
+    payment_state.connect_subscriptions(subscription_state)
+    subscription_service = SubscriptionService(
+        SubscriptionConfig(
+            public_base_url=settings.public_base_url,
+            redirect_hosts=settings.redirect_hosts,
+            reconcile_after_s=reconcile_after_s,
+            grace_days=settings.subscription_grace_days,
+            proration=settings.subscription_proration,
+        ),
+        catalogue,
+        subscription_store,
+        store,
+        providers,
+        guard,
+        claims,
+        plan_sync,
+        subscription_state,
+    )
     checkout = CheckoutService(
         CheckoutConfig(
             public_base_url=settings.public_base_url,
@@ -153,8 +195,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         schedule_s=settings.reconcile_schedule,
         interval_s=settings.reconcile_interval_seconds,
         batch=settings.reconcile_batch,
+        subscriptions=subscription_state,
     )
     app.state.store = store
+    app.state.subscriptions = subscription_service
+    app.state.plan_sync = plan_sync
     app.state.provider_admin = ProviderAdmin(
         manager, configs, store, guard, reconciler, receipts_signed=receipts.signed
     )
@@ -185,6 +230,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.metrics_port,
             app.state.provider_admin.live_figures,
         )
+    # Vendor prices for the recurring plans, in the background: start-up never waits on a
+    # vendor (a subscription made meanwhile syncs its own price).
+    syncing = (
+        asyncio.create_task(plan_sync.run_logged(), name="plan-sync")
+        if settings.plan_sync_on_start and catalogue.recurring_prices() and plan_sync.billers()
+        else None
+    )
     collector = _tune_collector()
     try:
         yield
@@ -192,6 +244,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if metrics_server is not None:
             metrics_server.should_exit = True
             await metrics_task
+        if syncing is not None:
+            syncing.cancel()
+            await asyncio.gather(syncing, return_exceptions=True)
         await reconciler.aclose()
         await payment_receipts.drain()
         receipts.close()

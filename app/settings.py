@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_batch: int = Field(default=50, ge=1, le=1000)
 
+    # Subscriptions: how long a past_due subscription still entitles its owner (days), and
+    # whether an upgrade is charged in full now ("none") or prorated by the vendor ("vendor").
+    subscription_grace_days: int = Field(default=7, ge=0, le=90)
+    subscription_proration: Literal["none", "vendor"] = "none"
+    # Sync recurring plans to the vendors that bill subscriptions at start-up (background).
+    plan_sync_on_start: bool = True
+
     # Signs the sandbox's own webhooks. The sandbox never runs in production.
     sandbox_webhook_secret: SecretStr = SecretStr("sandbox-webhook-secret")
     # Faults for every sandbox payment that brings none of its own (JSON, as create-intent's

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from models.subscription import BillingInterval
+
 # Payment IDs are opaque to clients; this charset covers every provider's IDs and keeps them
 # safe in Redis keys, file names and URLs.
 PAYMENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{3,128}$"
@@ -115,6 +117,21 @@ class CataloguePlan(BaseModel):
     tax_rate: Decimal | None = Field(
         default=None, ge=0, lt=100, description="Percent; TAX_RATE when not given"
     )
+    # A recurring plan bills its price every `interval_count` `interval`s, after `trial_days`
+    # free; a plan without `interval` is sold once.
+    interval: BillingInterval | None = None
+    interval_count: int = Field(default=1, ge=1, le=12, strict=True)
+    trial_days: int = Field(default=0, ge=0, le=730, strict=True)
+
+    @model_validator(mode="after")
+    def _recurring_fields_need_an_interval(self) -> CataloguePlan:
+        if self.interval is None and (self.interval_count != 1 or self.trial_days):
+            raise ValueError("interval_count and trial_days are for plans with an interval")
+        return self
+
+    @property
+    def recurring(self) -> bool:
+        return self.interval is not None
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +227,11 @@ class PaymentRecord(BaseModel):
     card_last4: str | None = None
     wallet: str | None = None
     test_mode: bool = False
+    # A subscription's invoice or renewal: the subscription (sub_...) and the service period
+    # it paid for (printed on its receipt).
+    subscription_id: str | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
 
 
 class RefundHistoryEntry(BaseModel):
@@ -484,6 +506,11 @@ class CataloguePlanResponse(BaseModel):
     name: str
     default_currency: str = Field(description="Charged when create-intent names none")
     prices: list[PlanPrice]
+    interval: BillingInterval | None = Field(
+        default=None, description="Recurring plans: billed every interval_count intervals"
+    )
+    interval_count: int | None = None
+    trial_days: int | None = None
 
 
 class PlanListResponse(BaseModel):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from models.payment import CataloguePlan, PaymentRecord, Plan
-from services.errors import CurrencyNotOffered, UnknownPlan
+from services.errors import CurrencyNotOffered, PlanNotRecurring, UnknownPlan
+from services.payment_providers.base import RecurringPrice
 
 
 class Catalogue:
@@ -35,6 +36,32 @@ class Catalogue:
                 extra={"currency": currency, "offered": list(entry.currencies)},
             )
         return entry.at(currency)
+
+    def recurring_price(self, code: str, currency: str | None = None) -> RecurringPrice:
+        """Recurring plan ``code`` at its price in ``currency`` (or its first), as a provider
+        bills it. ``PlanNotRecurring`` for a plan sold once."""
+        entry = self.entry(code)
+        if entry.interval is None:
+            raise PlanNotRecurring(
+                f"Plan {code!r} is sold once; subscriptions are for plans with an interval",
+                extra={"plan": code},
+            )
+        return RecurringPrice(
+            plan=self.plan(code, currency),
+            interval=entry.interval,
+            interval_count=entry.interval_count,
+            trial_days=entry.trial_days,
+        )
+
+    def recurring_prices(self) -> list[RecurringPrice]:
+        """Every recurring plan at every one of its prices: what plan sync makes vendor
+        prices of."""
+        return [
+            self.recurring_price(entry.code, currency)
+            for entry in self._plans.values()
+            if entry.recurring
+            for currency in entry.currencies
+        ]
 
     def plan_of(self, record: PaymentRecord) -> Plan:
         """The plan a payment was for, at the price it was sold at: what the payment

@@ -110,6 +110,9 @@ class CheckoutService:
                         )
                         for currency, amount in entry.prices.items()
                     ],
+                    interval=entry.interval,
+                    interval_count=entry.interval_count if entry.recurring else None,
+                    trial_days=entry.trial_days if entry.recurring else None,
                 )
                 for entry in self._catalogue.plans()
             ]

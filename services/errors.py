@@ -47,6 +47,29 @@ class PaymentNotFound(NotFound):
     title = "Payment not found"
 
 
+class SubscriptionNotFound(NotFound):
+    code = "subscription_not_found"
+    title = "Subscription not found"
+
+
+class InvalidSubscriptionState(ServiceError):
+    status = 409
+    code = "invalid_subscription_state"
+    title = "The subscription is not in a state that allows this"
+
+
+class PlanNotRecurring(ServiceError):
+    status = 422
+    code = "plan_not_recurring"
+    title = "The plan is not a recurring plan"
+
+
+class PlanChangeNotAllowed(ServiceError):
+    status = 422
+    code = "plan_change_not_allowed"
+    title = "The subscription cannot change to this plan"
+
+
 class ReceiptNotAvailable(ServiceError):
     status = 409
     code = "receipt_not_available"

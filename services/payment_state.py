@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from models.payment import PaymentHistoryResponse, PaymentRecord, PaymentResponse, PaymentStatus
 from models.user import User
@@ -41,6 +41,14 @@ class WebhookAck:
     outcome: str  # applied | unchanged | duplicate | rejected (by the state machine) | ignored
 
 
+class SubscriptionEvents(Protocol):
+    """Where events about a subscription or its invoice go (services/subscription_state)."""
+
+    async def apply_event(
+        self, provider: BasePaymentProvider, event: WebhookEvent, *, cause: str | None = None
+    ) -> WebhookAck: ...
+
+
 class PaymentStateService:
     def __init__(
         self,
@@ -56,6 +64,11 @@ class PaymentStateService:
         self._guard = guard
         self._refunds = refunds
         self._on_paid = on_paid  # e.g. render the receipt ahead of its first download
+        self._subscriptions: SubscriptionEvents | None = None
+
+    def connect_subscriptions(self, subscriptions: SubscriptionEvents) -> None:
+        """Route events that carry a subscription or an invoice there."""
+        self._subscriptions = subscriptions
 
     @property
     def providers(self) -> PaymentProviderFactory:
@@ -240,6 +253,10 @@ class PaymentStateService:
     async def _apply_event(
         self, provider: BasePaymentProvider, event: WebhookEvent, *, cause: str | None = None
     ) -> WebhookAck:
+        if self._subscriptions is not None and (
+            event.subscription is not None or event.invoice is not None
+        ):
+            return await self._subscriptions.apply_event(provider, event, cause=cause)
         record = await self._find_event_payment(provider, event)
         if record is None or (event.status is None and event.refund is None):
             log.info(

@@ -176,6 +176,12 @@ def receipt_context(
         "created": paid_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "unit_price": fmt.amount(record.amount, record.currency),
         "paid_on": fmt.day(paid_at),
+        # A subscription's invoice: the period it paid for.
+        "service_period": (
+            f"{fmt.day(record.period_start)} - {fmt.day(record.period_end)}"
+            if record.period_start and record.period_end
+            else None
+        ),
         **_tax_rows(tax, record.currency, fmt),
     }
 

@@ -29,6 +29,7 @@ from services.payment_store import OPEN_STATUSES, RedisClient, store_errors
 if TYPE_CHECKING:
     from services.payment_state import PaymentStateService
     from services.payment_store import PaymentStore
+    from services.subscription_state import SubscriptionStateService
 
 log = logging.getLogger("payments.reconcile")
 
@@ -79,8 +80,11 @@ class Reconciler:
         interval_s: float,
         batch: int,
         lease_s: float | None = None,
+        subscriptions: SubscriptionStateService | None = None,
     ) -> None:
         self._service = service
+        # Subscriptions share the queue (by their sub_ ids) and are read again by it.
+        self._subscriptions = subscriptions
         self._store = store
         self._redis = redis
         self._schedule = schedule_s
@@ -182,6 +186,9 @@ class Reconciler:
             await renewing
 
     async def _reconcile(self, payment_id: str, step: int, run: ReconcileRun) -> None:
+        if self._subscriptions is not None and self._subscriptions.follows(payment_id):
+            await self._follow_subscription(payment_id, step, run)
+            return
         run.checked += 1
         try:
             before = await self._store.get(payment_id)
@@ -226,6 +233,36 @@ class Reconciler:
                 extra={"payment_id": payment_id, "status": str(after.status), "steps": step + 1},
             )
             await self._store.finish_reconcile(payment_id)
+
+    async def _follow_subscription(
+        self, subscription_id: str, step: int, run: ReconcileRun
+    ) -> None:
+        assert self._subscriptions is not None
+        run.checked += 1
+        try:
+            status, then = await self._subscriptions.reconcile(
+                subscription_id, step, self._schedule
+            )
+        except ServiceError as error:
+            run.errors += 1
+            run.payments[subscription_id] = f"error:{error.code}"
+            log.warning(
+                "reconcile.error",
+                extra={"subscription_id": subscription_id, "code": error.code, "step": step},
+            )
+            await self._store.schedule_reconcile(
+                subscription_id, after_s=self._schedule[0], step=step, sooner_only=False
+            )
+            return
+        run.payments[subscription_id] = status
+        if then is None:
+            run.settled += 1
+            await self._store.finish_reconcile(subscription_id)
+        else:
+            after_s, next_step = then
+            await self._store.schedule_reconcile(
+                subscription_id, after_s=after_s, step=next_step, sooner_only=False
+            )
 
     async def _record(self, run: ReconcileRun, elapsed_s: float) -> None:
         stats = self._store.reconcile_stats_key

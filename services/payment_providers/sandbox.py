@@ -50,10 +50,15 @@ from .base import (
     PaymentState,
     ProviderDeps,
     ProviderKeyValue,
+    RecurringPrice,
     RefundResult,
+    SubscriptionRequest,
+    SubscriptionStarted,
+    SubscriptionState,
     WebhookEvent,
 )
 from .payloads import load_json
+from .sandbox_subscriptions import CheckoutOutcome, RenewalOutcome, SandboxSubscriptions
 from .sandbox_webhooks import (
     SESSION_TTL_S,
     SIGNATURE_HEADER,
@@ -201,6 +206,7 @@ class SandboxProvider(BasePaymentProvider):
             Capability.REFUND,
             Capability.PARTIAL_REFUND,
             Capability.WEBHOOKS,
+            Capability.SUBSCRIPTIONS,
         }
     )
 
@@ -228,6 +234,7 @@ class SandboxProvider(BasePaymentProvider):
         self._webhooks = SandboxWebhookPusher(
             store, http, secret=webhook_secret, key_of=self._key, enabled=enabled
         )
+        self._subscriptions = SandboxSubscriptions(store, events, name=self.name)
 
     @classmethod
     def from_config(
@@ -530,6 +537,71 @@ class SandboxProvider(BasePaymentProvider):
             )
             await self._events.publish(self.name, event, cause=f"sandbox:{event_type}")
         return settled
+
+    # -- subscriptions (sandbox_subscriptions.py) -------------------------------------------
+
+    async def sync_price(self, price: RecurringPrice, *, existing: str | None) -> str:
+        self._require_enabled()
+        return await self._subscriptions.sync_price(price, existing=existing)
+
+    async def create_subscription(self, request: SubscriptionRequest) -> SubscriptionStarted:
+        self._require_enabled()
+        return await self._subscriptions.create(request, request.base_url)
+
+    async def get_subscription(self, provider_subscription_id: str) -> SubscriptionState:
+        self._require_enabled()
+        return await self._subscriptions.get(provider_subscription_id)
+
+    async def cancel_subscription(
+        self, provider_subscription_id: str, *, at_period_end: bool, idempotency_key: str
+    ) -> SubscriptionState:
+        self._require_enabled()
+        return await self._subscriptions.cancel(
+            provider_subscription_id, at_period_end=at_period_end
+        )
+
+    async def resume_subscription(
+        self, provider_subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionState:
+        self._require_enabled()
+        return await self._subscriptions.resume(provider_subscription_id)
+
+    async def change_subscription_price(
+        self,
+        provider_subscription_id: str,
+        *,
+        vendor_price_id: str,
+        now: bool,
+        prorate: bool,
+        idempotency_key: str,
+    ) -> SubscriptionState:
+        # The sandbox never prorates: an upgrade is a new period charged in full.
+        self._require_enabled()
+        return await self._subscriptions.change_price(
+            provider_subscription_id,
+            price_id=vendor_price_id,
+            now=now,
+            idempotency_key=idempotency_key,
+        )
+
+    async def subscription_session(self, provider_subscription_id: str) -> dict[str, str]:
+        """The sandbox's own record of a subscription, for its checkout page."""
+        self._require_enabled()
+        return await self._subscriptions.record(provider_subscription_id)
+
+    async def settle_subscription(
+        self, provider_subscription_id: str, outcome: CheckoutOutcome
+    ) -> dict[str, str]:
+        """The customer's click on the subscription's checkout page."""
+        self._require_enabled()
+        return await self._subscriptions.checkout(provider_subscription_id, outcome)
+
+    async def advance_subscription(
+        self, provider_subscription_id: str, outcome: RenewalOutcome
+    ) -> SubscriptionState:
+        """The test clock: on to the next renewal, with ``outcome``."""
+        self._require_enabled()
+        return await self._subscriptions.advance(provider_subscription_id, outcome)
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify the HMAC signature and normalize one sandbox event.

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from services.errors import OperationNotSupported
 
+from .base import SubscriptionState
 from .sandbox import Outcome, SandboxProvider
+from .sandbox_subscriptions import CheckoutOutcome, RenewalOutcome
 
 if TYPE_CHECKING:
     from .factory import PaymentProviderFactory
@@ -29,3 +31,16 @@ class SandboxCheckout:
 
     async def settle(self, payment_id: str, outcome: Outcome) -> dict[str, str]:
         return await self.sandbox().settle_from_checkout(payment_id, outcome)
+
+    async def subscription(self, sandbox_id: str) -> dict[str, str]:
+        return await self.sandbox().subscription_session(sandbox_id)
+
+    async def settle_subscription(
+        self, sandbox_id: str, outcome: CheckoutOutcome
+    ) -> dict[str, str]:
+        return await self.sandbox().settle_subscription(sandbox_id, outcome)
+
+    async def advance_subscription(
+        self, sandbox_id: str, outcome: RenewalOutcome
+    ) -> SubscriptionState:
+        return await self.sandbox().advance_subscription(sandbox_id, outcome)
