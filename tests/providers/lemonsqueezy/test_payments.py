@@ -142,6 +142,8 @@ class TestPayVerifyReceiptRefund:
         assert pdf.status_code == 200, pdf.text
         text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.content)).pages)
         assert "29.00" in text
+        # Lemon Squeezy sold as merchant of record: a payment confirmation naming it.
+        assert "Payment confirmation" in text and "Lemon Squeezy" in text
 
         partial = await refund(client, payment_id, admin, 1000)
         assert partial.status_code == 200, partial.text

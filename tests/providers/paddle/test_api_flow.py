@@ -89,6 +89,12 @@ class TestCreatePayVerifyReceipt:
         assert pdf.status_code == 200
         text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.content)).pages)
         assert "29.00" in text
+        # Paddle sold as merchant of record: ours is a payment confirmation, not a tax receipt.
+        assert (receipt.json()["document"], receipt.json()["merchant_of_record"]) == (
+            "payment_confirmation",
+            "Paddle.com",
+        )
+        assert "Payment confirmation" in text and "Paddle.com" in text
 
     async def test_a_plan_mapped_to_a_paddle_price_is_sold_at_that_price(
         self, client: httpx.AsyncClient, fake: FakePaddle, app: Any
