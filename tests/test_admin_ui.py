@@ -186,13 +186,14 @@ class TestCsrf:
         assert response.status_code == 403
         assert app.state.provider_admin.routing().default == "sandbox"
 
+    @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://testserver.evil"])
     async def test_a_form_from_another_origin_is_refused(
-        self, admin_client: httpx.AsyncClient, app: Any
+        self, admin_client: httpx.AsyncClient, app: Any, origin: str
     ) -> None:
         response = await admin_client.post(
             "/admin/routing",
             data={"default": "stripe", "force": "true", "csrf_token": await csrf(admin_client)},
-            headers={"Origin": "https://evil.example"},
+            headers={"Origin": origin},
         )
         assert response.status_code == 403
         assert app.state.provider_admin.routing().default == "sandbox"

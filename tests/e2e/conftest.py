@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,10 +130,15 @@ def _wait_until_healthy(service: ServiceProcess) -> None:
 
 @contextlib.contextmanager
 def running_service(
-    redis_server: RedisServer, *, workers: int = 1, key_prefix: str = "e2e:"
+    redis_server: RedisServer,
+    *,
+    workers: int = 1,
+    key_prefix: str = "e2e:",
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[ServiceProcess]:
     """`uvicorn app.main:app` with ``workers`` processes on a free loopback port, configured
-    only by its environment; stopped with SIGTERM, and failed if it did not stop cleanly."""
+    only by its environment (plus ``extra_env``); stopped with SIGTERM, and failed if it did
+    not stop cleanly."""
     directory = Path(tempfile.mkdtemp(prefix="payments-e2e-"))
     port = free_port()
     service = ServiceProcess(
@@ -141,6 +146,7 @@ def running_service(
         env={
             **service_env(redis_server.url, directory / "receipts"),
             "REDIS_KEY_PREFIX": key_prefix,
+            **(extra_env or {}),
         },
         log_path=directory / "uvicorn.log",
     )
