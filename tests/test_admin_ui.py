@@ -8,6 +8,7 @@ import asyncio
 import html
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,14 @@ from cryptography.fernet import Fernet
 from jose import jwt
 
 from app.settings import Settings
-from tests.conftest import JWT_SECRET, RedisServer, create_payment, pay_in_sandbox
+from tests.conftest import (
+    JWT_SECRET,
+    RedisClusterNodes,
+    RedisServer,
+    create_payment,
+    make_settings,
+    pay_in_sandbox,
+)
 
 KEY = Fernet.generate_key().decode()
 STORED_SECRET = "stored-sandbox-webhook-secret-0123456789"
@@ -505,6 +513,48 @@ class TestOtherPages:
     ) -> None:
         page = await admin_client.get("/admin/webhooks")
         assert page.status_code == 200 and 'id="webhooks-unavailable"' in page.text
+
+
+class TestOnRedisCluster:
+    """Sessions, the search indexes (each in a slot of its own) and the backlog on a
+    3-master Redis Cluster."""
+
+    @pytest.fixture
+    def settings(self, redis_cluster: RedisClusterNodes, tmp_path: Path) -> Settings:
+        redis_cluster.flush()
+        return make_settings(
+            redis_cluster.url,
+            tmp_path / "receipts",
+            redis_cluster=True,
+            provider_secrets_key=KEY,
+            rate_limits_enabled=False,
+        )
+
+    async def test_search_refund_and_backlog(
+        self, admin_client: httpx.AsyncClient, client: httpx.AsyncClient, token: Any
+    ) -> None:
+        alice = [
+            (await create_payment(client, token=token("alice")))["payment_id"] for _ in range(4)
+        ]
+        bob = (await create_payment(client, token=token("bob")))["payment_id"]
+        await pay_in_sandbox(client, alice[1])
+        found = await admin_client.get("/admin/payments", params={"user": "alice"})
+        assert re.findall(r'<a href="/admin/payments/([^"]+)">', found.text) == alice[::-1]
+        paid = await admin_client.get("/admin/payments", params={"status": "succeeded"})
+        assert re.findall(r'<a href="/admin/payments/([^"]+)">', paid.text) == [alice[1]]
+        page = await admin_client.get(f"/admin/payments/{alice[1]}")
+        refunded = await admin_client.post(
+            f"/admin/payments/{alice[1]}/refund",
+            data={
+                "csrf_token": hidden(page),
+                "idempotency_key": hidden(page, "idempotency_key"),
+            },
+        )
+        assert refunded.status_code == 303, refunded.text
+        detail = await admin_client.get(refunded.headers["location"])
+        assert 'id="payment-status">refunded<' in detail.text
+        backlog = await admin_client.get("/admin/reconciliation")
+        assert f'href="/admin/payments/{bob}"' in backlog.text
 
 
 async def _keys(settings: Settings, pattern: str) -> list[str]:
