@@ -402,12 +402,6 @@ end
 return claimed
 """
 
-# KEYS: one search index (see PaymentStore's "search indexes"). ARGV: created at, payment ID.
-# A script, not a ZADD, only so that create's batch stays a list of script calls.
-_INDEX_ADD_LUA = """
-return redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])
-"""
-
 OPEN_STATUSES = frozenset(
     {
         PaymentStatus.CREATED,
@@ -532,7 +526,6 @@ class PaymentStore:
         self._refund_apply = redis.register_script(_REFUND_APPLY_LUA)
         self._refund_discard = redis.register_script(_REFUND_DISCARD_LUA)
         self._idempotency_renew = redis.register_script(_IDEMPOTENCY_RENEW_LUA)
-        self._index_add = redis.register_script(_INDEX_ADD_LUA)  # admin search indexes
         recon = f"{prefix}{{recon}}"
         self._recon_queue, self._recon_steps = f"{recon}:queue", f"{recon}:steps"
         self.reconcile_stats_key = f"{recon}:stats"
@@ -652,24 +645,27 @@ class PaymentStore:
         ]
         if idempotency is not None:
             after.append(self._answer_call(idempotency))
-        # -- admin search indexes (see "search indexes" below): after the payment, never before.
-        after.extend(self._index_calls(record))
         queue = None
         if reconcile_after_s is not None and record.status in OPEN_STATUSES:
             queue = (record.payment_id, record.created_at.timestamp() + reconcile_after_s)
         async with store_errors():
             if self._cluster:
                 created = await payment.run()
-                await self._batch(after, reconcile=queue)
+                await self._batch(after, reconcile=queue, indexed=record)
             else:
-                created, *_ = await self._batch([payment, *after], reconcile=queue)
+                created, *_ = await self._batch([payment, *after], reconcile=queue, indexed=record)
         return bool(created)
 
     async def _batch(
-        self, calls: Sequence[_ScriptCall], *, reconcile: tuple[str, float] | None = None
+        self,
+        calls: Sequence[_ScriptCall],
+        *,
+        reconcile: tuple[str, float] | None = None,
+        indexed: PaymentRecord | None = None,
     ) -> list[Any]:
         """Run ``calls`` in order in one pipeline (without MULTI: they may span slots), then,
-        with ``reconcile``, queue that payment at that time unless it is queued already.
+        with ``reconcile``, queue that payment at that time unless it is queued already, and
+        with ``indexed``, add that payment to the search indexes.
 
         Scripts go by digest (EVALSHA) and not through the pipeline's own script support,
         which asks SCRIPT EXISTS first, a round trip of its own (and a cluster pipeline has
@@ -682,6 +678,10 @@ class PaymentStore:
             if reconcile is not None:
                 payment_id, due = reconcile
                 pipe.zadd(self._recon_queue, {payment_id: due}, nx=True)
+            if indexed is not None:  # the admin dashboard's search indexes
+                entry = {indexed.payment_id: indexed.created_at.timestamp()}
+                for key in self._index_keys(indexed):
+                    pipe.zadd(key, entry, nx=True)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         for index, call in enumerate(calls):
             if isinstance(replies[index], NoScriptError):
@@ -741,11 +741,12 @@ class PaymentStore:
     # Sorted sets of payment IDs by creation time: every payment, each owner's, each
     # provider's. Each is one key in a slot of its own (a Cluster cannot put an owner's index
     # in the slot of each of the owner's payments), so no script of a payment can write one:
-    # they are written by create's batch after the payment's own script, and hold only what
-    # never changes once a payment exists. Status is not indexed: it changes in the
-    # transition and refund scripts, and an index written after them would be lost by a crash
-    # in between, for good. A search by status walks one of these indexes newest first and
-    # reads each payment's status from the payment itself, a bounded page at a time.
+    # they are written by create's batch (plain ZADD NX after the payment's own script, in
+    # the same round trip on a standalone Redis), and hold only what never changes once a
+    # payment exists. Status is not indexed: it changes in the transition and refund scripts,
+    # and an index written after them would be lost by a crash in between, for good. A search
+    # by status walks one of these indexes newest first and reads each payment's status from
+    # the payment itself, a bounded page at a time.
     #
     # The one gap: on a Cluster a crash between create's two round trips leaves a payment
     # unindexed (found by its ID only), as it leaves its reference mapping unwritten.
@@ -765,12 +766,6 @@ class PaymentStore:
         if provider is not None:
             return f"{self._prefix}idx:{{provider:{provider}}}"
         return f"{self._prefix}idx:{{payments}}"
-
-    def _index_calls(self, record: PaymentRecord) -> list[_ScriptCall]:
-        return [
-            _ScriptCall(self._index_add, [key], [record.created_at.timestamp(), record.payment_id])
-            for key in self._index_keys(record)
-        ]
 
     async def indexed_payments(
         self, key: str, *, before: tuple[float, str] | None, limit: int
