@@ -20,10 +20,9 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
-from app.deps import AdminSessionsDep, AdminViewsDep
+from app.deps import AdminSessionsDep, AdminViewsDep, get_admin_sessions
 from services.admin_sessions import (
     AdminSession,
-    AdminSessions,
     CsrfRefused,
     SessionMissing,
     check_same_token,
@@ -83,7 +82,7 @@ router = APIRouter(prefix="/admin", route_class=AdminPageRoute, include_in_schem
 
 
 async def signed_in(request: Request) -> AdminSession:
-    sessions: AdminSessions = request.app.state.admin_sessions
+    sessions = await get_admin_sessions(request)
     return await sessions.get(request.cookies.get(SESSION_COOKIE))
 
 
