@@ -28,6 +28,8 @@ from fastapi.security.base import SecurityBase
 from app.security import decode_access_token
 from app.settings import Settings
 from models.user import User
+from services.admin_sessions import AdminSessions
+from services.admin_views import AdminViews
 from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
 from services.operations import PaymentOperations
@@ -258,6 +260,21 @@ async def get_provider_admin(request: Request) -> ProviderAdmin:
 
 
 ProviderAdminDep = Annotated[ProviderAdmin, Depends(get_provider_admin)]
+
+
+async def get_admin_views(request: Request) -> AdminViews:
+    views: AdminViews = request.app.state.admin_views
+    return views
+
+
+async def get_admin_sessions(request: Request) -> AdminSessions:
+    sessions: AdminSessions = request.app.state.admin_sessions
+    return sessions
+
+
+# The admin dashboard (routers/admin_ui.py): its pages' service and its sign-in sessions.
+AdminViewsDep = Annotated[AdminViews, Depends(get_admin_views)]
+AdminSessionsDep = Annotated[AdminSessions, Depends(get_admin_sessions)]
 
 # Operator routes: an admin's token, no rate limit.
 Admin = Annotated[Caller, Depends(Access(need=Need.ADMIN))]

@@ -21,6 +21,7 @@ from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
 from routers import (
+    admin_ui,
     api_docs,
     authorizenet,
     health,
@@ -30,6 +31,8 @@ from routers import (
     sandbox,
     subscriptions,
 )
+from services.admin_sessions import AdminSessions
+from services.admin_views import AdminViews
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
 from services.idempotency import IdempotencyClaims
@@ -60,7 +63,17 @@ from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, subscriptions, sandbox, authorizenet, health, providers, api_docs, metrics)
+ROUTERS = (
+    payments,
+    subscriptions,
+    sandbox,
+    authorizenet,
+    health,
+    providers,
+    api_docs,
+    metrics,
+    admin_ui,
+)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -203,6 +216,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.provider_admin = ProviderAdmin(
         manager, configs, store, guard, reconciler, receipts_signed=receipts.signed
     )
+    # The admin dashboard: its pages call the same services as the admin API.
+    app.state.admin_views = AdminViews(app.state.provider_admin, store, operations)
+    app.state.admin_sessions = AdminSessions(redis, settings)
     app.state.checkout = checkout
     app.state.payment_state = payment_state
     app.state.operations = operations

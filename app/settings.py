@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     receipt_warm_up: bool = True
     receipt_memory_cache_bytes: int = 16 * 1024 * 1024
 
+    # The admin dashboard (/admin): how long a sign-in lasts at most (never longer than the
+    # token it was made from).
+    admin_session_ttl_seconds: int = Field(default=3600, ge=60, le=86_400)
+
     rate_limits_enabled: bool = True
     # Reverse proxies whose X-Forwarded-For names the client (IPs or CIDR networks,
     # comma-separated). Empty: no proxy is trusted, the client is the connection's peer.

@@ -10,6 +10,7 @@ reconciliation queue, its steps, stats and leader lock ``{recon}``. Commands tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -651,16 +652,21 @@ class PaymentStore:
         async with store_errors():
             if self._cluster:
                 created = await payment.run()
-                await self._batch(after, reconcile=queue)
+                await self._batch(after, reconcile=queue, indexed=record)
             else:
-                created, *_ = await self._batch([payment, *after], reconcile=queue)
+                created, *_ = await self._batch([payment, *after], reconcile=queue, indexed=record)
         return bool(created)
 
     async def _batch(
-        self, calls: Sequence[_ScriptCall], *, reconcile: tuple[str, float] | None = None
+        self,
+        calls: Sequence[_ScriptCall],
+        *,
+        reconcile: tuple[str, float] | None = None,
+        indexed: PaymentRecord | None = None,
     ) -> list[Any]:
         """Run ``calls`` in order in one pipeline (without MULTI: they may span slots), then,
-        with ``reconcile``, queue that payment at that time unless it is queued already.
+        with ``reconcile``, queue that payment at that time unless it is queued already, and
+        with ``indexed``, add that payment to the search indexes.
 
         Scripts go by digest (EVALSHA) and not through the pipeline's own script support,
         which asks SCRIPT EXISTS first, a round trip of its own (and a cluster pipeline has
@@ -673,6 +679,10 @@ class PaymentStore:
             if reconcile is not None:
                 payment_id, due = reconcile
                 pipe.zadd(self._recon_queue, {payment_id: due}, nx=True)
+            if indexed is not None:  # the admin dashboard's search indexes
+                entry = {indexed.payment_id: indexed.created_at.timestamp()}
+                for key in self._index_keys(indexed):
+                    pipe.zadd(key, entry, nx=True)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         for index, call in enumerate(calls):
             if isinstance(replies[index], NoScriptError):
@@ -726,6 +736,80 @@ class PaymentStore:
             previous=PaymentStatus(previous) if previous else None,
             record=_record_from_fields(stored) if stored else None,
         )
+
+    # -- search indexes (the admin dashboard) ----------------------------------------------
+    #
+    # Sorted sets of payment IDs by creation time: every payment, each owner's, each
+    # provider's. Each is one key in a slot of its own (a Cluster cannot put an owner's index
+    # in the slot of each of the owner's payments), so no script of a payment can write one:
+    # they are written by create's batch (plain ZADD NX after the payment's own script, in
+    # the same round trip on a standalone Redis), and hold only what never changes once a
+    # payment exists. Status is not indexed: it changes in the transition and refund scripts,
+    # and an index written after them would be lost by a crash in between, for good. A search
+    # by status walks one of these indexes newest first and reads each payment's status from
+    # the payment itself, a bounded page at a time.
+    #
+    # The one gap: on a Cluster a crash between create's two round trips leaves a payment
+    # unindexed (found by its ID only), as it leaves its reference mapping unwritten.
+
+    def _index_keys(self, record: PaymentRecord) -> list[str]:
+        keys = [self.payment_index_key(), self.payment_index_key(provider=record.provider)]
+        if record.owner is not None:
+            keys.append(self.payment_index_key(owner=record.owner))
+        return keys
+
+    def payment_index_key(self, *, owner: str | None = None, provider: str | None = None) -> str:
+        """The index of every payment, or of one owner's, or of one provider's. An owner is
+        any string a token carries: the key holds its digest, so no brace in it moves the
+        key's hash tag."""
+        if owner is not None:
+            return f"{self._prefix}idx:{{owner:{hashlib.sha256(owner.encode()).hexdigest()}}}"
+        if provider is not None:
+            return f"{self._prefix}idx:{{provider:{provider}}}"
+        return f"{self._prefix}idx:{{payments}}"
+
+    async def indexed_payments(
+        self, key: str, *, before: tuple[float, str] | None, limit: int
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` (payment ID, created at) of index ``key``, newest first, after
+        ``before`` (the last pair of the previous page)."""
+        top: float | str = "+inf" if before is None else before[0]
+        # Payments of the same instant come in reverse ID order: skip those already seen.
+        extra = 0 if before is None else 64
+        async with store_errors():
+            rows = await self._redis.zrevrangebyscore(
+                key, top, "-inf", start=0, num=limit + extra, withscores=True
+            )
+        found = [(str(member), float(score)) for member, score in cast(list[Any], rows)]
+        if before is not None:
+            found = [
+                (member, score)
+                for member, score in found
+                if score < before[0] or member < before[1]
+            ]
+        return found[:limit]
+
+    async def get_many(self, payment_ids: Sequence[str]) -> list[PaymentRecord | None]:
+        """The payments, in the order asked (None for one that is gone)."""
+        async with store_errors(), self._redis.pipeline(transaction=False) as pipe:
+            for payment_id in payment_ids:
+                pipe.hgetall(self._payment_key(payment_id))
+            replies = await pipe.execute()
+        return [_record_from_fields(fields) if fields else None for fields in replies]
+
+    async def reconcile_backlog(self, *, limit: int) -> list[tuple[str, float, int]]:
+        """The payments queued for reconciliation, soonest first: (ID, due at, step)."""
+        async with store_errors():
+            rows = cast(
+                list[Any],
+                await self._redis.zrange(self._recon_queue, 0, limit - 1, withscores=True),
+            )
+            ids = [str(member) for member, _ in rows]
+            steps = await self._redis.hmget(self._recon_steps, ids) if ids else []
+        return [
+            (payment_id, float(score), int(step or 0))
+            for payment_id, (_, score), step in zip(ids, rows, steps, strict=True)
+        ]
 
     # -- refunds ---------------------------------------------------------------------------
 

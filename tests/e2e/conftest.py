@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,10 +134,11 @@ def running_service(
     *,
     workers: int = 1,
     key_prefix: str = "e2e:",
-    env: dict[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[ServiceProcess]:
     """`uvicorn app.main:app` with ``workers`` processes on a free loopback port, configured
-    only by its environment; stopped with SIGTERM, and failed if it did not stop cleanly."""
+    only by its environment (plus ``extra_env``); stopped with SIGTERM, and failed if it did
+    not stop cleanly."""
     directory = Path(tempfile.mkdtemp(prefix="payments-e2e-"))
     port = free_port()
     service = ServiceProcess(
@@ -145,7 +146,7 @@ def running_service(
         env={
             **service_env(redis_server.url, directory / "receipts"),
             "REDIS_KEY_PREFIX": key_prefix,
-            **(env or {}),
+            **(extra_env or {}),
         },
         log_path=directory / "uvicorn.log",
     )

@@ -37,7 +37,7 @@ def two_workers(
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
         "METRICS_PORT": str(metrics_port),
     }
-    with running_service(redis_server, workers=2, key_prefix="e2e2:", env=env) as service:
+    with running_service(redis_server, workers=2, key_prefix="e2e2:", extra_env=env) as service:
         yield service
 
 
