@@ -115,13 +115,22 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
 async def _providers_list() -> int:
     async with _platform() as (manager, _):
         factory = manager.current
-        print(f"{'provider':<11} {'configured':<11} {'active':<7} {'prefixes':<12} capabilities")
-        for provider in factory.providers():
+        providers = factory.providers()
+        # Columns as wide as their longest entry, so that every row lines up.
+        name_width = max(len("provider"), *(len(provider.name) for provider in providers))
+        prefix_width = max(
+            len("prefixes"), *(len(",".join(provider.id_prefixes)) for provider in providers)
+        )
+        print(
+            f"{'provider':<{name_width}}  {'configured':<10}  {'active':<6}  "
+            f"{'prefixes':<{prefix_width}}  capabilities"
+        )
+        for provider in providers:
             default = " (default)" if provider.name == factory.default else ""
             print(
-                f"{provider.name:<11} {str(provider.is_configured()).lower():<11} "
-                f"{str(factory.is_active(provider)).lower():<7} "
-                f"{','.join(provider.id_prefixes):<12} "
+                f"{provider.name:<{name_width}}  {str(provider.is_configured()).lower():<10}  "
+                f"{str(factory.is_active(provider)).lower():<6}  "
+                f"{','.join(provider.id_prefixes):<{prefix_width}}  "
                 f"{','.join(sorted(provider.capabilities))}{default}"
             )
     return 0
