@@ -20,6 +20,7 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
+from app.tracing import Tracing
 from routers import (
     admin_ui,
     api_docs,
@@ -86,6 +87,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cluster=settings.redis_cluster,
         timeout_s=settings.redis_timeout_seconds,
     )
+    tracing: Tracing | None = app.state.tracing
+    if tracing is not None:
+        tracing.instrument_redis(redis)
     http = httpx2.AsyncClient(timeout=settings.provider_timeout_seconds)
     store = PaymentStore(redis, prefix=settings.redis_key_prefix)
     configs = ProviderConfigStore(
@@ -135,6 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             cooldown_s=settings.breaker_cooldown_seconds,
         ),
         deadline_s=settings.provider_deadline_seconds,
+        tracer=tracing.tracer() if tracing is not None else None,
     )
 
     def providers() -> PaymentProviderFactory:
@@ -270,6 +275,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await redis.aclose()
         collector.restore()
+        if tracing is not None:
+            tracing.shutdown()
 
 
 def tax_policy(settings: Settings) -> TaxPolicy:
@@ -361,6 +368,12 @@ def create_app(
     )
     # Outermost: every request is counted and timed, refusals by the limits above included.
     app.add_middleware(RequestMetrics)
+    if settings.otel_exporter_otlp_endpoint:
+        tracing = Tracing.start(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
+        tracing.instrument_app(app)  # outside the metrics: they log inside its span
+        app.state.tracing = tracing
+    else:
+        app.state.tracing = None
     return app
 
 

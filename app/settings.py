@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # private address, never a public one. Unset: /metrics only on the API port, for admins.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
+    # OpenTelemetry traces to this OTLP/HTTP collector (http://collector:4318); unset: none.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "payment-service"
     public_base_url: str | None = Field(
         default=None, description="How clients reach the service; defaults to the request's"
     )

@@ -12,6 +12,8 @@ from services.metrics import timed_provider_call
 from .breaker import BreakerPolicy, BreakerState, CircuitBreaker
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
     from services.payment_store import RedisClient
 
     from .base import BasePaymentProvider
@@ -21,9 +23,16 @@ T = TypeVar("T")
 
 class ProviderGuard:
     def __init__(
-        self, redis: RedisClient, *, key_prefix: str, policy: BreakerPolicy, deadline_s: float
+        self,
+        redis: RedisClient,
+        *,
+        key_prefix: str,
+        policy: BreakerPolicy,
+        deadline_s: float,
+        tracer: Tracer | None = None,
     ) -> None:
         self._redis = redis
+        self._tracer = tracer  # a span per provider call, when tracing is on
         self._prefix = key_prefix
         self._policy = policy
         self._deadline_s = deadline_s
@@ -47,13 +56,20 @@ class ProviderGuard:
     async def run(self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one provider call under the deadline and the provider's breaker, counted and
         timed (payments_provider_calls_total, refusals by an open breaker included)."""
-        return await timed_provider_call(
-            provider.name,
-            _operation_name(operation),
-            lambda: self.breaker(provider.name).call(
+        name = _operation_name(operation)
+
+        async def guarded() -> T:
+            return await self.breaker(provider.name).call(
                 lambda: self.within_deadline(provider, operation)
-            ),
-        )
+            )
+
+        if self._tracer is None:
+            return await timed_provider_call(provider.name, name, guarded)
+        with self._tracer.start_as_current_span(
+            f"provider {provider.name} {name}",
+            attributes={"payments.provider": provider.name, "payments.operation": name},
+        ):
+            return await timed_provider_call(provider.name, name, guarded)
 
     async def within_deadline(
         self, provider: BasePaymentProvider, operation: Callable[[], Awaitable[T]]
