@@ -1006,7 +1006,15 @@ class PaddleProvider(BasePaymentProvider):
                     return event  # a one-off payment's transaction
                 invoice = billing.invoice_of_transaction(data)
                 if made is not None:
-                    state = self._subscription_state(await self._get_subscription(made))
+                    try:
+                        found = await self._get_subscription(made)
+                    except NotFound:
+                        log.warning(
+                            "paddle.webhook.subscription_missing",
+                            extra={"event_id": event.event_id},
+                        )
+                        return event
+                    state = self._subscription_state(found)
                     if state.subscription_id is None:
                         state = dataclasses.replace(state, subscription_id=ours)
                 else:

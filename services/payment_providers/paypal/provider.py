@@ -1071,7 +1071,17 @@ class PayPalProvider(BasePaymentProvider):
                 if found is None:
                     return event  # a sale of no subscription
                 invoice = billing.sale_invoice(resource)
-                subscription = self._state(await self._get_subscription(found))
+                try:
+                    subscription = self._state(await self._get_subscription(found))
+                except ServiceError as error:
+                    if event.verified and isinstance(error, ProviderUnavailable):
+                        raise  # PayPal delivers again later, when we can read it
+                    # An unverified event may name anything: it says nothing then.
+                    log.warning(
+                        "paypal.webhook.subscription_lookup_failed",
+                        extra={"event_id": event.event_id, "error_code": error.code},
+                    )
+                    return dataclasses.replace(event, reference=None)
                 return dataclasses.replace(
                     event, subscription=subscription, invoice=invoice, reference=None
                 )

@@ -869,7 +869,15 @@ class StripeProvider(BasePaymentProvider):
                 found = billing.subscription_id_of_invoice(obj)
                 if found is None:
                     return base  # a one-off invoice: none of ours
-                subscription = self._subscription_state(await self._retrieve_subscription(found))
+                try:
+                    retrieved = await self._retrieve_subscription(found)
+                except NotFound:
+                    # Deleted at Stripe since (test data): nothing of ours to move.
+                    log.warning(
+                        "stripe.webhook.subscription_missing", extra={"event": base.event_id}
+                    )
+                    return base
+                subscription = self._subscription_state(retrieved)
                 return dataclasses.replace(base, subscription=subscription, invoice=invoice)
             if event_type.startswith("checkout.session.") and billing.is_subscription_checkout(obj):
                 made = billing.subscription_of_session(obj)

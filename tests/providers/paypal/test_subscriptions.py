@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from models.subscription import BillingInterval, SubscriptionStatus
-from services.errors import InvalidStateTransition, NotFound, OperationNotSupported
+from services.errors import (
+    InvalidStateTransition,
+    NotFound,
+    OperationNotSupported,
+    ProviderUnavailable,
+)
 from services.payment_providers.base import RecurringPrice, SubscriptionRequest
 from services.payment_providers.paypal import PayPalProvider, billing
 from tests.fakes.paypal_server import FakePayPal, WebhookSigner
@@ -400,6 +405,28 @@ class TestEvents:
         assert event.verified is False  # the service re-reads the subscription instead
 
 
+class TestSaleLookups:
+    async def test_a_forged_sale_naming_no_subscription_says_nothing(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        subscription_id = await _active(provider, fake_paypal)
+        sent = fake_paypal.last_event("PAYMENT.SALE.COMPLETED")
+        sent["resource"]["billing_agreement_id"] = "I-NOSUCHTHING1"
+        body, headers = fake_paypal.signed_delivery(sent, WEBHOOK_ID, signer=WebhookSigner())
+        event = await provider.parse_webhook(body, headers)
+        assert (event.verified, event.subscription, event.invoice) == (False, None, None)
+        assert fake_paypal.subscriptions[subscription_id]["status"] == "ACTIVE"
+
+    async def test_a_verified_sale_waits_for_paypal_to_answer(
+        self, provider: PayPalProvider, fake_paypal: FakePayPal
+    ) -> None:
+        await _active(provider, fake_paypal)
+        sent = fake_paypal.last_event("PAYMENT.SALE.COMPLETED")
+        fake_paypal.fail_next("unavailable", times=5, path_prefix="/v1/billing/subscriptions")
+        with pytest.raises(ProviderUnavailable):  # answered 503: PayPal delivers it again
+            await _deliver(provider, fake_paypal, sent)
+
+
 class TestStatusMap:
     @pytest.mark.parametrize(
         ("paypal", "ours"),
@@ -425,3 +452,32 @@ class TestStatusMap:
             "billing_info": {"last_payment": {"time": "2026-01-01T00:00:00Z"}},
         }
         assert billing.subscription_status(paid, now=now) is SubscriptionStatus.PAST_DUE
+
+
+class TestTheFakesReferenceCheck:
+    """The fake's own check of Subscriptions requests (PayPal publishes no description of
+    them): it must refuse what PayPal's reference does not list."""
+
+    def test_unknown_and_missing_fields_and_bad_enums_are_caught(
+        self, fake_paypal: FakePayPal
+    ) -> None:
+        _, _, problems = fake_paypal.check_billing_request(
+            "POST",
+            "/v1/billing/plans",
+            "",
+            {"product_id": "P1", "name": "x", "billing_cycles": [{"tenure_type": "SOMETIMES"}]},
+        )
+        assert any("payment_preferences: required" in p for p in problems)
+        assert any("tenure_type" in p for p in problems)
+        _, _, problems = fake_paypal.check_billing_request(
+            "POST", "/v1/billing/subscriptions", "", {"plan_id": "P-1", "customid": "x"}
+        )
+        assert problems == ["body/customid: field not in PayPal's reference"]
+        template, _, problems = fake_paypal.check_billing_request(
+            "GET", "/v1/billing/subscriptions/I-1/transactions", "start_time=a&when=b", None
+        )
+        assert template == "/v1/billing/subscriptions/{id}/transactions"
+        assert problems == ["unknown query parameter 'when'"]
+        assert fake_paypal.check_billing_request("DELETE", "/v1/billing/plans/P-1", "", None)[
+            2
+        ] == ["unknown path"]
