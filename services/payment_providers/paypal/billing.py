@@ -268,10 +268,10 @@ def subscription_status(subscription: PayPalObject, *, now: datetime) -> Subscri
             )
         case PayPalSubscriptionStatus.SUSPENDED:
             period_end = _period_end_of_note(subscription)
-            if period_end is not None:
-                return (
-                    SubscriptionStatus.ACTIVE if now < period_end else SubscriptionStatus.CANCELED
-                )
+            if period_end is not None:  # our cancel at period end
+                if now >= period_end:
+                    return SubscriptionStatus.CANCELED
+                return SubscriptionStatus.PAST_DUE if failing else SubscriptionStatus.ACTIVE
             return SubscriptionStatus.PAST_DUE if failing else SubscriptionStatus.PAUSED
         case PayPalSubscriptionStatus.CANCELLED | PayPalSubscriptionStatus.EXPIRED:
             return SubscriptionStatus.CANCELED
@@ -296,7 +296,7 @@ def subscription_state(
         status=status,
         current_period_start=moment(last_payment.get("time") or subscription.get("start_time")),
         current_period_end=period_end or moment(billing_info.get("next_billing_time")),
-        cancel_at_period_end=period_end is not None and status is SubscriptionStatus.ACTIVE,
+        cancel_at_period_end=period_end is not None and status is not SubscriptionStatus.CANCELED,
         vendor_price_id=subscription.get("plan_id")
         if is_plan_id(subscription.get("plan_id"))
         else None,

@@ -256,6 +256,10 @@ class TestCancelAndResume:
         after = billing.subscription_state(subscription, now=end)
         assert (before.status, before.cancel_at_period_end) == (SubscriptionStatus.ACTIVE, True)
         assert (after.status, after.cancel_at_period_end) == (SubscriptionStatus.CANCELED, False)
+        # Set to cancel while a renewal had failed: past due until then, still ending.
+        failing = {**subscription, "billing_info": {"failed_payments_count": 1}}
+        still = billing.subscription_state(failing, now=end - timedelta(seconds=1))
+        assert (still.status, still.cancel_at_period_end) == (SubscriptionStatus.PAST_DUE, True)
         # Suspended for another reason: paused, or past due after failed payments.
         paused = {**subscription, "status_change_note": "Customer asked for a break"}
         assert billing.subscription_state(paused, now=end).status is SubscriptionStatus.PAUSED
