@@ -306,6 +306,9 @@ class SubscriptionState:
     subscription_id: str | None = None  # ours, when the vendor carries it back
     latest_invoice: InvoicePayment | None = None
     vendor_status: str | None = None  # the vendor's own word, for logs
+    # A page where the customer must approve a change before the vendor applies it (PayPal
+    # asks the subscriber to consent to a plan change), when one waits; None otherwise.
+    approval_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

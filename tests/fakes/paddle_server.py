@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fakes.paddle_billing import PaddleBilling
 from tests.fakes.paddle_spec import PaddleSpec, Violation
 from tests.fakes.server import serve_in_thread
 
@@ -185,8 +186,10 @@ class RecordedRequest:
 
 
 @dataclass
-class FakePaddle:
-    """Paddle's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served."""
+class FakePaddle(PaddleBilling):
+    """Paddle's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served.
+    Subscriptions (products, recurring prices, subscriptions, portal sessions) are in
+    ``tests.fakes.paddle_billing``."""
 
     api_key: str
     webhook_secret: str
@@ -220,7 +223,9 @@ class FakePaddle:
             ("get", "/transactions/{transaction_id}"): self._get_transaction,
             ("post", "/adjustments"): self._create_adjustment,
             ("get", "/adjustments"): self._list_adjustments,
+            **self._billing_routes(),
         }
+        self._init_billing()
 
     # -- controls for tests --------------------------------------------------------------------
 
@@ -235,6 +240,7 @@ class FakePaddle:
             self.violations.clear()
             self._faults.clear()
             self.default_payment_link = "https://shop.example/pay"
+            self._reset_billing()
             self._release = threading.Event()
 
     def fail_next(
@@ -290,6 +296,7 @@ class FakePaddle:
             transaction["billed_at"] = now_iso()
             self._touch(transaction)
             self._emit("transaction.paid", transaction)
+            self._subscribe(transaction)  # recurring items: Paddle makes the subscription
             transaction["status"] = "completed"
             totals = transaction["details"]["totals"]
             fee = self._part(int(totals["grand_total"]), Decimal("0.05"))
@@ -628,7 +635,8 @@ class FakePaddle:
                 price["tax_mode"] = spec.get("tax_mode", "account_setting")
             currency = currency or price["unit_price"]["currency_code"]
             quantity = int(item["quantity"])
-            unit = int(price["unit_price"]["amount"])
+            # A price with a trial bills nothing at checkout: the trial starts instead.
+            unit = 0 if price.get("trial_period") else int(price["unit_price"]["amount"])
             total += unit * quantity
             items.append({"price": self._shown(price), "quantity": quantity, "proration": None})
             line_items.append(
@@ -722,7 +730,11 @@ class FakePaddle:
     def _list_transactions(
         self, body: Json | None, params: dict[str, str], query: dict[str, str]
     ) -> tuple[int, Json]:
-        found = sorted(self.transactions.values(), key=lambda t: t["created_at"], reverse=True)
+        # Newest first (Paddle's ids are time-ordered, so id[DESC] is creation order).
+        found = list(reversed(self.transactions.values()))
+        if "subscription_id" in query:
+            wanted = set(query["subscription_id"].split(","))
+            found = [t for t in found if t["subscription_id"] in wanted]
         return 200, self._page(found, query, "/transactions")
 
     # -- adjustments -----------------------------------------------------------------------

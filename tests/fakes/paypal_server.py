@@ -60,7 +60,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.paypal_spec import PayPalSpec, Violation, check_token_request
+from tests.fakes.paypal_billing import PayPalBilling, is_billing_path
+from tests.fakes.paypal_spec import Operation, PayPalSpec, Violation, check_token_request
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]
@@ -320,8 +321,10 @@ class RecordedRequest:
 
 
 @dataclass
-class FakePayPal:
-    """PayPal's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served."""
+class FakePayPal(PayPalBilling):
+    """PayPal's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served.
+    Subscriptions (catalog products, plans, subscriptions) are in ``tests.fakes.paypal_billing``,
+    checked against PayPal's reference pages: ``shared/specs`` has no description of them."""
 
     client_id: str
     client_secret: str
@@ -364,7 +367,9 @@ class FakePayPal:
             ("post", "/v2/payments/captures/{capture_id}/refund"): self._refund_capture,
             ("get", "/v2/payments/refunds/{refund_id}"): self._get_refund,
             ("post", "/v1/notifications/verify-webhook-signature"): self._verify_signature,
+            **self._billing_routes(),
         }
+        self._init_billing()
 
     # -- controls for tests --------------------------------------------------------------------
 
@@ -382,6 +387,7 @@ class FakePayPal:
             self._idempotency.clear()
             self._order_private.clear()
             self._order_of_capture.clear()
+            self._reset_billing()
             self.token_ttl_s = 32400
             self.tokens_refused = False
             self._release = threading.Event()
@@ -603,7 +609,11 @@ class FakePayPal:
         try:
             await self._inject_fault(path, after=False)
             self._authenticate(headers.get("authorization"))
-            operation, violations = self._spec.check_request(method, path, query, headers, raw)
+            if is_billing_path(path):
+                operation, violations = self._check_billing(method, path, query, record.body)
+                check_response = False  # no published description to check answers against
+            else:
+                operation, violations = self._spec.check_request(method, path, query, headers, raw)
             if violations:
                 check_response = False  # the request is already a failure of the test
                 with self._lock:
@@ -626,6 +636,8 @@ class FakePayPal:
                 lambda: self._run(handler, request, record.body, operation.path_params),
             )
             record.replayed = replayed
+            if status == 204:
+                content = b""  # No Content: suspend, activate, cancel
             if replayed and path.startswith("/v2/checkout/orders"):
                 status = 200  # PayPal answers a replayed order request with 200, not 201
             await self._inject_fault(path, after=True)
@@ -644,6 +656,13 @@ class FakePayPal:
             headers={**debug, **extra_headers},
             media_type="application/json",
         )
+
+    def _check_billing(
+        self, method: str, path: str, query: str, body: Json | None
+    ) -> tuple[Operation | None, list[Violation]]:
+        template, params, problems = self.check_billing_request(method, path, query, body)
+        operation = Operation(method.lower(), template, params) if template is not None else None
+        return operation, [Violation(method, path, problem) for problem in problems]
 
     def _run(
         self,

@@ -39,6 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.fakes.server import serve_in_thread
+from tests.fakes.stripe_billing import StripeBilling
 from tests.fakes.stripe_spec import (
     DecodeError,
     StripeSpec,
@@ -68,8 +69,9 @@ DECLINE_MESSAGES = {
 }
 # Fields that `expand` may replace by the object, per object type: (field, stored as).
 EXPANDABLE: dict[str, dict[str, str]] = {
-    "checkout.session": {"payment_intent": "payment_intent"},
+    "checkout.session": {"payment_intent": "payment_intent", "subscription": "subscription"},
     "payment_intent": {"latest_charge": "charge"},
+    "subscription": {"latest_invoice": "invoice"},
     "charge": {"payment_intent": "payment_intent"},
     "refund": {"charge": "charge", "payment_intent": "payment_intent"},
 }
@@ -139,8 +141,9 @@ class _Saved:
 
 
 @dataclass
-class FakeStripe:
-    """Stripe's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served."""
+class FakeStripe(StripeBilling):
+    """Stripe's API, in memory. ``app`` is the ASGI app; ``url`` is set once it is served.
+    Billing (products, prices, subscriptions, invoices) is in ``tests.fakes.stripe_billing``."""
 
     api_key: str = "sk_test_fake_0123456789"
     url: str = ""
@@ -162,6 +165,7 @@ class FakeStripe:
         # What Stripe keeps about a session but does not show, and which intents sessions made.
         self._session_private: dict[str, Json] = {}
         self._intent_session: dict[str, str] = {}
+        self._init_billing()
         self._spec = StripeSpec.load()
         self._fixtures = load_fixtures()
         self.app = Starlette(
@@ -179,6 +183,7 @@ class FakeStripe:
             ("get", "/v1/refunds/{refund}"): self._retrieve_refund,
             ("get", "/v1/charges/{charge}"): self._retrieve_charge,
             ("get", "/v1/balance"): self._retrieve_balance,
+            **self._billing_routes(),
         }
 
     # -- controls for tests ----------------------------------------------------------------
@@ -199,6 +204,7 @@ class FakeStripe:
             self._idempotency.clear()
             self._session_private.clear()
             self._intent_session.clear()
+            self._reset_billing()
             self._release = threading.Event()
 
     def fail_next(
@@ -559,7 +565,12 @@ class FakeStripe:
             )
         value = obj.get(head)
         if isinstance(value, str):
-            store = {"payment_intent": self.payment_intents, "charge": self.charges}[stored_as]
+            store = {
+                "payment_intent": self.payment_intents,
+                "charge": self.charges,
+                "subscription": self.subscriptions,
+                "invoice": self.invoices,
+            }[stored_as]
             value = copy.deepcopy(store[value])
             obj[head] = value
         if rest and isinstance(value, dict):
@@ -850,6 +861,8 @@ class FakeStripe:
 
     def _create_session(self, body: Json, path: dict[str, str]) -> Json:
         mode = body.get("mode")
+        if mode == "subscription":
+            return self._create_subscription_session(body)
         if mode != "payment":
             raise StripeErrorResponse(
                 400, "The fake serves Checkout Sessions in payment mode only", param="mode"

@@ -35,9 +35,12 @@ from tests.fakes.specs import specs_dir
 # (method, path template, parameter path): parameters the SDK may send that the 2022
 # description lacks. Keep it short; each entry needs a reason.
 ALLOWED_UNDOCUMENTED: frozenset[tuple[str, str, str]] = frozenset(
-    # None needed so far: every parameter our provider sends through SDK 16.1 exists in the
-    # 2022 description. Add entries like ("POST", "/v1/checkout/sessions", "ui_mode") with a
-    # comment naming the API version that introduced the parameter.
+    {
+        # The 2022 description types billing_cycle_anchor as "now" | "unchanged"; SDK 16.1
+        # (API version 2026-10-28) types it as an object {type: "now" | "unchanged"}
+        # (SubscriptionUpdateParamsBillingCycleAnchor). The fake checks the object's shape.
+        ("POST", "/v1/subscriptions/{subscription_exposed_id}", "billing_cycle_anchor"),
+    }
 )
 
 
@@ -226,6 +229,13 @@ class StripeSpec:
             problem = "method not allowed on this path" if known else "unknown path"
             return None, dict(query), dict(body), [Violation(method, path, problem)]
 
+        # Allow-listed parameters skip validation but still reach the fake's handlers
+        # (top-level ones, as sent: the handler checks their shape itself).
+        passed_through = {
+            name: value
+            for name, value in body.items()
+            if (method.upper(), operation.template, name) in ALLOWED_UNDOCUMENTED
+        }
         query = _drop_allowed(method, operation.template, query)
         body = _drop_allowed(method, operation.template, body)
 
@@ -260,6 +270,7 @@ class StripeSpec:
             for error in OAS30Validator(schema).iter_errors(coerced_body):
                 where = "/".join(str(part) for part in error.absolute_path) or "(body)"
                 problems.append(f"body {where}: {error.message}")
+        coerced_body.update(passed_through)
         return (
             operation,
             coerced_query,

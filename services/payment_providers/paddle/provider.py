@@ -14,6 +14,7 @@ Paddle's request id is logged with each failure, and its messages never reach a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from models.payment import RefundStatus
+from models.subscription import SubscriptionStatus
 from services.errors import (
     InvalidStateTransition,
     InvalidWebhookPayload,
@@ -49,14 +51,20 @@ from ..base import (
     HealthStatus,
     IntentRequest,
     IntentResult,
+    InvoicePayment,
     PaymentState,
     ProviderDeps,
     ProviderMappings,
+    RecurringPrice,
     RefundResult,
+    SubscriptionRequest,
+    SubscriptionStarted,
+    SubscriptionState,
     WebhookEvent,
 )
 from ..payloads import load_json
 from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from . import billing
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.paddle")
@@ -232,6 +240,7 @@ class PaddleProvider(BasePaymentProvider):
             Capability.REFUND,
             Capability.PARTIAL_REFUND,
             Capability.WEBHOOKS,
+            Capability.SUBSCRIPTIONS,
         }
     )
 
@@ -318,7 +327,7 @@ class PaddleProvider(BasePaymentProvider):
 
     async def _call(
         self,
-        method: Literal["GET", "POST"],
+        method: Literal["GET", "POST", "PATCH"],
         path: str,
         *,
         log_event: str,
@@ -682,6 +691,346 @@ class PaddleProvider(BasePaymentProvider):
                 "Paddle answered a refund we cannot read", provider=self.name
             ) from error
 
+    # -- subscriptions ---------------------------------------------------------------------
+    #
+    # Paddle takes no idempotency key: as for payments, every write here is sent once, and
+    # each create is preceded by a search for what an earlier call (whose answer was lost)
+    # may have made: products by custom_data.plan, prices by custom_data.price_key. The
+    # changes to a subscription (cancel, resume, price) are idempotent by nature: asking
+    # again for the same end state changes nothing.
+
+    async def _billing_read(
+        self, path: str, *, log_event: str, subject: str, query: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        try:
+            return self._data(await self._call("GET", path, log_event=log_event, query=query))
+        except NotFound as error:
+            raise NotFound(f"No Paddle subscription object {subject!r}") from error
+
+    async def _list(
+        self, path: str, *, log_event: str, query: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
+        data = tx.data_of(await self._call("GET", path, log_event=log_event, query=query))
+        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+    async def sync_price(self, price: RecurringPrice, *, existing: str | None) -> str:
+        self._require_configured()
+        if price.plan.currency not in tx.CURRENCIES:
+            raise OperationNotSupported(f"Paddle does not bill in {price.plan.currency}")
+        if existing and tx.is_price_id(existing):
+            try:
+                found = await self._billing_read(
+                    f"/prices/{existing}", log_event="paddle.price.get", subject=existing
+                )
+            except NotFound:
+                found = None
+            if found is not None and billing.price_matches(found, price):
+                return existing
+        product_id = await self._product_for(price)
+        for candidate in await self._list(
+            "/prices",
+            log_event="paddle.price.list",
+            query={
+                "product_id": product_id,
+                "status": "active",
+                "recurring": "true",
+                "per_page": "200",
+            },
+        ):
+            if billing.keyed(candidate, "price_key", price.key) and billing.price_matches(
+                candidate, price
+            ):
+                return str(candidate["id"])
+        created = self._data(
+            await self._call(
+                "POST",
+                "/prices",
+                log_event="paddle.price.create",
+                body=billing.price_request(price, product_id=product_id),
+            )
+        )
+        if not tx.is_price_id(created.get("id")):
+            raise ProviderUpstreamError("Paddle answered without a price id", provider=self.name)
+        log.info(
+            "paddle.price.created",
+            extra={"plan": price.plan.code, "price_key": price.key, "paddle_price": created["id"]},
+        )
+        return str(created["id"])
+
+    async def _product_for(self, price: RecurringPrice) -> str:
+        for candidate in await self._list(
+            "/products",
+            log_event="paddle.product.list",
+            query={"status": "active", "per_page": "200"},
+        ):
+            if billing.keyed(candidate, "plan", price.plan.code):
+                return str(candidate["id"])
+        created = self._data(
+            await self._call(
+                "POST",
+                "/products",
+                log_event="paddle.product.create",
+                body=billing.product_request(price, tax_category=self._tax_category),
+            )
+        )
+        if not isinstance(created.get("id"), str):
+            raise ProviderUpstreamError("Paddle answered without a product id", provider=self.name)
+        return str(created["id"])
+
+    async def create_subscription(self, request: SubscriptionRequest) -> SubscriptionStarted:
+        self._require_configured()
+        price_id = request.vendor_price_id or await self.sync_price(request.price, existing=None)
+        # Sent once, as every Paddle write: a lost answer leaves a draft transaction nobody
+        # is sent to, which Paddle never charges.
+        transaction = self._data(
+            await self._call(
+                "POST",
+                "/transactions",
+                log_event="paddle.subscription.checkout_create",
+                body=billing.checkout_transaction_request(request, price_id=price_id),
+            )
+        )
+        if not tx.is_transaction_id(transaction.get("id")):
+            raise ProviderUpstreamError(
+                "Paddle answered without a transaction id", provider=self.name
+            )
+        url = tx.checkout_url(transaction)
+        if url is None:
+            log.error(
+                "paddle.transaction.no_checkout_url",
+                extra={"action": "set a default payment link in Paddle > Checkout settings"},
+            )
+            raise ProviderMisconfigured(
+                "Paddle gave no checkout page for the subscription; an operator must set the "
+                "default payment link",
+                provider=self.name,
+            )
+        log.info(
+            "paddle.subscription.checkout_created",
+            extra={"subscription_id": request.subscription_id, "transaction": transaction["id"]},
+        )
+        return SubscriptionStarted(
+            provider_subscription_id=str(transaction["id"]),
+            status=SubscriptionStatus.INCOMPLETE,
+            redirect_url=url,
+        )
+
+    async def _get_subscription(self, subscription_id: str) -> dict[str, Any]:
+        return await self._billing_read(
+            f"/subscriptions/{subscription_id}",
+            log_event="paddle.subscription.get",
+            subject=subscription_id,
+        )
+
+    async def _checkout_or_subscription(
+        self, provider_subscription_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        self._require_configured()
+        if billing.is_subscription_id(provider_subscription_id):
+            return None, await self._get_subscription(provider_subscription_id)
+        if not tx.is_transaction_id(provider_subscription_id):
+            raise NotFound(f"No Paddle subscription {provider_subscription_id!r}")
+        transaction = await self._billing_read(
+            f"/transactions/{provider_subscription_id}",
+            log_event="paddle.transaction.get",
+            subject=provider_subscription_id,
+        )
+        made = billing.subscription_of_transaction(transaction)
+        return transaction, (await self._get_subscription(made) if made else None)
+
+    async def _existing_subscription(self, provider_subscription_id: str) -> dict[str, Any]:
+        _, subscription = await self._checkout_or_subscription(provider_subscription_id)
+        if subscription is None:
+            raise InvalidStateTransition("The customer has not completed Paddle Checkout yet")
+        return subscription
+
+    async def _latest_invoice(self, subscription_id: str) -> InvoicePayment | None:
+        transactions = await self._list(
+            "/transactions",
+            log_event="paddle.transaction.list",
+            query={
+                "subscription_id": subscription_id,
+                "order_by": "created_at[DESC]",
+                "per_page": "1",
+            },
+        )
+        try:
+            return billing.invoice_of_transaction(transactions[0]) if transactions else None
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "Paddle answered a transaction we cannot read", provider=self.name
+            ) from error
+
+    def _subscription_state(
+        self, subscription: Mapping[str, Any], latest: InvoicePayment | None = None
+    ) -> SubscriptionState:
+        try:
+            return billing.subscription_state(subscription, latest_invoice=latest)
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "Paddle answered a subscription we cannot read", provider=self.name
+            ) from error
+
+    async def _state_now(self, subscription: Mapping[str, Any]) -> SubscriptionState:
+        latest = await self._latest_invoice(str(subscription.get("id")))
+        return self._subscription_state(subscription, latest)
+
+    async def get_subscription(self, provider_subscription_id: str) -> SubscriptionState:
+        transaction, subscription = await self._checkout_or_subscription(provider_subscription_id)
+        if subscription is not None:
+            return await self._state_now(subscription)
+        assert transaction is not None
+        return billing.state_of_unfinished_checkout(transaction)
+
+    async def _change(
+        self, subscription_id: str, path: str, body: dict[str, Any], log_event: str
+    ) -> dict[str, Any]:
+        method: Literal["POST", "PATCH"] = "PATCH" if path == "" else "POST"
+        return self._data(
+            await self._call(
+                method,
+                f"/subscriptions/{subscription_id}{path}",
+                log_event=log_event,
+                body=body,
+            )
+        )
+
+    async def cancel_subscription(
+        self, provider_subscription_id: str, *, at_period_end: bool, idempotency_key: str
+    ) -> SubscriptionState:
+        # ``idempotency_key`` has no Paddle header to go in: cancelling is idempotent here
+        # (a subscription already canceled, or set to cancel, is answered as it is).
+        transaction, subscription = await self._checkout_or_subscription(provider_subscription_id)
+        if subscription is None:
+            assert transaction is not None
+            # No subscription yet: the customer simply never pays the checkout, which Paddle
+            # does not charge; there is nothing at Paddle to end.
+            raise InvalidStateTransition(
+                "Paddle has no subscription to cancel until its checkout is paid"
+            )
+        state = self._subscription_state(subscription)
+        if state.status.is_final or (at_period_end and state.cancel_at_period_end):
+            return await self._state_now(subscription)
+        updated = await self._change(
+            state.provider_subscription_id,
+            "/cancel",
+            billing.cancel_request(at_period_end=at_period_end),
+            "paddle.subscription.cancel",
+        )
+        return await self._state_now(updated)
+
+    async def resume_subscription(
+        self, provider_subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionState:
+        subscription = await self._existing_subscription(provider_subscription_id)
+        state = self._subscription_state(subscription)
+        if state.status.is_final:
+            raise InvalidStateTransition("A canceled Paddle subscription cannot be resumed")
+        if state.status is SubscriptionStatus.PAUSED:
+            updated = await self._change(
+                state.provider_subscription_id,
+                "/resume",
+                {"effective_from": "immediately"},
+                "paddle.subscription.resume",
+            )
+        elif state.cancel_at_period_end:
+            # Removing the scheduled change undoes a cancel at period end.
+            updated = await self._change(
+                state.provider_subscription_id,
+                "",
+                {"scheduled_change": None},
+                "paddle.subscription.update",
+            )
+        else:
+            return await self._state_now(subscription)  # nothing to undo
+        return await self._state_now(updated)
+
+    async def change_subscription_price(
+        self,
+        provider_subscription_id: str,
+        *,
+        vendor_price_id: str,
+        now: bool,
+        prorate: bool,
+        idempotency_key: str,
+    ) -> SubscriptionState:
+        if not tx.is_price_id(vendor_price_id):
+            raise NotFound(f"No Paddle price {vendor_price_id!r}")
+        subscription = await self._existing_subscription(provider_subscription_id)
+        state = self._subscription_state(subscription)
+        if state.status.is_final:
+            raise InvalidStateTransition("A canceled Paddle subscription bills nothing")
+        if state.vendor_price_id == vendor_price_id:
+            return await self._state_now(subscription)  # asked again: already done
+        updated = await self._change(
+            state.provider_subscription_id,
+            "",
+            billing.price_change_request(price_id=vendor_price_id, now=now, prorate=prorate),
+            "paddle.subscription.update",
+        )
+        return await self._state_now(updated)
+
+    async def customer_portal_url(self, provider_subscription_id: str, *, return_url: str) -> str:
+        subscription = await self._existing_subscription(provider_subscription_id)
+        customer = billing.customer_of(subscription)
+        if customer is None:
+            raise ProviderUpstreamError(
+                "Paddle's subscription names no customer", provider=self.name
+            )
+        # Paddle's portal has no return address: ``return_url`` cannot be passed on.
+        session = self._data(
+            await self._call(
+                "POST",
+                f"/customers/{customer}/portal-sessions",
+                log_event="paddle.portal_session.create",
+                body={"subscription_ids": [str(subscription["id"])]},
+            )
+        )
+        url = billing.portal_url(session)
+        if url is None:
+            raise ProviderUpstreamError("Paddle gave no portal address", provider=self.name)
+        return url
+
+    async def _billing_event(self, event: WebhookEvent, payload: Mapping[str, Any]) -> WebhookEvent:
+        """A subscription's event in our terms; events of a subscription's transactions carry
+        the invoice and the subscription as it is now, and no payment of ours."""
+        data = payload.get("data")
+        data = data if isinstance(data, Mapping) else {}
+        try:
+            if event.event_type.startswith(billing.SUBSCRIPTION_EVENT_PREFIX):
+                return dataclasses.replace(event, subscription=billing.subscription_state(data))
+            if event.event_type in billing.INVOICE_EVENTS:
+                made = billing.subscription_of_transaction(data)
+                ours = billing.ours_of(data)
+                if made is None and ours is None:
+                    return event  # a one-off payment's transaction
+                invoice = billing.invoice_of_transaction(data)
+                if made is not None:
+                    try:
+                        found = await self._get_subscription(made)
+                    except NotFound:
+                        log.warning(
+                            "paddle.webhook.subscription_missing",
+                            extra={"event_id": event.event_id},
+                        )
+                        return event
+                    state = self._subscription_state(found)
+                    if state.subscription_id is None:
+                        state = dataclasses.replace(state, subscription_id=ours)
+                else:
+                    state = billing.state_of_unfinished_checkout(data)
+                return dataclasses.replace(
+                    event,
+                    payment_id=None,
+                    status=None,
+                    reference=None,
+                    subscription=state,
+                    invoice=invoice,
+                )
+        except ValueError as error:
+            raise InvalidWebhookPayload("The event's data is not what its type says") from error
+        return event
+
     # -- webhooks and health ---------------------------------------------------------------
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
@@ -711,6 +1060,7 @@ class PaddleProvider(BasePaymentProvider):
             event = tx.webhook_event(payload)
         except ValueError as error:
             raise InvalidWebhookPayload("The event's data is not what its type says") from error
+        event = await self._billing_event(event, payload)
         log.info(
             "paddle.webhook.received",
             extra={

@@ -27,11 +27,13 @@ import stripe
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from models.payment import PaymentStatus
+from models.subscription import SubscriptionStatus
 from services.errors import (
     IdempotencyKeyReused,
     InvalidStateTransition,
     InvalidWebhookPayload,
     InvalidWebhookSignature,
+    NotFound,
     OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
@@ -52,11 +54,16 @@ from ..base import (
     IntentResult,
     PaymentState,
     ProviderDeps,
+    RecurringPrice,
     RefundResult,
+    SubscriptionRequest,
+    SubscriptionStarted,
+    SubscriptionState,
     WebhookEvent,
 )
 from ..payloads import load_json
 from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from . import billing
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.stripe")
@@ -66,6 +73,8 @@ WEBHOOK_TOLERANCE_S = 300
 # (refunds, payment method).
 SESSION_EXPAND = ["payment_intent", "payment_intent.latest_charge"]
 INTENT_EXPAND = ["latest_charge"]
+# A subscription read answers its latest invoice too: paid or not, for what.
+SUBSCRIPTION_EXPAND = ["latest_invoice"]
 # Codes Stripe uses when a refund asks for more than is left on the charge.
 REFUND_TOO_LARGE_CODES = frozenset({"amount_too_large", "charge_already_refunded"})
 
@@ -201,6 +210,7 @@ class StripeProvider(BasePaymentProvider):
             Capability.REFUND,
             Capability.PARTIAL_REFUND,
             Capability.WEBHOOKS,
+            Capability.SUBSCRIPTIONS,
         }
     )
 
@@ -596,6 +606,293 @@ class StripeProvider(BasePaymentProvider):
                 "Stripe answered a refund we cannot read", provider=self.name
             ) from error
 
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def _subscription_call(
+        self,
+        event: str,
+        operation: Callable[[stripe.StripeClient], Awaitable[Any]],
+        *,
+        subject: str,
+    ) -> dict[str, Any]:
+        """``_call`` for a subscription (or its checkout): a missing one is NotFound in our
+        words, not a missing payment."""
+        try:
+            return await self._call(event, operation, payment_id=subject)
+        except PaymentNotFound as error:
+            raise NotFound(f"No Stripe subscription {subject!r}") from error
+
+    async def sync_price(self, price: RecurringPrice, *, existing: str | None) -> str:
+        self._require_client()
+        if existing:
+            try:
+                found = await self._subscription_call(
+                    "stripe.price.retrieve",
+                    lambda c: c.v1.prices.retrieve_async(existing),
+                    subject=existing,
+                )
+            except NotFound:
+                found = None
+            if found is not None and billing.price_matches(found, price):
+                return existing
+        # The lookup key is the price's key: a price made before (by another instance, or a
+        # call whose answer was lost) is found instead of made twice.
+        listed = await self._call(
+            "stripe.price.list",
+            lambda c: c.v1.prices.list_async({"lookup_keys": [price.key], "active": True}),
+        )
+        for candidate in listed.get("data") or []:
+            if isinstance(candidate, dict) and billing.price_matches(candidate, price):
+                return str(candidate["id"])
+        product_id = await self._product_for(price)
+        params = billing.price_params(price, product_id=product_id)
+        # The key names the price it replaces: a retry replays this creation, but replacing
+        # a price archived since is a new creation (else Stripe would replay the old one).
+        key = f"price:{price.key}" + (f":replacing:{existing}" if existing else "")
+        created = await self._call(
+            "stripe.price.create",
+            lambda c: c.v1.prices.create_async(params, {"idempotency_key": key}),
+        )
+        log.info(
+            "stripe.price.created",
+            extra={"plan": price.plan.code, "price_key": price.key, "stripe_price": created["id"]},
+        )
+        return str(created["id"])
+
+    async def _product_for(self, price: RecurringPrice) -> str:
+        """The plan's product, made the first time one of its prices is."""
+        product_id = billing.product_id_for(price)
+        try:
+            await self._subscription_call(
+                "stripe.product.retrieve",
+                lambda c: c.v1.products.retrieve_async(product_id),
+                subject=product_id,
+            )
+            return product_id
+        except NotFound:
+            pass
+        params = billing.product_params(price)
+        created = await self._call(
+            "stripe.product.create",
+            lambda c: c.v1.products.create_async(
+                params, {"idempotency_key": f"product:{product_id}"}
+            ),
+        )
+        return str(created["id"])
+
+    async def create_subscription(self, request: SubscriptionRequest) -> SubscriptionStarted:
+        self._require_client()
+        vendor_price_id = request.vendor_price_id or await self.sync_price(
+            request.price, existing=None
+        )
+        params = billing.subscription_checkout_params(request, vendor_price_id=vendor_price_id)
+        session = await self._call(
+            "stripe.checkout_session.create",
+            lambda c: c.v1.checkout.sessions.create_async(
+                params, {"idempotency_key": request.idempotency_key}
+            ),
+        )
+        log.info(
+            "stripe.subscription.checkout_created",
+            extra={"subscription_id": request.subscription_id, "session": session["id"]},
+        )
+        # Until the customer completes Checkout there is no subscription at Stripe: the
+        # session stands for it (get_subscription follows it to the subscription it made).
+        return SubscriptionStarted(
+            provider_subscription_id=str(session["id"]),
+            status=SubscriptionStatus.INCOMPLETE,
+            redirect_url=session.get("url"),
+        )
+
+    async def _retrieve_subscription(self, stripe_subscription_id: str) -> dict[str, Any]:
+        return await self._subscription_call(
+            "stripe.subscription.retrieve",
+            lambda c: c.v1.subscriptions.retrieve_async(
+                stripe_subscription_id, {"expand": SUBSCRIPTION_EXPAND}
+            ),
+            subject=stripe_subscription_id,
+        )
+
+    async def _session_or_subscription(
+        self, provider_subscription_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The checkout session (when the id is one) and the subscription, if there is one
+        yet."""
+        self._require_client()
+        if provider_subscription_id.startswith("sub_"):
+            return None, await self._retrieve_subscription(provider_subscription_id)
+        if not provider_subscription_id.startswith("cs_"):
+            raise NotFound(f"No Stripe subscription {provider_subscription_id!r}")
+        session = await self._subscription_call(
+            "stripe.checkout_session.retrieve",
+            lambda c: c.v1.checkout.sessions.retrieve_async(provider_subscription_id),
+            subject=provider_subscription_id,
+        )
+        found = billing.subscription_of_session(session)
+        return session, (await self._retrieve_subscription(found) if found else None)
+
+    async def _existing_subscription(self, provider_subscription_id: str) -> dict[str, Any]:
+        _, subscription = await self._session_or_subscription(provider_subscription_id)
+        if subscription is None:
+            raise InvalidStateTransition("The customer has not completed Stripe Checkout yet")
+        return subscription
+
+    def _subscription_state(self, subscription: dict[str, Any]) -> SubscriptionState:
+        try:
+            return billing.subscription_state(subscription)
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "Stripe answered a subscription we cannot read", provider=self.name
+            ) from error
+
+    async def get_subscription(self, provider_subscription_id: str) -> SubscriptionState:
+        session, subscription = await self._session_or_subscription(provider_subscription_id)
+        if subscription is not None:
+            return self._subscription_state(subscription)
+        assert session is not None
+        return billing.state_of_unfinished_checkout(session)
+
+    async def cancel_subscription(
+        self, provider_subscription_id: str, *, at_period_end: bool, idempotency_key: str
+    ) -> SubscriptionState:
+        session, subscription = await self._session_or_subscription(provider_subscription_id)
+        if subscription is None:
+            assert session is not None
+            if session.get("status") == "open":
+                # Nothing to bill yet: ending the checkout ends the subscription it would make.
+                session = await self._subscription_call(
+                    "stripe.checkout_session.expire",
+                    lambda c: c.v1.checkout.sessions.expire_async(
+                        provider_subscription_id, options={"idempotency_key": idempotency_key}
+                    ),
+                    subject=provider_subscription_id,
+                )
+            return billing.state_of_unfinished_checkout(session)
+        subscription_id = str(subscription["id"])
+        if subscription.get("status") == "canceled":
+            return self._subscription_state(subscription)  # cancelling again changes nothing
+        if at_period_end:
+            updated = await self._subscription_call(
+                "stripe.subscription.update",
+                lambda c: c.v1.subscriptions.update_async(
+                    subscription_id,
+                    {"cancel_at_period_end": True, "expand": SUBSCRIPTION_EXPAND},
+                    {"idempotency_key": idempotency_key},
+                ),
+                subject=subscription_id,
+            )
+        else:
+            updated = await self._subscription_call(
+                "stripe.subscription.cancel",
+                # No expand: the SDK sends a DELETE's parameters in the query string, where
+                # Stripe's description has none (the answer's status is what matters here).
+                lambda c: c.v1.subscriptions.cancel_async(
+                    subscription_id, options={"idempotency_key": idempotency_key}
+                ),
+                subject=subscription_id,
+            )
+        return self._subscription_state(updated)
+
+    async def resume_subscription(
+        self, provider_subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionState:
+        subscription = await self._existing_subscription(provider_subscription_id)
+        subscription_id = str(subscription["id"])
+        if subscription.get("status") in ("canceled", "incomplete_expired"):
+            raise InvalidStateTransition("A canceled Stripe subscription cannot be resumed")
+        updated = await self._subscription_call(
+            "stripe.subscription.update",
+            lambda c: c.v1.subscriptions.update_async(
+                subscription_id,
+                {"cancel_at_period_end": False, "expand": SUBSCRIPTION_EXPAND},
+                {"idempotency_key": idempotency_key},
+            ),
+            subject=subscription_id,
+        )
+        return self._subscription_state(updated)
+
+    async def change_subscription_price(
+        self,
+        provider_subscription_id: str,
+        *,
+        vendor_price_id: str,
+        now: bool,
+        prorate: bool,
+        idempotency_key: str,
+    ) -> SubscriptionState:
+        subscription = await self._existing_subscription(provider_subscription_id)
+        subscription_id = str(subscription["id"])
+        item_id = billing.subscription_item_id(subscription)
+        if item_id is None or subscription.get("status") in ("canceled", "incomplete_expired"):
+            raise InvalidStateTransition("This Stripe subscription bills nothing to change")
+        params = billing.price_change_params(
+            item_id=item_id, vendor_price_id=vendor_price_id, now=now, prorate=prorate
+        )
+        params["expand"] = SUBSCRIPTION_EXPAND
+        updated = await self._subscription_call(
+            "stripe.subscription.update",
+            lambda c: c.v1.subscriptions.update_async(
+                subscription_id, params, {"idempotency_key": idempotency_key}
+            ),
+            subject=subscription_id,
+        )
+        return self._subscription_state(updated)
+
+    async def customer_portal_url(self, provider_subscription_id: str, *, return_url: str) -> str:
+        subscription = await self._existing_subscription(provider_subscription_id)
+        customer = billing.customer_of(subscription)
+        if customer is None:
+            raise ProviderUpstreamError(
+                "Stripe's subscription names no customer", provider=self.name
+            )
+        portal = await self._call(
+            "stripe.billing_portal_session.create",
+            lambda c: c.v1.billing_portal.sessions.create_async(
+                {"customer": customer, "return_url": return_url}
+            ),
+        )
+        return str(portal["url"])
+
+    async def _billing_event(
+        self, event: dict[str, Any], base: WebhookEvent
+    ) -> WebhookEvent | None:
+        """A subscription's event in our terms; None for an event that is not about one.
+        An invoice event names its subscription but not its state: that is read from Stripe,
+        so that the event carries the subscription as it is now."""
+        event_type = base.event_type
+        obj = event["data"]["object"]
+        try:
+            if event_type in billing.SUBSCRIPTION_EVENTS:
+                return dataclasses.replace(base, subscription=billing.subscription_state(obj))
+            if event_type in billing.INVOICE_EVENTS:
+                invoice = billing.invoice_payment(obj)
+                found = billing.subscription_id_of_invoice(obj)
+                if found is None:
+                    return base  # a one-off invoice: none of ours
+                try:
+                    retrieved = await self._retrieve_subscription(found)
+                except NotFound:
+                    # Deleted at Stripe since (test data): nothing of ours to move.
+                    log.warning(
+                        "stripe.webhook.subscription_missing", extra={"event": base.event_id}
+                    )
+                    return base
+                subscription = self._subscription_state(retrieved)
+                return dataclasses.replace(base, subscription=subscription, invoice=invoice)
+            if event_type.startswith("checkout.session.") and billing.is_subscription_checkout(obj):
+                made = billing.subscription_of_session(obj)
+                if made is None:
+                    state = billing.state_of_unfinished_checkout(obj)
+                else:
+                    state = self._subscription_state(await self._retrieve_subscription(made))
+                    state = dataclasses.replace(
+                        state, subscription_id=state.subscription_id or billing.ours_of(obj)
+                    )
+                return dataclasses.replace(base, subscription=state)
+        except ValueError as error:
+            raise InvalidWebhookPayload("The event's object is not what its type says") from error
+        return None
+
     # -- webhooks and health ---------------------------------------------------------------
 
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
@@ -635,6 +932,27 @@ class StripeProvider(BasePaymentProvider):
             raise InvalidWebhookPayload("The webhook body is not JSON") from error
         if not tx.is_event(event):
             raise InvalidWebhookPayload("The webhook body is not a Stripe event")
+        subscription_event = await self._billing_event(
+            event,
+            WebhookEvent(
+                event_id=str(event["id"]),
+                event_type=str(event["type"]),
+                verified=True,
+                occurred_at=tx.moment(event.get("created")),
+            ),
+        )
+        if subscription_event is not None:
+            log.info(
+                "stripe.webhook.received",
+                extra={
+                    "event_id": subscription_event.event_id,
+                    "event_type": subscription_event.event_type,
+                    "subscription_id": subscription_event.subscription.subscription_id
+                    if subscription_event.subscription
+                    else None,
+                },
+            )
+            return subscription_event
         try:
             normalized = tx.webhook_event(event)
         except ValueError as error:

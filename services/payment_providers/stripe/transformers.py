@@ -339,7 +339,7 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
         "event_id": str(event["id"]),
         "event_type": event_type,
         "verified": True,
-        "occurred_at": _moment(created),
+        "occurred_at": moment(created),
     }
     if event_type not in HANDLED_EVENTS:
         return WebhookEvent(**base)
@@ -374,7 +374,7 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
     )
 
 
-def _moment(created: Any) -> datetime | None:
+def moment(created: Any) -> datetime | None:
     """An event's ``created``, when it is a time at all (not 1e300, not a bool)."""
     if not isinstance(created, int | float) or isinstance(created, bool):
         return None
