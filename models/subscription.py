@@ -142,6 +142,13 @@ class SubscriptionResponse(BaseModel):
     cancel_at_period_end: bool = False
     pending_plan: str | None = None
     redirect_url: str | None = None
+    approval_url: str | None = Field(
+        default=None,
+        description=(
+            "After a plan change the vendor needs the customer to approve (PayPal): where to "
+            "send them; until they do, the old plan is billed"
+        ),
+    )
     payments: list[str] = Field(
         default_factory=list, description="Its paid invoices and renewals, as payments"
     )

@@ -375,7 +375,12 @@ class SubscriptionService:
                 "when": "now" if upgrade else "renewal",
             },
         )
-        return await self._response(updated)
+        response = await self._response(updated)
+        if state.approval_url:
+            # The vendor bills the new price only once the customer approves it there (PayPal):
+            # send the customer to that page.
+            response = response.model_copy(update={"approval_url": state.approval_url})
+        return response
 
     async def portal(self, subscription_id: str, user: User, base_url: str) -> PortalResponse:
         record = await self._owned(subscription_id, user)
