@@ -219,7 +219,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.subscriptions = subscription_service
     app.state.plan_sync = plan_sync
     app.state.provider_admin = ProviderAdmin(
-        manager, configs, store, guard, reconciler, receipts_signed=receipts.signed
+        manager,
+        configs,
+        store,
+        guard,
+        reconciler,
+        receipts_signed=receipts.signed,
+        receipts_storage=receipts.storage_problem,
     )
     # The admin dashboard: its pages call the same services as the admin API.
     app.state.admin_views = AdminViews(app.state.provider_admin, store, operations)

@@ -17,7 +17,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Redis answers", responses=problems(503))
+@router.get("/ready", summary="Redis answers and receipts can be stored", responses=problems(503))
 async def ready(admin: ProviderAdminDep) -> dict[str, str]:
     await admin.ready()
     return {"status": "ready"}

@@ -76,6 +76,17 @@ class ReceiptNotAvailable(ServiceError):
     title = "Receipt not available"
 
 
+class ReceiptStorageUnavailable(ServiceError):
+    """RECEIPTS_DIR cannot be written or read (a volume not mounted, wrong owner, full)."""
+
+    status = 503
+    code = "receipt_storage_unavailable"
+    title = "Receipt storage unavailable"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "30"})
+
+
 class InvalidStateTransition(ServiceError):
     status = 409
     code = "invalid_payment_state"

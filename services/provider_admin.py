@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.payment import ProviderHealth, ProviderName, ServiceHealth
-from services.errors import NotFound, ServiceError, StoreUnavailable, UnknownProvider
+from services.errors import (
+    NotFound,
+    ReceiptStorageUnavailable,
+    ServiceError,
+    StoreUnavailable,
+    UnknownProvider,
+)
 from services.payment_providers.base import (
     BasePaymentProvider,
     Capability,
@@ -168,18 +175,26 @@ class StoredConfigsHealth(BaseModel):
 
 
 class ReceiptsHealth(BaseModel):
-    """Whether receipts and credit notes are signed (PAdES) on this service."""
+    """Whether receipts and credit notes are signed (PAdES) on this service, and whether
+    their directory takes files."""
 
     signing: Literal["signed", "unsigned"]
     message: str
+    storage: str = "ok"  # or why RECEIPTS_DIR cannot be written
 
     @classmethod
-    def of(cls, signed: bool) -> ReceiptsHealth:
+    def of(cls, signed: bool, storage_problem: str | None = None) -> ReceiptsHealth:
+        storage = storage_problem or "ok"
         if signed:
-            return cls(signing="signed", message="PDFs are signed with RECEIPT_SIGNING_CERT")
+            return cls(
+                signing="signed",
+                message="PDFs are signed with RECEIPT_SIGNING_CERT",
+                storage=storage,
+            )
         return cls(
             signing="unsigned",
             message="RECEIPT_SIGNING_KEY and RECEIPT_SIGNING_CERT are not set: PDFs are unsigned",
+            storage=storage,
         )
 
 
@@ -201,8 +216,10 @@ class ProviderAdmin:
         reconciler: Reconciler,
         *,
         receipts_signed: bool = False,
+        receipts_storage: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self._receipts_signed = receipts_signed
+        self._receipts_storage = receipts_storage
         self._manager = manager
         self._configs = configs
         self._store = store
@@ -391,8 +408,15 @@ class ProviderAdmin:
         return ReconciliationStats.model_validate(await self._reconciler.stats())
 
     async def ready(self) -> None:
-        """Returns when Redis answers; raises ``StoreUnavailable`` when it does not."""
+        """Returns when Redis answers and receipts can be stored; raises
+        ``StoreUnavailable`` or ``ReceiptStorageUnavailable`` (with the reason) when not."""
         await self._store.ping()
+        problem = await self._storage_problem()
+        if problem is not None:
+            raise ReceiptStorageUnavailable(problem)
+
+    async def _storage_problem(self) -> str | None:
+        return await self._receipts_storage() if self._receipts_storage is not None else None
 
     async def health(self) -> AdminHealth:
         """Redis, each provider, and the stored configurations. Unhealthy when Redis or the
@@ -424,11 +448,13 @@ class ProviderAdmin:
             )
 
         serving = [name for name in routed if takes_payments(name)]
+        storage_problem = await self._storage_problem()
         status: Literal["healthy", "degraded", "unhealthy"]
         if redis["status"] != "connected" or not serving:
             status = "unhealthy"  # no payment can be taken
         elif (
             not takes_payments(factory.default)
+            or storage_problem is not None
             or unreadable is not None
             or any(check.status in {"error", "circuit_open"} for check in checks)
         ):
@@ -440,7 +466,7 @@ class ProviderAdmin:
             redis=redis,
             providers=providers,
             stored_configs=StoredConfigsHealth.of(unreadable),
-            receipts=ReceiptsHealth.of(self._receipts_signed),
+            receipts=ReceiptsHealth.of(self._receipts_signed, storage_problem),
         )
 
     async def _provider_health(self, provider: BasePaymentProvider) -> ProviderHealth:

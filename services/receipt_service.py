@@ -8,6 +8,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 
 from models.payment import PaymentRecord, Plan, RefundRecord
 from services import receipt_render
+from services.errors import ReceiptStorageUnavailable
 from services.metrics import timed_render
 from services.receipt_document import (
     ProviderFacts,
@@ -163,6 +165,30 @@ class ReceiptService:
 
     # -- documents -------------------------------------------------------------------------
 
+    def _storage_error(self, error: OSError) -> ReceiptStorageUnavailable:
+        log.error(
+            "receipt.storage_failed",
+            extra={"directory": str(self._directory), "error": type(error).__name__},
+        )
+        return ReceiptStorageUnavailable(
+            f"Receipts cannot be stored now ({type(error).__name__}); retry later"
+        )
+
+    async def storage_problem(self) -> str | None:
+        """Why RECEIPTS_DIR cannot take a PDF now, or None: a file is written there and
+        removed, as a render would (for /ready and /admin/health)."""
+
+        def probe() -> None:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self._directory, prefix=".ready-"):
+                pass
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as error:
+            return f"RECEIPTS_DIR {self._directory} cannot be written: {type(error).__name__}"
+        return None
+
     def path_for(self, doc_id: str) -> Path:
         return document_path(self._directory, doc_id)
 
@@ -285,6 +311,8 @@ class ReceiptService:
             data: bytes | None = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             data = None
+        except OSError as error:
+            raise self._storage_error(error) from error
         if data is not None:
             digest = hashlib.sha256(data).hexdigest()
             if entry.sha256 is None or digest == entry.sha256:
@@ -302,14 +330,17 @@ class ReceiptService:
             )
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with timed_render():
-            data = await loop.run_in_executor(
-                self._executor(),
-                receipt_render.render_to_file,
-                context(entry.number),
-                str(path),
-                self._config.signing,
-            )
+        try:
+            with timed_render():
+                data = await loop.run_in_executor(
+                    self._executor(),
+                    receipt_render.render_to_file,
+                    context(entry.number),
+                    str(path),
+                    self._config.signing,
+                )
+        except OSError as error:  # the PDF could not be written where it belongs
+            raise self._storage_error(error) from error
         digest = hashlib.sha256(data).hexdigest()
         # A second round trip: the new bytes enter the chain (a new version if they differ).
         recorded = await self._ledger.record(entry, digest, at=datetime.now(UTC))

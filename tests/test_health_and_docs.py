@@ -17,7 +17,15 @@ from pydantic_settings import SettingsError
 from app.cli import main as cli_main
 from app.security import decode_access_token
 from app.settings import Settings, settings_problems
-from tests.conftest import JWT_SECRET, assert_problem, bearer
+from tests.conftest import (
+    JWT_SECRET,
+    RedisServer,
+    assert_problem,
+    bearer,
+    create_payment,
+    make_settings,
+    pay_in_sandbox,
+)
 
 
 class TestHealth:
@@ -290,3 +298,36 @@ async def test_the_collector_is_tuned_while_the_app_runs_and_restored_after(
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+class TestUnwritableReceiptsDirectory:
+    """RECEIPTS_DIR that cannot take a file (here a path under a plain file, which stops root
+    too): found by /ready at once, never a 500 at the first PDF."""
+
+    @pytest.fixture
+    def settings(self, redis_server: RedisServer, tmp_path: Path) -> Settings:
+        redis_server.flush()
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("")
+        return make_settings(redis_server.url, blocker / "receipts")
+
+    async def test_ready_fails_with_the_reason(self, client: httpx.AsyncClient) -> None:
+        body = assert_problem(await client.get("/ready"), 503, "receipt_storage_unavailable")
+        assert "RECEIPTS_DIR" in body["detail"]
+
+    async def test_admin_health_is_degraded_and_says_why(
+        self, client: httpx.AsyncClient, token: Any
+    ) -> None:
+        response = await client.get("/admin/health", headers=bearer(token("ops", admin=True)))
+        assert response.json()["status"] == "degraded"
+        assert "cannot be written" in response.json()["receipts"]["storage"]
+
+    async def test_a_pdf_is_a_503_never_a_500(self, client: httpx.AsyncClient, token: Any) -> None:
+        alice = token("alice")
+        created = await create_payment(client, token=alice)
+        await pay_in_sandbox(client, created["payment_id"])
+        response = await client.get(
+            f"/api/v1/payment/receipt/{created['payment_id']}/pdf", headers=bearer(alice)
+        )
+        assert_problem(response, 503, "receipt_storage_unavailable")
+        assert response.headers["retry-after"] == "30"
