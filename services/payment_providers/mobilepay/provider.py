@@ -52,7 +52,6 @@ from services.errors import (
     PaymentNotFound,
     ProviderMisconfigured,
     ProviderNotConfigured,
-    ProviderUnavailable,
     ProviderUpstreamError,
     RefundExceedsBalance,
     ServiceError,
@@ -71,7 +70,14 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import RetryPolicy, with_retries
+from ..resilience import RetryPolicy
+from ..vendor_http import (
+    VendorErrors,
+    header,
+    json_object,
+    retry_after_seconds,
+    with_retries_keeping_outcome,
+)
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.mobilepay")
@@ -109,25 +115,6 @@ def content_hash(body: bytes) -> str:
     return base64.b64encode(hashlib.sha256(body).digest()).decode()
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name.lower()), None)
-    return str(value) if value is not None else None
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 @dataclass(frozen=True, slots=True)
 class _Token:
     value: str
@@ -146,11 +133,7 @@ class _Failure:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _Failure:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
+        body = json_object(response)
         title, detail = body.get("title"), body.get("detail")
         trace = body.get("traceId") or response.headers.get("x-request-id")
         return cls(
@@ -158,7 +141,7 @@ class _Failure:
             title=str(title)[:200] if title else None,
             detail=str(detail)[:300] if detail else None,
             trace_id=str(trace)[:100] if trace else None,
-            retry_after=_retry_after_seconds(response),
+            retry_after=retry_after_seconds(response.headers),
         )
 
 
@@ -271,6 +254,7 @@ class MobilePayProvider(BasePaymentProvider):
         self._wall_clock = wall_clock
         self._token: _Token | None = None
         self._token_lock = asyncio.Lock()
+        self._errors = VendorErrors(self.name, self.display_name, log)
 
     @classmethod
     def from_config(
@@ -370,23 +354,16 @@ class MobilePayProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, "mobilepay.token.fetch") from error
+            raise self._errors.transport_error(error, "mobilepay.token.fetch") from error
         if response.status_code != 200:
             failure = _Failure.of(response)
             if response.status_code in (400, 401, 403):
                 # Our client id, secret or subscription key is wrong. Never log any of them.
-                log.error(
-                    "mobilepay.token.fetch_failed",
-                    extra={
-                        **self._log_fields(failure),
-                        "action": "check MOBILEPAY_CLIENT_ID, MOBILEPAY_CLIENT_SECRET and "
-                        "MOBILEPAY_SUBSCRIPTION_KEY",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "Vipps MobilePay refused our credentials; an operator must check the "
-                    "configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    "mobilepay.token.fetch",
+                    self._log_fields(failure),
+                    action="check MOBILEPAY_CLIENT_ID, MOBILEPAY_CLIENT_SECRET and "
+                    "MOBILEPAY_SUBSCRIPTION_KEY",
                 )
             raise self._service_error(failure, "mobilepay.token.fetch", payment_id=None)
         try:
@@ -432,21 +409,15 @@ class MobilePayProvider(BasePaymentProvider):
             headers["Content-Type"] = "application/json"
         if idempotency_key is not None:
             headers[IDEMPOTENCY_KEY_HEADER] = tx.idempotency_key(idempotency_key)
-        outcome_unknown = False
 
         async def attempt() -> Any:
-            nonlocal outcome_unknown
-            try:
-                return await self._send_authenticated(
-                    method, path, headers, content, log_event=log_event, payment_id=payment_id
-                )
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached the API, the call's outcome stays unknown.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send_authenticated(
+                method, path, headers, content, log_event=log_event, payment_id=payment_id
+            )
 
-        return await with_retries(attempt, policy=self._retry_policy, event=log_event)
+        return await with_retries_keeping_outcome(
+            attempt, policy=self._retry_policy, event=log_event
+        )
 
     async def _send_authenticated(
         self,
@@ -467,17 +438,10 @@ class MobilePayProvider(BasePaymentProvider):
             token = await self._access_token()
             response = await self._send(method, path, headers, content, token, log_event=log_event)
             if response.status_code == 401:
-                log.error(
-                    f"{log_event}_failed",
-                    extra={
-                        **self._log_fields(_Failure.of(response), payment_id),
-                        "action": "Vipps MobilePay refused a fresh token: check the sales unit",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "Vipps MobilePay refused our credentials; an operator must check the "
-                    "configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    log_event,
+                    self._log_fields(_Failure.of(response), payment_id),
+                    action="Vipps MobilePay refused a fresh token: check the sales unit",
                 )
         if 200 <= response.status_code < 300:
             try:
@@ -511,21 +475,7 @@ class MobilePayProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, log_event) from error
-
-    def _transport_error(self, error: httpx2.HTTPError, log_event: str) -> ProviderUnavailable:
-        # A connection that never opened sent nothing; a timeout may have been processed
-        # (safe to retry with the same Idempotency-Key, unsafe to go elsewhere).
-        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-        log.warning(
-            f"{log_event}_failed",
-            extra={"provider": self.name, "transport_error": type(error).__name__},
-        )
-        return ProviderUnavailable(
-            "Vipps MobilePay could not be reached",
-            provider=self.name,
-            outcome_unknown=not not_sent,
-        )
+            raise self._errors.transport_error(error, log_event) from error
 
     def _log_fields(self, failure: _Failure, payment_id: str | None = None) -> dict[str, Any]:
         return {
@@ -545,18 +495,9 @@ class MobilePayProvider(BasePaymentProvider):
         failed = f"{log_event}_failed"
         status = failure.status
         if status == 429:
-            hint = failure.retry_after
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Vipps MobilePay asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,
-            )
+            return self._errors.rate_limited(log_event, fields, failure.retry_after)
         if status >= 500:
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("Vipps MobilePay could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status == 403:
             log.error(failed, extra={**fields, "action": "the sales unit lacks access"})
             return ProviderMisconfigured(
@@ -580,8 +521,7 @@ class MobilePayProvider(BasePaymentProvider):
             return InvalidStateTransition(
                 "Vipps MobilePay says the payment is not in a state that allows this"
             )
-        log.warning(failed, extra=fields)
-        return ProviderUpstreamError("Vipps MobilePay refused the request", provider=self.name)
+        return self._errors.refused(log_event, fields)
 
     # -- create and verify -----------------------------------------------------------------
 
@@ -814,9 +754,9 @@ class MobilePayProvider(BasePaymentProvider):
         """Raise ``InvalidWebhookSignature`` unless the delivery is signed with our secret
         and dated within five minutes of now."""
         credentials = self._require_configured()
-        date = _header(headers, DATE_HEADER)
-        claimed_hash = _header(headers, CONTENT_HASH_HEADER)
-        authorization = _header(headers, "authorization")
+        date = header(headers, DATE_HEADER)
+        claimed_hash = header(headers, CONTENT_HASH_HEADER)
+        authorization = header(headers, "authorization")
         if not date or not claimed_hash or not authorization:
             raise InvalidWebhookSignature("The webhook is not signed")
         try:
@@ -835,7 +775,7 @@ class MobilePayProvider(BasePaymentProvider):
             host = public.netloc
             path = (public.path or "/") + (f"?{public.query}" if public.query else "")
         else:
-            host = _header(headers, "host") or ""
+            host = header(headers, "host") or ""
             path = WEBHOOK_PATH
         expected = AUTHORIZATION_PREFIX + signature(
             credentials.webhook_secret.get_secret_value(),
