@@ -1,7 +1,8 @@
 """What the providers that call a vendor's HTTP API themselves (on ``deps.http``) share.
 
 Each of them reads headers whatever their case, reads a vendor's ``Retry-After``, keeps a
-call's outcome unknown once one attempt may have reached the vendor, and turns a transport
+call's outcome unknown once one attempt may have reached the vendor, keeps an OAuth-style
+access token (those that need one), and turns a transport
 failure, a 429, refused credentials and a 5xx into the same service errors, logged the same
 way. Those pieces live here; what a vendor's refusals mean (its error envelope, its codes,
 which 4xx is a decline) stays in its own provider module.
@@ -13,6 +14,7 @@ carry the provider's name and the call's event (``paystack.transaction.verify``)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -174,3 +176,57 @@ class VendorErrors:
         """A refusal the provider has no better meaning for."""
         self.log.warning(f"{log_event}_failed", extra=dict(fields))
         return ProviderUpstreamError(f"{self.vendor} refused the request", provider=self.provider)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    value: str
+    renew_at: float  # on the clock of the cache that keeps it
+
+    @classmethod
+    def lasting(
+        cls, value: str, *, fetched_at: float, expires_in: float, renew_margin_s: float
+    ) -> AccessToken:
+        """A token the vendor said lasts ``expires_in`` seconds from ``fetched_at`` (taken
+        before it was asked for), renewed ``renew_margin_s`` early, at most a tenth of its
+        life. A lifetime that is not a finite, non-negative number is none at all."""
+        if not math.isfinite(expires_in) or expires_in < 0:
+            expires_in = 0.0
+        margin = min(renew_margin_s, expires_in / 10)
+        return cls(value=value, renew_at=fetched_at + expires_in - margin)
+
+
+class AccessTokenCache:
+    """One access token per provider instance (per worker): fetched when first needed, kept
+    until shortly before it expires, and fetched by one request at a time however many wait
+    for it. ``fetch`` asks the vendor for a new one and raises the service's errors."""
+
+    def __init__(
+        self, fetch: Callable[[], Awaitable[AccessToken]], *, clock: Callable[[], float]
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._token: AccessToken | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        token = self._token
+        if token is not None and self._clock() < token.renew_at:
+            return token.value
+        async with self._lock:
+            # Whoever waited here while another request fetched the token uses that one.
+            token = self._token
+            if token is not None and self._clock() < token.renew_at:
+                return token.value
+            return await self.renew()
+
+    async def renew(self) -> str:
+        """A fresh token, kept (a health check: it proves the vendor takes our keys)."""
+        self._token = await self._fetch()
+        return self._token.value
+
+    def forget(self, value: str) -> None:
+        """Drop ``value`` after the vendor refused it; only that one, since another request
+        may have renewed it already."""
+        if self._token is not None and self._token.value == value:
+            self._token = None

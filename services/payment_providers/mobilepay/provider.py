@@ -24,13 +24,11 @@ failure, and its raw messages never reach a client.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +70,8 @@ from ..base import (
 from ..payloads import load_json
 from ..resilience import RetryPolicy
 from ..vendor_http import (
+    AccessToken,
+    AccessTokenCache,
     VendorErrors,
     header,
     json_object,
@@ -113,12 +113,6 @@ def signature(secret: str, *, path_and_query: str, date: str, host: str, content
 def content_hash(body: bytes) -> str:
     """``x-ms-content-sha256``: base64 SHA-256 of the raw body."""
     return base64.b64encode(hashlib.sha256(body).digest()).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    value: str
-    renew_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +246,7 @@ class MobilePayProvider(BasePaymentProvider):
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
         self._wall_clock = wall_clock
-        self._token: _Token | None = None
-        self._token_lock = asyncio.Lock()
+        self._tokens = AccessTokenCache(self._fetch_token, clock=clock)
         self._errors = VendorErrors(self.name, self.display_name, log)
 
     @classmethod
@@ -322,23 +315,7 @@ class MobilePayProvider(BasePaymentProvider):
 
     # -- the token -------------------------------------------------------------------------
 
-    async def _access_token(self) -> str:
-        token = self._token
-        if token is not None and self._clock() < token.renew_at:
-            return token.value
-        async with self._token_lock:
-            # Whoever waited here while another request fetched the token uses that one.
-            token = self._token
-            if token is not None and self._clock() < token.renew_at:
-                return token.value
-            self._token = await self._fetch_token()
-            return self._token.value
-
-    def _forget_token(self, value: str) -> None:
-        if self._token is not None and self._token.value == value:
-            self._token = None
-
-    async def _fetch_token(self) -> _Token:
+    async def _fetch_token(self) -> AccessToken:
         credentials = self._require_configured()
         started = self._clock()
         try:
@@ -376,11 +353,10 @@ class MobilePayProvider(BasePaymentProvider):
                 "Vipps MobilePay answered the token request with something unreadable",
                 provider=self.name,
             ) from error
-        if not math.isfinite(expires_in) or expires_in < 0:
-            expires_in = 0.0
-        margin = min(TOKEN_RENEW_MARGIN_S, expires_in / 10)
         log.info("mobilepay.token.fetched", extra={"expires_in_s": expires_in})
-        return _Token(value=value, renew_at=started + expires_in - margin)
+        return AccessToken.lasting(
+            value, fetched_at=started, expires_in=expires_in, renew_margin_s=TOKEN_RENEW_MARGIN_S
+        )
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -429,13 +405,13 @@ class MobilePayProvider(BasePaymentProvider):
         log_event: str,
         payment_id: str | None,
     ) -> Any:
-        token = await self._access_token()
+        token = await self._tokens.get()
         response = await self._send(method, path, headers, content, token, log_event=log_event)
         if response.status_code == 401:
             # The token expired early or was revoked: one fresh token, one more try.
             log.info("mobilepay.token.refused", extra={"call": log_event})
-            self._forget_token(token)
-            token = await self._access_token()
+            self._tokens.forget(token)
+            token = await self._tokens.get()
             response = await self._send(method, path, headers, content, token, log_event=log_event)
             if response.status_code == 401:
                 raise self._errors.credentials_refused(
@@ -831,7 +807,7 @@ class MobilePayProvider(BasePaymentProvider):
         started = time.perf_counter()
         try:
             # A fresh token proves both that the API answers and that it takes our keys.
-            self._token = await self._fetch_token()
+            await self._tokens.renew()
         except ServiceError as error:
             latency = (time.perf_counter() - started) * 1000
             return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
