@@ -61,6 +61,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.money import currency_exponent
+from tests.fakes.openapi_check import Violation
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]
@@ -104,16 +105,6 @@ PAYMENT_REQUIRED = ("tx_ref", "amount", "redirect_url", "customer")
 REFUND_FIELDS = {"amount": (int, Decimal), "comments": str, "callback_url": str}
 HANG_S = 3.0
 PAGE_SIZE = 10
-
-
-@dataclass
-class Violation:
-    method: str
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}: {self.problem}"
 
 
 @dataclass

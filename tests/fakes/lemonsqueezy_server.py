@@ -62,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fakes.openapi_check import Violation
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]
@@ -154,16 +155,6 @@ class LemonError(Exception):
                 }
             ],
         }
-
-
-@dataclass
-class Violation:
-    method: str
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}: {self.problem}"
 
 
 @dataclass

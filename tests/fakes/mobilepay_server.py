@@ -58,7 +58,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.fakes.paypal_spec import unknown_fields
+from tests.fakes.openapi_check import Violation, drop_security, openapi_messages, unknown_fields
 from tests.fakes.server import serve_in_thread
 from tests.fakes.specs import specs_dir
 
@@ -70,25 +70,11 @@ SPEC_HOST = "https://apitest.vipps.no"
 MODIFICATIONS = ("capture", "cancel", "refund")
 
 
-@dataclass(frozen=True)
-class Violation:
-    method: str
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}: {self.problem}"
-
-
 @cache
 def _spec() -> tuple[dict[str, Any], OpenAPI]:
     path = specs_dir() / "vipps-mobilepay" / "epayment.v1.yml"
     spec: dict[str, Any] = yaml.safe_load(path.read_text())
-    spec.pop("security", None)  # quirk 1
-    for item in spec["paths"].values():
-        for operation in item.values():
-            if isinstance(operation, dict):
-                operation.pop("security", None)
+    drop_security(spec)  # quirk 1
     event = spec["components"]["schemas"]["PaymentEvent"]  # quirk 3
     event["required"] = ["name" if r == "paymentAction" else r for r in event["required"]]
     adjust = spec["components"]["responses"]["AdjustResponse"]["content"]  # quirk 4
@@ -99,15 +85,6 @@ def _spec() -> tuple[dict[str, Any], OpenAPI]:
 def webhook_event_schema() -> Json:
     spec, _ = _spec()
     return {"components": spec["components"], "$ref": "#/components/schemas/WebhookEvent"}
-
-
-def _messages(error: BaseException) -> str:
-    parts = [str(error).split(": Value ")[0]]
-    cause = error.__cause__
-    for schema_error in getattr(cause, "schema_errors", None) or ():
-        where = "/".join(str(p) for p in getattr(schema_error, "absolute_path", ())) or "(root)"
-        parts.append(f"{where}: {schema_error.message}")
-    return "; ".join(parts)
 
 
 def hmac_signature(secret: str, path_and_query: str, date: str, host: str, digest: str) -> str:
@@ -443,7 +420,7 @@ class FakeMobilePay:
             except Exception as error:  # openapi-core's errors share no useful base
                 with self._lock:
                     self.violations.append(
-                        Violation(method, path, f"response {status}: {_messages(error)}")
+                        Violation(method, path, f"response {status}: {openapi_messages(error)}")
                     )
         media_type = "application/json" if status < 400 else "application/problem+json"
         return Response(content, status_code=status, headers=extra, media_type=media_type)
@@ -464,7 +441,7 @@ class FakeMobilePay:
         try:
             api.validate_request(mock)
         except Exception as error:
-            problems.append(_messages(error))
+            problems.append(openapi_messages(error))
         parts = path.strip("/").split("/")
         # /epayment/v1/payments[/{reference}[/events|capture|cancel|refund]]
         if parts[:3] != ["epayment", "v1", "payments"] or len(parts) > 5:

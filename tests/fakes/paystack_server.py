@@ -50,7 +50,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.paystack_spec import Operation, PaystackSpec, Violation
+from tests.fakes.openapi_check import Operation, Violation
+from tests.fakes.paystack_spec import PaystackSpec
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]

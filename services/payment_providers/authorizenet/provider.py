@@ -43,7 +43,6 @@ from services.errors import (
     OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
-    ProviderMisconfigured,
     ProviderNotConfigured,
     ProviderUnavailable,
     ProviderUpstreamError,
@@ -65,7 +64,8 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..resilience import NO_RETRY, RetryPolicy
+from ..vendor_http import VendorErrors, header, with_retries_keeping_outcome
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.authorizenet")
@@ -197,6 +197,7 @@ class AuthorizeNetProvider(BasePaymentProvider):
         self._api_base = api_base
         self._hosted_form_url = hosted_form_url
         self._timeout = httpx2.Timeout(timeout_seconds)
+        self._errors = VendorErrors(self.name, self.display_name, log)
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
         self._save_script = key_value.script(_SAVE_LUA)
@@ -295,18 +296,13 @@ class AuthorizeNetProvider(BasePaymentProvider):
             inner["refId"] = tx.ref_id(ref)
         inner.update(body)
         content = json.dumps({request_name: inner}, separators=(",", ":")).encode()
-        outcome_unknown = False
 
         async def attempt() -> dict[str, Any]:
-            nonlocal outcome_unknown
-            try:
-                return await self._send(content, log_event=log_event, payment_id=payment_id)
-            except ProviderUnavailable as error:
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send(content, log_event=log_event, payment_id=payment_id)
 
-        return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
+        return await with_retries_keeping_outcome(
+            attempt, policy=policy or self._retry_policy, event=log_event
+        )
 
     async def _send(
         self, content: bytes, *, log_event: str, payment_id: str | None
@@ -320,27 +316,13 @@ class AuthorizeNetProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            # A connection that never opened sent nothing; anything later may have been done.
-            not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-            log.warning(
-                f"{log_event}_failed", extra={**fields, "transport_error": type(error).__name__}
-            )
-            raise ProviderUnavailable(
-                "Authorize.Net could not be reached",
-                provider=self.name,
-                outcome_unknown=not not_sent,
-            ) from error
+            raise self._errors.transport_error(error, log_event, fields) from error
         fields["http_status"] = response.status_code
         if response.status_code == 429:
-            log.warning(f"{log_event}_failed", extra=fields)
-            raise ProviderUnavailable(
-                "Authorize.Net asked us to slow down; try again shortly",
-                provider=self.name,
-                outcome_unknown=False,
-            )
+            # No Retry-After is read from Authorize.Net: the client is told the default wait.
+            raise self._errors.rate_limited(log_event, fields, None)
         if response.status_code >= 500:
-            log.warning(f"{log_event}_failed", extra=fields)
-            raise ProviderUnavailable("Authorize.Net could not be reached", provider=self.name)
+            raise self._errors.unavailable(log_event, fields)
         try:
             # Authorize.Net's JSON starts with a UTF-8 byte order mark.
             answer = json.loads(response.content.decode("utf-8-sig"))
@@ -358,16 +340,10 @@ class AuthorizeNetProvider(BasePaymentProvider):
         if tx.CODE_TRANSACTION_FAILED in codes and "transactionResponse" in answer:
             return answer  # the transaction's own outcome says more
         if any(code in tx.MISCONFIGURED_CODES for code in codes):
-            log.error(
-                f"{log_event}_failed",
-                extra={
-                    **fields,
-                    "action": "check AUTHORIZENET_API_LOGIN_ID and AUTHORIZENET_TRANSACTION_KEY",
-                },
-            )
-            raise ProviderMisconfigured(
-                "Authorize.Net refused our credentials; an operator must check the configuration",
-                provider=self.name,
+            raise self._errors.credentials_refused(
+                log_event,
+                fields,
+                action="check AUTHORIZENET_API_LOGIN_ID and AUTHORIZENET_TRANSACTION_KEY",
             )
         if tx.CODE_NOT_FOUND in codes:
             log.info(f"{log_event}_not_found", extra=fields)
@@ -873,8 +849,8 @@ class AuthorizeNetProvider(BasePaymentProvider):
         Authorize.Net keys the HMAC with those characters, not the bytes they spell), in
         upper-case hex; compared whatever the case, in constant time."""
         assert self._signature_key is not None
-        header = _header(headers, SIGNATURE_HEADER)
-        match = _SIGNATURE.fullmatch(header.strip()) if header else None
+        given = header(headers, SIGNATURE_HEADER)
+        match = _SIGNATURE.fullmatch(given.strip()) if given else None
         if match is None:
             return False
         key = self._signature_key.get_secret_value().encode()
@@ -886,7 +862,7 @@ class AuthorizeNetProvider(BasePaymentProvider):
         if not self._signature_valid(body, headers):
             log.warning(
                 "authorizenet.webhook.signature_invalid",
-                extra={"present": _header(headers, SIGNATURE_HEADER) is not None},
+                extra={"present": header(headers, SIGNATURE_HEADER) is not None},
             )
             raise InvalidWebhookSignature("The X-ANET-Signature does not match the body")
         notification = load_json(body)
@@ -1025,10 +1001,3 @@ def _float(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if number is not None and math.isfinite(number) else None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None

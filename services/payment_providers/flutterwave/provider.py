@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -38,7 +37,6 @@ from services.errors import (
     NotFound,
     OperationNotSupported,
     PaymentNotFound,
-    ProviderMisconfigured,
     ProviderNotConfigured,
     ProviderUnavailable,
     ProviderUpstreamError,
@@ -60,7 +58,8 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..resilience import NO_RETRY, RetryPolicy
+from ..vendor_http import VendorErrors, header, retry_after_seconds, with_retries_keeping_outcome
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.flutterwave")
@@ -76,24 +75,6 @@ redis.call('HSET', KEYS[1], 'amount', ARGV[1], 'currency', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None
 
 
 class FlutterwaveConfig(BaseModel):
@@ -171,6 +152,7 @@ class FlutterwaveProvider(BasePaymentProvider):
         self._secret_hash = secret_hash or None  # read only to be compared
         self._api_base = api_base.rstrip("/")
         self._timeout = httpx2.Timeout(timeout_seconds)
+        self._errors = VendorErrors(self.name, self.display_name, log)
         self._retry_policy = retry_policy or RetryPolicy()
 
     @classmethod
@@ -231,22 +213,15 @@ class FlutterwaveProvider(BasePaymentProvider):
         """One API call, retried while Flutterwave is unavailable as ``policy`` allows;
         returns the ``data`` of Flutterwave's ``{"status": "success", ...}`` answer."""
         self._require_configured()
-        outcome_unknown = False
 
         async def attempt() -> Any:
-            nonlocal outcome_unknown
-            try:
-                return await self._send(
-                    method, path, content, params, log_event=log_event, payment_id=payment_id
-                )
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached Flutterwave, the call's outcome stays
-                # unknown even if a later attempt was plainly refused.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send(
+                method, path, content, params, log_event=log_event, payment_id=payment_id
+            )
 
-        return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
+        return await with_retries_keeping_outcome(
+            attempt, policy=policy or self._retry_policy, event=log_event
+        )
 
     async def _send(
         self,
@@ -275,18 +250,8 @@ class FlutterwaveProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            # A connection that never opened sent nothing; anything later may have been done.
-            not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-            log.warning(
-                f"{log_event}_failed",
-                extra={
-                    "provider": self.name,
-                    "payment_id": payment_id,
-                    "transport_error": type(error).__name__,
-                },
-            )
-            raise ProviderUnavailable(
-                "Flutterwave could not be reached", provider=self.name, outcome_unknown=not not_sent
+            raise self._errors.transport_error(
+                error, log_event, {"payment_id": payment_id}
             ) from error
         try:
             body = tx.decode(response.content)
@@ -316,24 +281,15 @@ class FlutterwaveProvider(BasePaymentProvider):
         }
         failed = f"{log_event}_failed"
         if status in (401, 403):
-            log.error(failed, extra={**fields, "action": "check FLUTTERWAVE_SECRET_KEY"})
-            return ProviderMisconfigured(
-                "Flutterwave refused our credentials; an operator must check the configuration",
-                provider=self.name,
+            return self._errors.credentials_refused(
+                log_event, fields, action="check FLUTTERWAVE_SECRET_KEY"
             )
         if status == 429:
-            hint = _retry_after_seconds(response)
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Flutterwave asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # refused before anything was done
+            return self._errors.rate_limited(
+                log_event, fields, retry_after_seconds(response.headers)
             )
         if status >= 500:
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("Flutterwave could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         words = (message or "").lower()
         if status == 404 or "not found" in words or "no transaction" in words:
             log.info(failed, extra=fields)
@@ -344,8 +300,7 @@ class FlutterwaveProvider(BasePaymentProvider):
         if "currency" in words:
             log.warning(failed, extra=fields)
             return OperationNotSupported("Flutterwave does not take payments in this currency")
-        log.warning(failed, extra=fields)
-        return ProviderUpstreamError("Flutterwave refused the request", provider=self.name)
+        return self._errors.refused(log_event, fields)
 
     # -- what we asked for -----------------------------------------------------------------
 
@@ -566,7 +521,7 @@ class FlutterwaveProvider(BasePaymentProvider):
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         self._require_configured()
         assert self._secret_hash is not None
-        given = _header(headers, tx.HEADER_VERIF_HASH)
+        given = header(headers, tx.HEADER_VERIF_HASH)
         expected = self._secret_hash.get_secret_value()
         if given is None or not hmac.compare_digest(
             given.encode("utf-8", "surrogateescape"), expected.encode()

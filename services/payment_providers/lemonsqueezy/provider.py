@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -47,7 +46,6 @@ from services.errors import (
     PaymentNotFound,
     ProviderMisconfigured,
     ProviderNotConfigured,
-    ProviderUnavailable,
     ProviderUpstreamError,
     RefundExceedsBalance,
     ServiceError,
@@ -68,7 +66,14 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..resilience import NO_RETRY, RetryPolicy
+from ..vendor_http import (
+    VendorErrors,
+    header,
+    json_object,
+    retry_after_seconds,
+    with_retries_keeping_outcome,
+)
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.lemonsqueezy")
@@ -173,6 +178,7 @@ class LemonSqueezyProvider(BasePaymentProvider):
         self._secrets = secrets
         self._api_base = (config.api_base if config else API_BASE).rstrip("/")
         self._timeout = httpx2.Timeout(timeout_seconds)
+        self._errors = VendorErrors(self.name, self.display_name, log)
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
         self._set_once = key_value.script(_SET_ONCE_LUA)
@@ -279,22 +285,16 @@ class LemonSqueezyProvider(BasePaymentProvider):
             "Authorization": f"Bearer {secrets.api_key.get_secret_value()}",
         }
         content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        outcome_unknown = False
 
         async def attempt() -> dict[str, Any]:
-            nonlocal outcome_unknown
-            try:
-                return await self._send(
-                    method, path, headers, content, params, log_event=log_event,
-                    payment_id=payment_id,
-                )  # fmt: skip
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached LemonSqueezy, the outcome stays unknown.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send(
+                method, path, headers, content, params, log_event=log_event,
+                payment_id=payment_id,
+            )  # fmt: skip
 
-        return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
+        return await with_retries_keeping_outcome(
+            attempt, policy=policy or self._retry_policy, event=log_event
+        )
 
     async def _send(
         self,
@@ -317,17 +317,7 @@ class LemonSqueezyProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            # A connection that never opened sent nothing; anything later may have been acted on.
-            not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-            log.warning(
-                f"{log_event}_failed",
-                extra={"provider": self.name, "transport_error": type(error).__name__},
-            )
-            raise ProviderUnavailable(
-                "LemonSqueezy could not be reached",
-                provider=self.name,
-                outcome_unknown=not not_sent,
-            ) from error
+            raise self._errors.transport_error(error, log_event) from error
         if 200 <= response.status_code < 300:
             try:
                 document = response.json()
@@ -356,31 +346,21 @@ class LemonSqueezyProvider(BasePaymentProvider):
             "http_status": status,
             "lemonsqueezy_errors": _error_details(response),
         }
-        failed = f"{log_event}_failed"
         if status == 429:
-            hint = _retry_after_seconds(response)
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "LemonSqueezy asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 60,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # a 429 is answered before anything is done
+            # LemonSqueezy's limit is per minute: without its Retry-After, a minute.
+            return self._errors.rate_limited(
+                log_event, fields, retry_after_seconds(response.headers), default_s=60
             )
         if status >= 500:
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("LemonSqueezy could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status in (401, 403):
-            log.error(failed, extra={**fields, "action": "check LEMON_API_KEY and LEMON_STORE_ID"})
-            return ProviderMisconfigured(
-                "LemonSqueezy refused our credentials; an operator must check the configuration",
-                provider=self.name,
+            return self._errors.credentials_refused(
+                log_event, fields, action="check LEMON_API_KEY and LEMON_STORE_ID"
             )
         if status == 404 and payment_id is not None:
-            log.info(failed, extra=fields)
+            log.info(f"{log_event}_failed", extra=fields)
             return PaymentNotFound(f"No payment {payment_id!r}")
-        log.warning(failed, extra=fields)
-        return ProviderUpstreamError("LemonSqueezy refused the request", provider=self.name)
+        return self._errors.refused(log_event, fields)
 
     # -- create and verify -----------------------------------------------------------------
 
@@ -614,7 +594,7 @@ class LemonSqueezyProvider(BasePaymentProvider):
     async def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         _, secrets = self._require_configured()
         assert secrets.webhook_secret is not None  # the model requires it
-        signature = _header(headers, tx.HEADER_SIGNATURE)
+        signature = header(headers, tx.HEADER_SIGNATURE)
         expected = hmac.new(
             secrets.webhook_secret.get_secret_value().encode(), body, hashlib.sha256
         ).hexdigest()
@@ -630,7 +610,7 @@ class LemonSqueezyProvider(BasePaymentProvider):
             raise InvalidWebhookSignature("The webhook's X-Signature does not match its body")
         payload = load_json(body)
         try:
-            delivery = tx.read_delivery(payload, _header(headers, tx.HEADER_EVENT_NAME))
+            delivery = tx.read_delivery(payload, header(headers, tx.HEADER_EVENT_NAME))
         except ValueError as error:
             raise InvalidWebhookPayload("The webhook body is not a LemonSqueezy event") from error
         event = await self._event(delivery)
@@ -722,32 +702,9 @@ class LemonSqueezyProvider(BasePaymentProvider):
         return HealthStatus(healthy=True, message="ok", latency_ms=round(latency, 1))
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def _error_details(response: httpx2.Response) -> list[str]:
     """The ``detail`` (else ``title``) of each JSON:API error, cut short, for the log."""
-    try:
-        document = response.json()
-    except ValueError:
-        return []
-    errors = document.get("errors") if isinstance(document, dict) else None
+    errors = json_object(response).get("errors")
     if not isinstance(errors, list):
         return []
     return [

@@ -24,13 +24,11 @@ failure, and its raw messages never reach a client.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,7 +50,6 @@ from services.errors import (
     PaymentNotFound,
     ProviderMisconfigured,
     ProviderNotConfigured,
-    ProviderUnavailable,
     ProviderUpstreamError,
     RefundExceedsBalance,
     ServiceError,
@@ -71,7 +68,16 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import RetryPolicy, with_retries
+from ..resilience import RetryPolicy
+from ..vendor_http import (
+    AccessToken,
+    AccessTokenCache,
+    VendorErrors,
+    header,
+    json_object,
+    retry_after_seconds,
+    with_retries_keeping_outcome,
+)
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.mobilepay")
@@ -109,31 +115,6 @@ def content_hash(body: bytes) -> str:
     return base64.b64encode(hashlib.sha256(body).digest()).decode()
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name.lower()), None)
-    return str(value) if value is not None else None
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    value: str
-    renew_at: float
-
-
 @dataclass(frozen=True, slots=True)
 class _Failure:
     """What the API said when it refused a call (a ``Problem``), for logs only."""
@@ -146,11 +127,7 @@ class _Failure:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _Failure:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
+        body = json_object(response)
         title, detail = body.get("title"), body.get("detail")
         trace = body.get("traceId") or response.headers.get("x-request-id")
         return cls(
@@ -158,7 +135,7 @@ class _Failure:
             title=str(title)[:200] if title else None,
             detail=str(detail)[:300] if detail else None,
             trace_id=str(trace)[:100] if trace else None,
-            retry_after=_retry_after_seconds(response),
+            retry_after=retry_after_seconds(response.headers),
         )
 
 
@@ -269,8 +246,8 @@ class MobilePayProvider(BasePaymentProvider):
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
         self._wall_clock = wall_clock
-        self._token: _Token | None = None
-        self._token_lock = asyncio.Lock()
+        self._tokens = AccessTokenCache(self._fetch_token, clock=clock)
+        self._errors = VendorErrors(self.name, self.display_name, log)
 
     @classmethod
     def from_config(
@@ -338,23 +315,7 @@ class MobilePayProvider(BasePaymentProvider):
 
     # -- the token -------------------------------------------------------------------------
 
-    async def _access_token(self) -> str:
-        token = self._token
-        if token is not None and self._clock() < token.renew_at:
-            return token.value
-        async with self._token_lock:
-            # Whoever waited here while another request fetched the token uses that one.
-            token = self._token
-            if token is not None and self._clock() < token.renew_at:
-                return token.value
-            self._token = await self._fetch_token()
-            return self._token.value
-
-    def _forget_token(self, value: str) -> None:
-        if self._token is not None and self._token.value == value:
-            self._token = None
-
-    async def _fetch_token(self) -> _Token:
+    async def _fetch_token(self) -> AccessToken:
         credentials = self._require_configured()
         started = self._clock()
         try:
@@ -370,23 +331,16 @@ class MobilePayProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, "mobilepay.token.fetch") from error
+            raise self._errors.transport_error(error, "mobilepay.token.fetch") from error
         if response.status_code != 200:
             failure = _Failure.of(response)
             if response.status_code in (400, 401, 403):
                 # Our client id, secret or subscription key is wrong. Never log any of them.
-                log.error(
-                    "mobilepay.token.fetch_failed",
-                    extra={
-                        **self._log_fields(failure),
-                        "action": "check MOBILEPAY_CLIENT_ID, MOBILEPAY_CLIENT_SECRET and "
-                        "MOBILEPAY_SUBSCRIPTION_KEY",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "Vipps MobilePay refused our credentials; an operator must check the "
-                    "configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    "mobilepay.token.fetch",
+                    self._log_fields(failure),
+                    action="check MOBILEPAY_CLIENT_ID, MOBILEPAY_CLIENT_SECRET and "
+                    "MOBILEPAY_SUBSCRIPTION_KEY",
                 )
             raise self._service_error(failure, "mobilepay.token.fetch", payment_id=None)
         try:
@@ -399,11 +353,10 @@ class MobilePayProvider(BasePaymentProvider):
                 "Vipps MobilePay answered the token request with something unreadable",
                 provider=self.name,
             ) from error
-        if not math.isfinite(expires_in) or expires_in < 0:
-            expires_in = 0.0
-        margin = min(TOKEN_RENEW_MARGIN_S, expires_in / 10)
         log.info("mobilepay.token.fetched", extra={"expires_in_s": expires_in})
-        return _Token(value=value, renew_at=started + expires_in - margin)
+        return AccessToken.lasting(
+            value, fetched_at=started, expires_in=expires_in, renew_margin_s=TOKEN_RENEW_MARGIN_S
+        )
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -432,21 +385,15 @@ class MobilePayProvider(BasePaymentProvider):
             headers["Content-Type"] = "application/json"
         if idempotency_key is not None:
             headers[IDEMPOTENCY_KEY_HEADER] = tx.idempotency_key(idempotency_key)
-        outcome_unknown = False
 
         async def attempt() -> Any:
-            nonlocal outcome_unknown
-            try:
-                return await self._send_authenticated(
-                    method, path, headers, content, log_event=log_event, payment_id=payment_id
-                )
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached the API, the call's outcome stays unknown.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send_authenticated(
+                method, path, headers, content, log_event=log_event, payment_id=payment_id
+            )
 
-        return await with_retries(attempt, policy=self._retry_policy, event=log_event)
+        return await with_retries_keeping_outcome(
+            attempt, policy=self._retry_policy, event=log_event
+        )
 
     async def _send_authenticated(
         self,
@@ -458,26 +405,19 @@ class MobilePayProvider(BasePaymentProvider):
         log_event: str,
         payment_id: str | None,
     ) -> Any:
-        token = await self._access_token()
+        token = await self._tokens.get()
         response = await self._send(method, path, headers, content, token, log_event=log_event)
         if response.status_code == 401:
             # The token expired early or was revoked: one fresh token, one more try.
             log.info("mobilepay.token.refused", extra={"call": log_event})
-            self._forget_token(token)
-            token = await self._access_token()
+            self._tokens.forget(token)
+            token = await self._tokens.get()
             response = await self._send(method, path, headers, content, token, log_event=log_event)
             if response.status_code == 401:
-                log.error(
-                    f"{log_event}_failed",
-                    extra={
-                        **self._log_fields(_Failure.of(response), payment_id),
-                        "action": "Vipps MobilePay refused a fresh token: check the sales unit",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "Vipps MobilePay refused our credentials; an operator must check the "
-                    "configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    log_event,
+                    self._log_fields(_Failure.of(response), payment_id),
+                    action="Vipps MobilePay refused a fresh token: check the sales unit",
                 )
         if 200 <= response.status_code < 300:
             try:
@@ -511,21 +451,7 @@ class MobilePayProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, log_event) from error
-
-    def _transport_error(self, error: httpx2.HTTPError, log_event: str) -> ProviderUnavailable:
-        # A connection that never opened sent nothing; a timeout may have been processed
-        # (safe to retry with the same Idempotency-Key, unsafe to go elsewhere).
-        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-        log.warning(
-            f"{log_event}_failed",
-            extra={"provider": self.name, "transport_error": type(error).__name__},
-        )
-        return ProviderUnavailable(
-            "Vipps MobilePay could not be reached",
-            provider=self.name,
-            outcome_unknown=not not_sent,
-        )
+            raise self._errors.transport_error(error, log_event) from error
 
     def _log_fields(self, failure: _Failure, payment_id: str | None = None) -> dict[str, Any]:
         return {
@@ -545,18 +471,9 @@ class MobilePayProvider(BasePaymentProvider):
         failed = f"{log_event}_failed"
         status = failure.status
         if status == 429:
-            hint = failure.retry_after
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Vipps MobilePay asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,
-            )
+            return self._errors.rate_limited(log_event, fields, failure.retry_after)
         if status >= 500:
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("Vipps MobilePay could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status == 403:
             log.error(failed, extra={**fields, "action": "the sales unit lacks access"})
             return ProviderMisconfigured(
@@ -580,8 +497,7 @@ class MobilePayProvider(BasePaymentProvider):
             return InvalidStateTransition(
                 "Vipps MobilePay says the payment is not in a state that allows this"
             )
-        log.warning(failed, extra=fields)
-        return ProviderUpstreamError("Vipps MobilePay refused the request", provider=self.name)
+        return self._errors.refused(log_event, fields)
 
     # -- create and verify -----------------------------------------------------------------
 
@@ -814,9 +730,9 @@ class MobilePayProvider(BasePaymentProvider):
         """Raise ``InvalidWebhookSignature`` unless the delivery is signed with our secret
         and dated within five minutes of now."""
         credentials = self._require_configured()
-        date = _header(headers, DATE_HEADER)
-        claimed_hash = _header(headers, CONTENT_HASH_HEADER)
-        authorization = _header(headers, "authorization")
+        date = header(headers, DATE_HEADER)
+        claimed_hash = header(headers, CONTENT_HASH_HEADER)
+        authorization = header(headers, "authorization")
         if not date or not claimed_hash or not authorization:
             raise InvalidWebhookSignature("The webhook is not signed")
         try:
@@ -835,7 +751,7 @@ class MobilePayProvider(BasePaymentProvider):
             host = public.netloc
             path = (public.path or "/") + (f"?{public.query}" if public.query else "")
         else:
-            host = _header(headers, "host") or ""
+            host = header(headers, "host") or ""
             path = WEBHOOK_PATH
         expected = AUTHORIZATION_PREFIX + signature(
             credentials.webhook_secret.get_secret_value(),
@@ -891,7 +807,7 @@ class MobilePayProvider(BasePaymentProvider):
         started = time.perf_counter()
         try:
             # A fresh token proves both that the API answers and that it takes our keys.
-            self._token = await self._fetch_token()
+            await self._tokens.renew()
         except ServiceError as error:
             latency = (time.perf_counter() - started) * 1000
             return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))

@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -39,9 +38,7 @@ from services.errors import (
     OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
-    ProviderMisconfigured,
     ProviderNotConfigured,
-    ProviderUnavailable,
     ProviderUpstreamError,
     RefundExceedsBalance,
     ServiceError,
@@ -61,7 +58,14 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..resilience import NO_RETRY, RetryPolicy
+from ..vendor_http import (
+    VendorErrors,
+    header,
+    json_object,
+    retry_after_seconds,
+    with_retries_keeping_outcome,
+)
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.paystack")
@@ -130,50 +134,19 @@ class _Failure:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _Failure:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
+        body = json_object(response)
         message, code, kind = body.get("message"), body.get("code"), body.get("type")
         return cls(
             status=response.status_code,
             message=str(message)[:300] if message else None,
             code=str(code)[:100] if code else None,
             kind=str(kind)[:100] if kind else None,
-            retry_after=_retry_after_seconds(response),
+            retry_after=retry_after_seconds(response.headers),
         )
 
     def says(self, *words: str) -> bool:
         text = (self.message or "").lower()
         return all(word in text for word in words)
-
-
-class _Unrepeatable(Exception):
-    """Carries a write's failure past the retries: it may have reached Paystack."""
-
-    def __init__(self, error: ProviderUnavailable) -> None:
-        super().__init__(error.detail)
-        self.error = error
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None  # an HTTP date: our own backoff is no worse a guess
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None
 
 
 class PaystackProvider(BasePaymentProvider):
@@ -213,6 +186,7 @@ class PaystackProvider(BasePaymentProvider):
         self._public_key = public_key
         self._api_base = api_base.rstrip("/")
         self._timeout = httpx2.Timeout(timeout_seconds)
+        self._errors = VendorErrors(self.name, self.display_name, log)
         self._retry_policy = retry_policy or RetryPolicy()
 
     @classmethod
@@ -289,33 +263,24 @@ class PaystackProvider(BasePaymentProvider):
         Reads are retried while Paystack is unavailable, writes only while it surely never
         got them. ``log_event`` names the call in logs: ``paystack.transaction.verify``."""
         secret_key = self._require_configured()
-        write = method != "GET"
-        outcome_unknown = False
 
         async def attempt() -> dict[str, Any]:
-            nonlocal outcome_unknown
-            try:
-                return await self._send(
-                    method,
-                    path,
-                    secret_key,
-                    body=body,
-                    params=params,
-                    log_event=log_event,
-                    payment_id=payment_id,
-                )
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached Paystack, the call's outcome stays unknown.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                if write and outcome_unknown:
-                    raise _Unrepeatable(error) from error
-                raise
+            return await self._send(
+                method,
+                path,
+                secret_key,
+                body=body,
+                params=params,
+                log_event=log_event,
+                payment_id=payment_id,
+            )
 
-        try:
-            return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
-        except _Unrepeatable as unrepeatable:
-            raise unrepeatable.error from unrepeatable.error.__cause__
+        return await with_retries_keeping_outcome(
+            attempt,
+            policy=policy or self._retry_policy,
+            event=log_event,
+            retry_unknown_outcome=method == "GET",
+        )
 
     async def _send(
         self,
@@ -346,7 +311,9 @@ class PaystackProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, log_event, payment_id) from error
+            raise self._errors.transport_error(
+                error, log_event, {"payment_id": payment_id}
+            ) from error
         if 200 <= response.status_code < 300:
             try:
                 envelope = response.json()
@@ -367,23 +334,6 @@ class PaystackProvider(BasePaymentProvider):
             )
         raise self._service_error(_Failure.of(response), log_event, payment_id=payment_id)
 
-    def _transport_error(
-        self, error: httpx2.HTTPError, log_event: str, payment_id: str | None
-    ) -> ProviderUnavailable:
-        # A connection that never opened sent nothing; anything later may have been acted on.
-        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-        log.warning(
-            f"{log_event}_failed",
-            extra={
-                "provider": self.name,
-                "payment_id": payment_id,
-                "transport_error": type(error).__name__,
-            },
-        )
-        return ProviderUnavailable(
-            "Paystack could not be reached", provider=self.name, outcome_unknown=not not_sent
-        )
-
     def _service_error(
         self, failure: _Failure, log_event: str, *, payment_id: str | None
     ) -> ServiceError:
@@ -399,24 +349,13 @@ class PaystackProvider(BasePaymentProvider):
         failed = f"{log_event}_failed"
         status = failure.status
         if status == 429:
-            hint = failure.retry_after
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Paystack asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # a 429 is answered before anything is done
-            )
+            return self._errors.rate_limited(log_event, fields, failure.retry_after)
         if status >= 500:
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("Paystack could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status in (401, 403):
             # "Invalid key": our secret key is wrong, or of another integration. Never log it.
-            log.error(failed, extra={**fields, "action": "check PAYSTACK_SECRET_KEY"})
-            return ProviderMisconfigured(
-                "Paystack refused our credentials; an operator must check the configuration",
-                provider=self.name,
+            return self._errors.credentials_refused(
+                log_event, fields, action="check PAYSTACK_SECRET_KEY"
             )
         if status == 404 or failure.says("not found"):
             log.info(failed, extra=fields)
@@ -438,8 +377,7 @@ class PaystackProvider(BasePaymentProvider):
             return PaymentDeclined(
                 "Paystack declined the payment", provider=self.name, decline_code=code
             )
-        log.warning(failed, extra=fields)
-        return ProviderUpstreamError("Paystack refused the request", provider=self.name)
+        return self._errors.refused(log_event, fields)
 
     def _data(self, envelope: Mapping[str, Any], log_event: str) -> Mapping[str, Any]:
         data = envelope.get("data")
@@ -663,7 +601,7 @@ class PaystackProvider(BasePaymentProvider):
 
     def _check_signature(self, body: bytes, headers: Mapping[str, str]) -> None:
         secret_key = self._require_configured()
-        signature = _header(headers, SIGNATURE_HEADER)
+        signature = header(headers, SIGNATURE_HEADER)
         if signature is None or not _SIGNATURE.fullmatch(signature):
             log.warning(
                 "paystack.webhook.signature_missing", extra={"present": signature is not None}
