@@ -11,12 +11,10 @@ each failure, and its raw messages never reach a client.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -63,7 +61,16 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import RetryPolicy, with_retries
+from ..resilience import RetryPolicy
+from ..vendor_http import (
+    AccessToken,
+    AccessTokenCache,
+    VendorErrors,
+    header,
+    json_object,
+    retry_after_seconds,
+    with_retries_keeping_outcome,
+)
 from . import billing
 from . import transformers as tx
 
@@ -137,37 +144,12 @@ _TRANSMISSION_HEADERS = {
 _WEBHOOK_ID = re.compile(r"^[a-zA-Z0-9]{1,50}$")
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None  # an HTTP date: a guess would be worse than our own backoff
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def _request_id(idempotency_key: str) -> str:
     """PayPal-Request-Id: the key itself when it fits PayPal's 108 characters, else a digest
     of it (stable, so retries still match)."""
     if 0 < len(idempotency_key) <= tx.REQUEST_ID_MAX and idempotency_key.isascii():
         return idempotency_key
     return hashlib.sha256(idempotency_key.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    value: str
-    renew_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +165,7 @@ class _Failure:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _Failure:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
+        body = json_object(response)
         details = body.get("details")
         first = details[0] if isinstance(details, list) and details else {}
         first = first if isinstance(first, dict) else {}
@@ -199,7 +177,7 @@ class _Failure:
             issue=str(first["issue"]) if first.get("issue") else None,
             debug_id=response.headers.get("paypal-debug-id") or body.get("debug_id"),
             description=str(description)[:300] if description else None,
-            retry_after=_retry_after_seconds(response),
+            retry_after=retry_after_seconds(response.headers),
         )
 
 
@@ -274,8 +252,8 @@ class PayPalProvider(BasePaymentProvider):
         self._timeout = httpx2.Timeout(timeout_seconds)
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
-        self._token: _Token | None = None
-        self._token_lock = asyncio.Lock()
+        self._tokens = AccessTokenCache(self._fetch_token, clock=clock)
+        self._errors = VendorErrors(self.name, self.display_name, log)
 
     @classmethod
     def from_config(
@@ -333,24 +311,7 @@ class PayPalProvider(BasePaymentProvider):
 
     # -- the token -------------------------------------------------------------------------
 
-    async def _access_token(self) -> str:
-        token = self._token
-        if token is not None and self._clock() < token.renew_at:
-            return token.value
-        async with self._token_lock:
-            # Whoever waited here while another request fetched the token uses that one.
-            token = self._token
-            if token is not None and self._clock() < token.renew_at:
-                return token.value
-            self._token = await self._fetch_token()
-            return self._token.value
-
-    def _forget_token(self, value: str) -> None:
-        # Only the token that was refused: another request may have renewed it already.
-        if self._token is not None and self._token.value == value:
-            self._token = None
-
-    async def _fetch_token(self) -> _Token:
+    async def _fetch_token(self) -> AccessToken:
         assert self._client_id is not None and self._client_secret is not None
         started = self._clock()
         try:
@@ -362,21 +323,15 @@ class PayPalProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, "paypal.oauth.token") from error
+            raise self._errors.transport_error(error, "paypal.oauth.token") from error
         if response.status_code != 200:
             failure = _Failure.of(response)
             if response.status_code in (400, 401, 403):
                 # invalid_client: our client ID or secret is wrong. Never log either.
-                log.error(
-                    "paypal.oauth.token_failed",
-                    extra={
-                        **self._log_fields(failure),
-                        "action": "check PAYPAL_CLIENT_ID and PAYPAL_CLIENT_SECRET",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "PayPal refused our credentials; an operator must check the configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    "paypal.oauth.token",
+                    self._log_fields(failure),
+                    action="check PAYPAL_CLIENT_ID and PAYPAL_CLIENT_SECRET",
                 )
             raise self._service_error(failure, "paypal.oauth.token", payment_id=None)
         try:
@@ -388,9 +343,10 @@ class PayPalProvider(BasePaymentProvider):
             raise ProviderUpstreamError(
                 "PayPal answered the token request with something unreadable", provider=self.name
             ) from error
-        margin = min(TOKEN_RENEW_MARGIN_S, expires_in / 10)
         log.info("paypal.oauth.token_fetched", extra={"expires_in_s": expires_in})
-        return _Token(value=value, renew_at=started + expires_in - margin)
+        return AccessToken.lasting(
+            value, fetched_at=started, expires_in=expires_in, renew_margin_s=TOKEN_RENEW_MARGIN_S
+        )
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -419,22 +375,17 @@ class PayPalProvider(BasePaymentProvider):
             # The whole object, not PayPal's minimal id/status/links: the capture's details
             # and the refunds' running total are in it.
             headers["Prefer"] = "return=representation"
-        outcome_unknown = False
 
         async def attempt() -> dict[str, Any]:
-            nonlocal outcome_unknown
-            try:
-                return await self._send_authenticated(
-                    method, path, headers, content, log_event=log_event, payment_id=payment_id
-                )
-            except ProviderUnavailable as error:
-                # Once one attempt may have reached PayPal, the call's outcome stays unknown
-                # even if a later attempt was plainly refused.
-                outcome_unknown = outcome_unknown or error.outcome_unknown
-                error.outcome_unknown = outcome_unknown
-                raise
+            return await self._send_authenticated(
+                method, path, headers, content, log_event=log_event, payment_id=payment_id
+            )
 
-        return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
+        # Once one attempt may have reached PayPal, the call's outcome stays unknown even if
+        # a later attempt was plainly refused.
+        return await with_retries_keeping_outcome(
+            attempt, policy=policy or self._retry_policy, event=log_event
+        )
 
     async def _send_authenticated(
         self,
@@ -446,26 +397,19 @@ class PayPalProvider(BasePaymentProvider):
         log_event: str,
         payment_id: str | None,
     ) -> dict[str, Any]:
-        token = await self._access_token()
+        token = await self._tokens.get()
         response = await self._send(method, path, headers, content, token, log_event=log_event)
         if response.status_code == 401:
             # The token expired early or was revoked: one fresh token, one more try.
             log.info("paypal.oauth.token_refused", extra={"call": log_event})
-            self._forget_token(token)
-            token = await self._access_token()
+            self._tokens.forget(token)
+            token = await self._tokens.get()
             response = await self._send(method, path, headers, content, token, log_event=log_event)
             if response.status_code == 401:
-                failure = _Failure.of(response)
-                log.error(
-                    f"{log_event}_failed",
-                    extra={
-                        **self._log_fields(failure, payment_id),
-                        "action": "PayPal refused a fresh token: check the REST app",
-                    },
-                )
-                raise ProviderMisconfigured(
-                    "PayPal refused our credentials; an operator must check the configuration",
-                    provider=self.name,
+                raise self._errors.credentials_refused(
+                    log_event,
+                    self._log_fields(_Failure.of(response), payment_id),
+                    action="PayPal refused a fresh token: check the REST app",
                 )
         if response.status_code == 204:
             return {}  # suspend, activate, cancel: done, nothing to say
@@ -509,19 +453,9 @@ class PayPalProvider(BasePaymentProvider):
                 timeout=self._timeout,
             )
         except httpx2.HTTPError as error:
-            raise self._transport_error(error, log_event) from error
-
-    def _transport_error(self, error: httpx2.HTTPError, log_event: str) -> ProviderUnavailable:
-        # A connection that never opened sent nothing; a timeout may have been processed
-        # (safe to retry with the same PayPal-Request-Id, unsafe to go elsewhere).
-        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-        log.warning(
-            f"{log_event}_failed",
-            extra={"provider": self.name, "transport_error": type(error).__name__},
-        )
-        return ProviderUnavailable(
-            "PayPal could not be reached", provider=self.name, outcome_unknown=not not_sent
-        )
+            # A timeout may have been processed: safe to retry with the same
+            # PayPal-Request-Id, unsafe to go elsewhere.
+            raise self._errors.transport_error(error, log_event) from error
 
     def _log_fields(self, failure: _Failure, payment_id: str | None = None) -> dict[str, Any]:
         return {
@@ -542,19 +476,10 @@ class PayPalProvider(BasePaymentProvider):
         failed = f"{log_event}_failed"
         status, issue = failure.status, failure.issue
         if status == 429:
-            hint = failure.retry_after
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "PayPal asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # a 429 is answered before anything is done
-            )
+            return self._errors.rate_limited(log_event, fields, failure.retry_after)
         if status >= 500 or status == 409:
             # 409 PREVIOUS_REQUEST_IN_PROGRESS: the same PayPal-Request-Id is still running.
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("PayPal could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status == 403:
             log.error(failed, extra={**fields, "action": "the REST app lacks a permission"})
             return ProviderMisconfigured(
@@ -1132,12 +1057,12 @@ class PayPalProvider(BasePaymentProvider):
             )
             return False
         fields: dict[str, str] = {}
-        for field, (header, shape) in _TRANSMISSION_HEADERS.items():
-            value = _header(headers, header)
+        for field, (name, shape) in _TRANSMISSION_HEADERS.items():
+            value = header(headers, name)
             if value is None or not shape.fullmatch(value):
                 log.warning(
                     "paypal.webhook.signature_missing",
-                    extra={"event_id": event_id, "header": header, "present": value is not None},
+                    extra={"event_id": event_id, "header": name, "present": value is not None},
                 )
                 return False
             fields[field] = value
@@ -1205,7 +1130,7 @@ class PayPalProvider(BasePaymentProvider):
         try:
             # A fresh token proves both that PayPal answers and that it takes our credentials
             # (one attempt: a health check reports, it does not insist).
-            self._token = await self._fetch_token()
+            await self._tokens.renew()
         except ServiceError as error:
             latency = (time.perf_counter() - started) * 1000
             return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
