@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from services.errors import (
     PaymentNotFound,
     ProviderMisconfigured,
     ProviderNotConfigured,
-    ProviderUnavailable,
     ProviderUpstreamError,
     RefundExceedsBalance,
     ServiceError,
@@ -64,6 +62,7 @@ from ..base import (
 )
 from ..payloads import load_json
 from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..vendor_http import VendorErrors, header, json_object, retry_after_seconds
 from . import billing
 from . import transformers as tx
 
@@ -101,25 +100,6 @@ REFUND_TOO_LARGE_CODES = frozenset(
 ADJUSTMENTS_PER_PAGE = 50
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header from any mapping, whatever the case of its keys."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
-    return str(value) if value is not None else None
-
-
-def _retry_after_seconds(response: httpx2.Response) -> float | None:
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None  # an HTTP date: a guess would be worse than our own backoff
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 @dataclass(frozen=True, slots=True)
 class _Failure:
     """What Paddle said when it refused a call: its error envelope
@@ -134,11 +114,7 @@ class _Failure:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _Failure:
-        try:
-            parsed = response.json()
-        except ValueError:
-            parsed = None
-        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        body = json_object(response)
         error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
         meta: dict[str, Any] = body["meta"] if isinstance(body.get("meta"), dict) else {}
 
@@ -151,7 +127,7 @@ class _Failure:
             code=text(error.get("code")),
             detail=text(error.get("detail"), 300),
             request_id=text(meta.get("request_id")),
-            retry_after=_retry_after_seconds(response),
+            retry_after=retry_after_seconds(response.headers),
         )
 
 
@@ -270,6 +246,7 @@ class PaddleProvider(BasePaymentProvider):
         self._timeout = httpx2.Timeout(timeout_seconds)
         self._retry_policy = retry_policy or RetryPolicy()
         self._clock = clock
+        self._errors = VendorErrors(self.name, self.display_name, log)
 
     @classmethod
     def from_config(
@@ -360,7 +337,10 @@ class PaddleProvider(BasePaymentProvider):
                     method, url, headers=headers, content=content, timeout=self._timeout
                 )
             except httpx2.HTTPError as error:
-                raise self._transport_error(error, log_event, payment_id) from error
+                # A timeout may have been processed: a write is not sent again.
+                raise self._errors.transport_error(
+                    error, log_event, {"payment_id": payment_id}
+                ) from error
             return self._answer(response, log_event, payment_id)
 
         return await with_retries(attempt, policy=policy or self._retry_policy, event=log_event)
@@ -388,23 +368,6 @@ class PaddleProvider(BasePaymentProvider):
             return data
         raise self._service_error(_Failure.of(response), log_event, payment_id=payment_id)
 
-    def _transport_error(
-        self, error: httpx2.HTTPError, log_event: str, payment_id: str | None
-    ) -> ProviderUnavailable:
-        # A connection that never opened sent nothing; a timeout may have been processed.
-        not_sent = isinstance(error, httpx2.ConnectError | httpx2.ConnectTimeout)
-        log.warning(
-            f"{log_event}_failed",
-            extra={
-                "provider": self.name,
-                "payment_id": payment_id,
-                "transport_error": type(error).__name__,
-            },
-        )
-        return ProviderUnavailable(
-            "Paddle could not be reached", provider=self.name, outcome_unknown=not not_sent
-        )
-
     def _service_error(
         self, failure: _Failure, log_event: str, *, payment_id: str | None
     ) -> ServiceError:
@@ -421,19 +384,10 @@ class PaddleProvider(BasePaymentProvider):
         failed = f"{log_event}_failed"
         status, code = failure.status, failure.code
         if status == 429:
-            hint = failure.retry_after
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Paddle asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # a 429 is answered before anything is done
-            )
+            return self._errors.rate_limited(log_event, fields, failure.retry_after)
         if status >= 500 or status == 409:
             # 409 concurrent_modification: another change to the same entity is running.
-            log.warning(failed, extra=fields)
-            return ProviderUnavailable("Paddle could not be reached", provider=self.name)
+            return self._errors.unavailable(log_event, fields)
         if status in (401, 403) or code in SETUP_CODES:
             # invalid_token (403): a wrong, revoked or other-environment key. Never log it.
             log.error(
@@ -1038,11 +992,11 @@ class PaddleProvider(BasePaymentProvider):
         if self._webhook_secret is None:
             log.error("paddle.webhook.no_secret", extra={"action": "set PADDLE_WEBHOOK_SECRET"})
             raise InvalidWebhookSignature("Paddle webhooks are not accepted: no signing secret")
-        header = _header(headers, tx.SIGNATURE_HEADER)
+        signature = header(headers, tx.SIGNATURE_HEADER)
         try:
             tx.verify_signature(
                 body,
-                header,
+                signature,
                 [self._webhook_secret.get_secret_value()],
                 now=self._clock(),
                 tolerance_s=self._tolerance_s,
@@ -1050,7 +1004,7 @@ class PaddleProvider(BasePaymentProvider):
         except tx.SignatureInvalid as error:
             log.warning(
                 "paddle.webhook.signature_invalid",
-                extra={"reason": str(error), "has_header": header is not None},
+                extra={"reason": str(error), "has_header": signature is not None},
             )
             raise InvalidWebhookSignature("The Paddle-Signature header does not match") from error
         payload = load_json(body)
