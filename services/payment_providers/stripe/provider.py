@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,7 +61,8 @@ from ..base import (
     WebhookEvent,
 )
 from ..payloads import load_json
-from ..resilience import NO_RETRY, RetryPolicy, with_retries
+from ..resilience import NO_RETRY, RetryPolicy
+from ..vendor_http import VendorErrors, retry_after_seconds, with_retries_keeping_outcome
 from . import billing
 from . import transformers as tx
 
@@ -90,17 +90,6 @@ def _header(headers: Any, name: str) -> str | None:
     if value is None and isinstance(headers, Mapping):
         value = next((v for k, v in headers.items() if str(k).lower() == name.lower()), None)
     return str(value) if value is not None else None
-
-
-def _retry_after_seconds(headers: Any) -> float | None:
-    raw = _header(headers, "retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        return None  # an HTTP date: Stripe sends seconds, and a guess is worse than backoff
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _signed_at(header: str | None) -> int:
@@ -229,6 +218,7 @@ class StripeProvider(BasePaymentProvider):
         # Stripe's test-mode keys (secret or restricted) move no real money.
         self._test_mode = (secret_key or "").startswith(("sk_test_", "rk_test_"))
         self._retry_policy = retry_policy or RetryPolicy()
+        self._errors = VendorErrors(self.name, self.display_name, log)
         self._http: _HTTPX2Client | None = None
         self._client: stripe.StripeClient | None = None
         if secret_key:
@@ -295,25 +285,21 @@ class StripeProvider(BasePaymentProvider):
         """Run one SDK call (retried when Stripe is unavailable) and return its object as a
         plain dict. ``event`` names the call in logs: ``stripe.payment_intent.create``."""
         client = self._require_client()
-        may_have_reached_stripe = False
 
         async def attempt() -> dict[str, Any]:
-            nonlocal may_have_reached_stripe
             try:
                 result = await operation(client)
             except stripe.StripeError as error:
-                mapped = self._service_error(
+                raise self._service_error(
                     error, event=event, payment_id=payment_id, is_refund=is_refund
-                )
-                if isinstance(mapped, ProviderUnavailable):
-                    # Once one attempt may have reached Stripe, the call's outcome stays
-                    # unknown even if a later attempt was plainly refused.
-                    may_have_reached_stripe = may_have_reached_stripe or mapped.outcome_unknown
-                    mapped.outcome_unknown = may_have_reached_stripe
-                raise mapped from error
+                ) from error
             return dict(result.to_dict())
 
-        return await with_retries(attempt, policy=policy or self._retry_policy, event=event)
+        # Once one attempt may have reached Stripe, the call's outcome stays unknown even if
+        # a later attempt was plainly refused.
+        return await with_retries_keeping_outcome(
+            attempt, policy=policy or self._retry_policy, event=event
+        )
 
     def _service_error(
         self, error: stripe.StripeError, *, event: str, payment_id: str | None, is_refund: bool
@@ -347,15 +333,11 @@ class StripeProvider(BasePaymentProvider):
                 decline_code=decline_code,
             )
         if isinstance(error, stripe.RateLimitError):
-            hint = _retry_after_seconds(error.headers)
-            log.warning(failed, extra={**fields, "retry_after_s": hint})
-            return ProviderUnavailable(
-                "Stripe asked us to slow down; try again shortly",
-                provider=self.name,
-                retry_after=max(1, math.ceil(hint)) if hint is not None else 5,
-                retry_after_hint=hint,
-                outcome_unknown=False,  # a 429 is answered before anything is done
+            # The SDK's headers are a mapping (httpx2's, or a dict); anything else has none.
+            hint = (
+                retry_after_seconds(error.headers) if isinstance(error.headers, Mapping) else None
             )
+            return self._errors.rate_limited(event, fields, hint)
         if isinstance(error, stripe.APIConnectionError) or (
             isinstance(error, stripe.APIError)
             and (error.http_status is None or error.http_status >= 500 or error.http_status == 409)
