@@ -52,8 +52,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fakes.openapi_check import Violation
 from tests.fakes.paddle_billing import PaddleBilling
-from tests.fakes.paddle_spec import PaddleSpec, Violation
+from tests.fakes.paddle_spec import PaddleSpec
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 if TYPE_CHECKING:
-    from tests.fakes.paypal_spec import Violation
+    from tests.fakes.openapi_check import Violation
 
 Json = dict[str, Any]
 Handler = Callable[[Request, Json | None, dict[str, str]], tuple[int, Json]]

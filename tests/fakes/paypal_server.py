@@ -60,8 +60,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from tests.fakes.openapi_check import Operation, Violation
 from tests.fakes.paypal_billing import PayPalBilling, is_billing_path
-from tests.fakes.paypal_spec import Operation, PayPalSpec, Violation, check_token_request
+from tests.fakes.paypal_spec import PayPalSpec, check_token_request
 from tests.fakes.server import serve_in_thread
 
 Json = dict[str, Any]

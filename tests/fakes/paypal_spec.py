@@ -31,8 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qsl
@@ -40,6 +39,13 @@ from urllib.parse import parse_qsl
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 
+from tests.fakes.openapi_check import (
+    Operation,
+    Violation,
+    drop_security,
+    openapi_messages,
+    unknown_fields,
+)
 from tests.fakes.specs import specs_dir
 
 SPEC_FILES = (
@@ -63,15 +69,6 @@ def _load(name: str) -> dict[str, Any]:
         )
     spec: dict[str, Any] = json.loads(path.read_text())
     return spec
-
-
-def _drop_security(spec: dict[str, Any]) -> None:
-    # Quirk 1.
-    spec.pop("security", None)
-    for item in spec["paths"].values():
-        for operation in item.values():
-            if isinstance(operation, dict):
-                operation.pop("security", None)
 
 
 def _drop_read_only(schema: Any) -> Any:
@@ -98,36 +95,6 @@ def _patch_webhooks(spec: dict[str, Any]) -> None:
     verify["properties"]["transmission_sig"]["pattern"] = BASE64_PATTERN
 
 
-@dataclass(frozen=True)
-class Violation:
-    method: str
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}: {self.problem}"
-
-
-@dataclass(frozen=True)
-class Operation:
-    method: str
-    template: str
-    path_params: dict[str, str]
-
-
-def _messages(error: BaseException) -> str:
-    """openapi-core's error with the schema errors under it, one line."""
-    parts = [str(error).split(": Value ")[0]]
-    cause = error.__cause__
-    schema_errors = getattr(cause, "schema_errors", None) or ()
-    for schema_error in schema_errors:
-        where = "/".join(str(p) for p in getattr(schema_error, "absolute_path", ())) or "(root)"
-        parts.append(f"{where}: {schema_error.message}")
-    if not schema_errors and cause is not None:
-        parts.append(str(cause))
-    return "; ".join(parts)
-
-
 class PayPalSpec:
     """The three descriptions, patched for their quirks, and checks against them."""
 
@@ -135,7 +102,7 @@ class PayPalSpec:
         self._apis: list[tuple[OpenAPI, dict[str, Any]]] = []
         self._routes: list[tuple[re.Pattern[str], str, dict[str, Any], OpenAPI]] = []
         for spec in specs:
-            _drop_security(spec)
+            drop_security(spec)  # quirk 1
             if "/v1/notifications/verify-webhook-signature" in spec["paths"]:
                 _patch_webhooks(spec)
             api = OpenAPI.from_dict(spec)
@@ -190,7 +157,7 @@ class PayPalSpec:
         try:
             api.validate_request(request)
         except Exception as error:  # openapi-core's errors share no useful base
-            problems.append(_messages(error))
+            problems.append(openapi_messages(error))
         if body:
             try:
                 decoded = json.loads(body)
@@ -199,7 +166,7 @@ class PayPalSpec:
             else:
                 schema = self._body_schema(spec, operation)
                 if schema is not None:
-                    problems.extend(
+                    problems.extend(  # quirk 5
                         f"body {where}: field not in PayPal's description"
                         for where in unknown_fields(decoded, schema, spec)
                     )
@@ -225,7 +192,7 @@ class PayPalSpec:
         try:
             api.validate_response(request, response)
         except Exception as error:
-            return [Violation(method, path, f"response {status}: {_messages(error)}")]
+            return [Violation(method, path, f"response {status}: {openapi_messages(error)}")]
         return []
 
     @staticmethod
@@ -234,65 +201,6 @@ class PayPalSpec:
         content = (definition.get("requestBody") or {}).get("content", {})
         media = content.get("application/json")
         return media["schema"] if media else None
-
-
-# -- unknown fields (quirk 5) ----------------------------------------------------------------
-
-
-def _resolve(schema: Mapping[str, Any], spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    seen = 0
-    while "$ref" in schema and seen < 50:
-        ref = schema["$ref"]
-        node: Any = spec
-        for part in ref.removeprefix("#/").split("/"):
-            node = node[part]
-        schema = node
-        seen += 1
-    return schema
-
-
-def _branches(schema: Mapping[str, Any], spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """``schema`` and every schema it is composed of (allOf/anyOf/oneOf), resolved."""
-    schema = _resolve(schema, spec)
-    yield schema
-    for combinator in ("allOf", "anyOf", "oneOf"):
-        for option in schema.get(combinator, ()):
-            yield from _branches(option, spec)
-
-
-def unknown_fields(
-    value: Any, schema: Mapping[str, Any], spec: Mapping[str, Any], where: str = ""
-) -> list[str]:
-    """JSON pointers of object members that ``schema`` does not name anywhere."""
-    branches = list(_branches(schema, spec))
-    found: list[str] = []
-    if isinstance(value, dict):
-        properties: dict[str, list[Mapping[str, Any]]] = {}
-        open_object = False
-        named_any = False
-        for branch in branches:
-            extra = branch.get("additionalProperties")
-            if extra is True or isinstance(extra, Mapping):
-                open_object = True
-            for name, sub in branch.get("properties", {}).items():
-                named_any = True
-                properties.setdefault(name, []).append(sub)
-        if not named_any:
-            return found  # a free-form object (like an event's `resource`)
-        for key, item in value.items():
-            pointer = f"{where}/{key}"
-            if key not in properties:
-                if not open_object:
-                    found.append(pointer)
-                continue
-            found.extend(unknown_fields(item, properties[key][0], spec, pointer))
-    elif isinstance(value, list):
-        for branch in branches:
-            if "items" in branch:
-                for index, item in enumerate(value):
-                    found.extend(unknown_fields(item, branch["items"], spec, f"{where}/{index}"))
-                break
-    return found
 
 
 # -- the token endpoint (quirk 2) -----------------------------------------------------------
