@@ -67,6 +67,36 @@ def drop_security(spec: dict[str, Any]) -> None:
                 operation.pop("security", None)
 
 
+def path_pattern(template: str) -> re.Pattern[str]:
+    """A regex that matches the paths of a description's ``template``, naming its
+    parameters (``/orders/{id}`` matches ``/orders/O-1`` with ``id`` = ``O-1``)."""
+    pattern = re.sub(r"\\\{([^}]+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+    return re.compile(f"^{pattern}$")
+
+
+def mock_request(
+    host: str, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+) -> MockRequest:
+    """The request as openapi-core reads it, as if sent to ``host``."""
+    return MockRequest(
+        host,
+        method.lower(),
+        path,
+        args=dict(parse_qsl(query, keep_blank_values=True)),
+        headers=dict(headers),
+        data=body or None,
+        content_type=headers.get("content-type", "application/json").split(";")[0],
+    )
+
+
+def json_body_schema(spec: Mapping[str, Any], operation: Operation) -> dict[str, Any] | None:
+    """The JSON request body's schema of ``operation``, if it takes one."""
+    definition = spec["paths"][operation.template][operation.method]
+    content = (definition.get("requestBody") or {}).get("content", {})
+    media = content.get("application/json")
+    return media["schema"] if media else None
+
+
 def openapi_messages(error: BaseException) -> str:
     """openapi-core's error with the schema errors under it, one line."""
     parts = [str(error).split(": Value ")[0]]
@@ -168,8 +198,7 @@ class OpenAPIDescription:
         self._api = OpenAPI.from_dict(spec)
         self._routes: list[tuple[re.Pattern[str], str]] = []
         for template in spec["paths"]:
-            pattern = re.sub(r"\\\{([^}]+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-            self._routes.append((re.compile(f"^{pattern}$"), template))
+            self._routes.append((path_pattern(template), template))
         # Literal paths before templated ones.
         self._routes.sort(key=lambda route: route[1].count("{"))
 
@@ -179,19 +208,6 @@ class OpenAPIDescription:
             if match and method.lower() in self._spec["paths"][template]:
                 return Operation(method.lower(), template, match.groupdict())
         return None
-
-    def _mock_request(
-        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
-    ) -> MockRequest:
-        return MockRequest(
-            self._host,
-            method.lower(),
-            path,
-            args=dict(parse_qsl(query, keep_blank_values=True)),
-            headers=dict(headers),
-            data=body or None,
-            content_type=headers.get("content-type", "application/json").split(";")[0],
-        )
 
     def check_request(
         self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
@@ -204,7 +220,7 @@ class OpenAPIDescription:
             return None, [Violation(method, path, problem)]
         problems: list[str] = []
         try:
-            self._api.validate_request(self._mock_request(method, path, query, headers, body))
+            self._api.validate_request(mock_request(self._host, method, path, query, headers, body))
         except Exception as error:  # openapi-core's errors share no useful base
             problems.append(openapi_messages(error))
         definition = self._spec["paths"][operation.template][operation.method]
@@ -245,7 +261,7 @@ class OpenAPIDescription:
         """Every way the fake's own answer departs from the description."""
         if self.operation(method, path) is None or status in self._undeclared:
             return []
-        request = self._mock_request(method, path, query, headers, body)
+        request = mock_request(self._host, method, path, query, headers, body)
         response = MockResponse(
             response_body, status_code=status, headers=dict(response_headers or {})
         )
@@ -257,10 +273,7 @@ class OpenAPIDescription:
 
     def body_schema(self, operation: Operation) -> dict[str, Any] | None:
         """The JSON request body's schema of ``operation``, if it takes one."""
-        definition = self._spec["paths"][operation.template][operation.method]
-        content = (definition.get("requestBody") or {}).get("content", {})
-        media = content.get("application/json")
-        return media["schema"] if media else None
+        return json_body_schema(self._spec, operation)
 
     def schema(self, name: str) -> dict[str, Any]:
         """A schema of the description's components, by name."""

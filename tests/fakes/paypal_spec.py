@@ -37,13 +37,16 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from openapi_core import OpenAPI
-from openapi_core.testing import MockRequest, MockResponse
+from openapi_core.testing import MockResponse
 
 from tests.fakes.openapi_check import (
     Operation,
     Violation,
     drop_security,
+    json_body_schema,
+    mock_request,
     openapi_messages,
+    path_pattern,
     unknown_fields,
 )
 from tests.fakes.specs import specs_dir
@@ -108,8 +111,7 @@ class PayPalSpec:
             api = OpenAPI.from_dict(spec)
             self._apis.append((api, spec))
             for template in spec["paths"]:
-                pattern = re.sub(r"\\\{([^}]+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-                self._routes.append((re.compile(f"^{pattern}$"), template, spec, api))
+                self._routes.append((path_pattern(template), template, spec, api))
         # Literal paths before templated ones.
         self._routes.sort(key=lambda route: route[1].count("{"))
 
@@ -129,19 +131,6 @@ class PayPalSpec:
         found = self._find(method, path)
         return found[0] if found else None
 
-    def _mock_request(
-        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
-    ) -> MockRequest:
-        return MockRequest(
-            SPEC_HOST,
-            method.lower(),
-            path,
-            args=dict(parse_qsl(query, keep_blank_values=True)),
-            headers=dict(headers),
-            data=body or None,
-            content_type=headers.get("content-type", "application/json").split(";")[0],
-        )
-
     def check_request(
         self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
     ) -> tuple[Operation | None, list[Violation]]:
@@ -153,7 +142,7 @@ class PayPalSpec:
             return None, [Violation(method, path, problem)]
         operation, spec, api = found
         problems: list[str] = []
-        request = self._mock_request(method, path, query, headers, body)
+        request = mock_request(SPEC_HOST, method, path, query, headers, body)
         try:
             api.validate_request(request)
         except Exception as error:  # openapi-core's errors share no useful base
@@ -164,7 +153,7 @@ class PayPalSpec:
             except ValueError:
                 problems.append("the body is not JSON")
             else:
-                schema = self._body_schema(spec, operation)
+                schema = json_body_schema(spec, operation)
                 if schema is not None:
                     problems.extend(  # quirk 5
                         f"body {where}: field not in PayPal's description"
@@ -187,20 +176,13 @@ class PayPalSpec:
         if found is None or status in UNDECLARED_STATUSES:
             return []
         _, _, api = found
-        request = self._mock_request(method, path, query, headers, body)
+        request = mock_request(SPEC_HOST, method, path, query, headers, body)
         response = MockResponse(response_body, status_code=status)
         try:
             api.validate_response(request, response)
         except Exception as error:
             return [Violation(method, path, f"response {status}: {openapi_messages(error)}")]
         return []
-
-    @staticmethod
-    def _body_schema(spec: dict[str, Any], operation: Operation) -> dict[str, Any] | None:
-        definition = spec["paths"][operation.template][operation.method]
-        content = (definition.get("requestBody") or {}).get("content", {})
-        media = content.get("application/json")
-        return media["schema"] if media else None
 
 
 # -- the token endpoint (quirk 2) -----------------------------------------------------------

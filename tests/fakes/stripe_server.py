@@ -38,12 +38,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fakes.openapi_check import Violation
 from tests.fakes.server import serve_in_thread
 from tests.fakes.stripe_billing import StripeBilling
 from tests.fakes.stripe_spec import (
     DecodeError,
     StripeSpec,
-    Violation,
     decode_brackets,
     decode_form,
     load_fixtures,

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 
 from openapi_schema_validator import OAS30Validator
 
+from tests.fakes.openapi_check import Violation, path_pattern
 from tests.fakes.specs import specs_dir
 
 # (method, path template, parameter path): parameters the SDK may send that the 2022
@@ -170,23 +171,12 @@ class Operation:
     spec: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class Violation:
-    method: str
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}: {self.problem}"
-
-
 class StripeSpec:
     def __init__(self, spec: Mapping[str, Any]) -> None:
         self._spec = spec
         self._routes: list[tuple[re.Pattern[str], str]] = []
         for template in spec["paths"]:
-            pattern = re.sub(r"\\\{([^}]+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-            self._routes.append((re.compile(f"^{pattern}$"), template))
+            self._routes.append((path_pattern(template), template))
         # Literal paths before templated ones: /v1/checkout/sessions before /v1/{x}/...
         self._routes.sort(key=lambda route: route[1].count("{"))
         self._body_schemas: dict[tuple[str, str], dict[str, Any] | None] = {}
