@@ -30,6 +30,7 @@ from app.settings import Settings
 from models.user import User
 from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
+from services.events.service import WebhookEvents
 from services.operations import PaymentOperations
 from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
 from services.payment_providers.sandbox_checkout import SandboxCheckout
@@ -244,6 +245,14 @@ async def get_provider_admin(request: Request) -> ProviderAdmin:
 
 
 ProviderAdminDep = Annotated[ProviderAdmin, Depends(get_provider_admin)]
+
+
+async def get_webhook_events(request: Request) -> WebhookEvents:
+    events: WebhookEvents = request.app.state.webhook_events
+    return events
+
+
+WebhookEventsDep = Annotated[WebhookEvents, Depends(get_webhook_events)]
 
 # Operator routes: an admin's token, no rate limit.
 Admin = Annotated[Caller, Depends(Access(need=Need.ADMIN))]

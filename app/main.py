@@ -18,9 +18,23 @@ from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
 from app.settings import Settings
-from routers import api_docs, authorizenet, health, payments, providers, sandbox
+from routers import (
+    api_docs,
+    authorizenet,
+    health,
+    payments,
+    providers,
+    sandbox,
+    webhook_endpoints,
+)
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
+from services.events.deliveries import DeliveryStore
+from services.events.endpoints import EndpointStore
+from services.events.outbox import slot_tags
+from services.events.sender import Sender
+from services.events.service import EventsConfig, WebhookEvents
+from services.events.urls import UrlGuard
 from services.idempotency import IdempotencyClaims
 from services.operations import PaymentOperations
 from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
@@ -31,7 +45,7 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
-from services.payment_store import PaymentStore, key_values, redis_client
+from services.payment_store import PaymentStore, RedisClient, key_values, redis_client
 from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
 from services.provider_manager import StoredConfigsUnreadable
@@ -45,7 +59,7 @@ from services.tax import TaxPolicy, vat_country
 
 log = logging.getLogger("payments.app")
 
-ROUTERS = (payments, sandbox, authorizenet, health, providers, api_docs)
+ROUTERS = (payments, sandbox, authorizenet, health, providers, webhook_endpoints, api_docs)
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -153,6 +167,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         interval_s=settings.reconcile_interval_seconds,
         batch=settings.reconcile_batch,
     )
+    events = webhook_events(redis, http, store, settings)
+    app.state.webhook_events = events
     app.state.store = store
     app.state.provider_admin = ProviderAdmin(
         manager, configs, store, guard, reconciler, receipts_signed=receipts.signed
@@ -177,10 +193,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     if settings.reconcile_enabled:
         reconciler.start()
+    if settings.webhook_worker_enabled:
+        events.start()
     collector = _tune_collector()
     try:
         yield
     finally:
+        await events.aclose()
         await reconciler.aclose()
         await payment_receipts.drain()
         receipts.close()
@@ -188,6 +207,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await redis.aclose()
         collector.restore()
+
+
+def webhook_events(
+    redis: RedisClient, http: httpx2.AsyncClient, store: PaymentStore, settings: Settings
+) -> WebhookEvents:
+    """Events for the merchant's backend, told of every outbox write of ``store``."""
+    guard = UrlGuard(
+        allow_private=settings.webhook_allow_private_urls,
+        require_https=settings.environment == "production",
+    )
+    prefix = settings.redis_key_prefix
+    endpoints = EndpointStore(
+        redis, prefix=prefix, box=SecretBox(settings.provider_secrets_key_value), guard=guard
+    )
+    if settings.redis_cluster:
+        slot_tags()  # the per-slot outbox indexes' tags, found once now, not on a request
+    events = WebhookEvents(
+        redis,
+        store.outbox,
+        endpoints,
+        DeliveryStore(
+            redis,
+            endpoints,
+            log_size=settings.webhook_log_size,
+            retention_s=settings.webhook_retention_seconds,
+        ),
+        Sender(http, guard, timeout_s=settings.webhook_timeout_seconds),
+        EventsConfig(
+            retry_schedule_s=settings.webhook_retry_schedule,
+            claim_idle_s=settings.webhook_claim_idle_seconds,
+            poll_interval_s=settings.webhook_poll_interval_seconds,
+            sweep_interval_s=settings.webhook_sweep_interval_seconds,
+            sweep_grace_s=settings.webhook_sweep_grace_seconds,
+        ),
+        prefix=prefix,
+    )
+    store.outbox_listener = events.nudge
+    return events
 
 
 def tax_policy(settings: Settings) -> TaxPolicy:
