@@ -122,6 +122,7 @@ class WebhookEvents:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._sweep_position = 0
+        self._stopping = False
 
     # -- endpoints (the admin API and the dashboard) ---------------------------------------
 
@@ -393,7 +394,9 @@ class WebhookEvents:
 
     async def _forever(self, step: Any, name: str) -> None:
         group_ready = False
-        while True:
+        # A cancel that lands inside a Redis call may come out of the client as a connection
+        # error: the flag ends the loop all the same.
+        while not self._stopping:
             try:
                 if not group_ready:
                     await self.ensure_group()
@@ -411,6 +414,7 @@ class WebhookEvents:
     async def aclose(self) -> None:
         """Stop the worker. An attempt cut short stays pending in the group, for another
         worker (or this one's successor) to take over: at least once."""
+        self._stopping = True
         tasks = [*self._tasks, *self._relaying.values()]
         for task in tasks:
             task.cancel()
