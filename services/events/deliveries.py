@@ -342,7 +342,7 @@ class DeliveryStore:
                 return []
             async with self._redis.pipeline(transaction=False) as pipe:
                 for item in ids:
-                    pipe.hgetall(f"{base}:d:{item}")
+                    pipe.hgetall(f"{base}:d:{item!s}")
                 rows = await pipe.execute()
         return [delivery_view(row) for row in rows if row]
 

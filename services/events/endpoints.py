@@ -132,7 +132,7 @@ class EndpointStore:
         now = _now()
         endpoint_id = f"we_{secrets.token_hex(8)}"
         secret = new_secret()
-        fields = {
+        fields: dict[str, str] = {
             "id": endpoint_id,
             "url": body.url,
             "event_types": _types_field(body.event_types),
@@ -146,16 +146,17 @@ class EndpointStore:
         async with store_errors():
             if await self._redis.scard(self._index) >= MAX_ENDPOINTS:
                 raise TooManyWebhookEndpoints(f"At most {MAX_ENDPOINTS} webhook endpoints")
-            await self._redis.hset(self.key(endpoint_id), mapping=fields)
+            await self._redis.hset(self.key(endpoint_id), items=_flat(fields))
             await self._redis.sadd(self._index, endpoint_id)
-        return WebhookEndpointCreated(**_endpoint(fields).model_dump(), secret=secret)
+        shown = _endpoint(fields)
+        return WebhookEndpointCreated(**shown.model_dump(), secret=secret)
 
     async def ids(self) -> list[str]:
         async with store_errors():
             members = await self._redis.smembers(self._index)
         return sorted(str(member) for member in members)
 
-    async def list(self) -> list[WebhookEndpoint]:
+    async def all(self) -> list[WebhookEndpoint]:
         ids = await self.ids()
         if not ids:
             return []
@@ -190,7 +191,7 @@ class EndpointStore:
         if patch.enabled is not None:
             changes["enabled"] = "1" if patch.enabled else "0"
         async with store_errors():
-            await self._redis.hset(self.key(endpoint_id), mapping=changes)
+            await self._redis.hset(self.key(endpoint_id), items=_flat(changes))
         return await self.get(endpoint_id)
 
     async def delete(self, endpoint_id: str) -> None:
@@ -226,6 +227,10 @@ class EndpointStore:
         if "previous" in values and expires and datetime.fromisoformat(expires) > now:
             found.append(values["previous"])
         return found
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _types_field(types: list[EventType] | None) -> str:

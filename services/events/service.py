@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -130,7 +130,7 @@ class WebhookEvents:
         return await self.endpoints.create(body)
 
     async def list_endpoints(self) -> list[WebhookEndpoint]:
-        return await self.endpoints.list()
+        return await self.endpoints.all()
 
     async def get_endpoint(self, endpoint_id: str) -> WebhookEndpoint:
         return await self.endpoints.get(endpoint_id)
@@ -237,7 +237,7 @@ class WebhookEvents:
                 ),
                 ex=self.deliveries.retention_s,
             )
-        for endpoint in await self.endpoints.list():
+        for endpoint in await self.endpoints.all():
             if endpoint.wants(event.type):
                 await self.deliveries.enqueue(endpoint.id, event)
         self._wake.set()
@@ -302,9 +302,9 @@ class WebhookEvents:
                 start_id="0-0",
                 count=self._config.batch,
             )
-            entries = list(_claimed_entries(claimed))
+            entries: list[tuple[str, dict[str, str]]] = _claimed_entries(claimed)
             if not entries:
-                read = await self._redis.xreadgroup(
+                read: Any = await self._redis.xreadgroup(
                     GROUP,
                     self.consumer,
                     {self._stream: ">"},
@@ -313,7 +313,7 @@ class WebhookEvents:
                 )
                 entries = [entry for _stream, items in read or [] for entry in items]
         for entry_id, fields in entries:
-            await self._deliver(str(entry_id), cast(dict[str, str], fields))
+            await self._deliver(str(entry_id), fields)
         return len(entries)
 
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> None:
