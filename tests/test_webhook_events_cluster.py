@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from app.settings import Settings
 from services.events.outbox import OutboxKeys
+from services.events.service import GROUP, WebhookEvents
 from tests.conftest import RedisClusterNodes, bearer, make_settings
 from tests.test_webhook_events import (
     URL,
@@ -110,3 +112,45 @@ class TestOnACluster:
             await eventually(lambda: len(receiver.accepted()) == 4, within_s=15)
         delivered = {body["data"]["payment_id"] for body in verified(receiver, created["secret"])}
         assert delivered == set(payment_ids)
+
+
+class TestTakeoverOnACluster:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return fast_events(redis_cluster=True, webhook_worker_enabled=False)
+
+    async def test_a_dead_workers_delivery_is_claimed_by_another(
+        self,
+        client: httpx.AsyncClient,
+        admin: dict[str, str],
+        receiver: Receiver,
+        app: Any,
+        settings: Settings,
+        render_pool: ProcessPoolExecutor,
+    ) -> None:
+        created = await add_endpoint(client, admin, receiver.url)
+        await paid(client)
+        events: WebhookEvents = app.state.webhook_events
+        await eventually(lambda: _logged(client, created["id"], admin))
+        await events.ensure_group()
+        assert await events.schedule_once() == 1
+        raw = RedisCluster.from_url(settings.redis_url, decode_responses=True)
+        try:
+            stream = "test:wh:{stream}"
+            ((_, [(_, fields)]),) = await raw.xreadgroup(
+                GROUP, "dead-worker", {stream: ">"}, count=10
+            )
+            begun = await events.deliveries.begin(
+                fields["endpoint"], fields["delivery"], lease_s=1.5
+            )
+            assert begun.outcome == "go"
+            async with another_app(settings, render_pool, webhook_worker_enabled=True):
+                await eventually(lambda: len(receiver.accepted()) == 1, within_s=10)
+            assert int((await raw.xpending(stream, GROUP))["pending"]) == 0
+        finally:
+            await raw.aclose()
+        assert len(verified(receiver, created["secret"])) == 1
+
+
+async def _logged(client: httpx.AsyncClient, endpoint_id: str, admin: dict[str, str]) -> bool:
+    return bool((await client.get(f"{URL}/{endpoint_id}/deliveries", headers=admin)).json())

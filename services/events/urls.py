@@ -16,6 +16,7 @@ from services.errors import ServiceError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_URL_LENGTH = 2048
+RESOLVE_TIMEOUT_S = 5.0
 
 
 class WebhookUrlRefused(ServiceError):
@@ -104,10 +105,11 @@ async def _addresses(host: str, port: int) -> list[Address]:
     except ValueError:
         pass
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-    except (OSError, UnicodeError):
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+    except (OSError, UnicodeError, TimeoutError):
         return []
     found: list[Address] = []
     for _family, _type, _proto, _name, sockaddr in infos:
