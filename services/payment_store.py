@@ -731,7 +731,7 @@ class PaymentStore:
                 args=[str(status), entry, event_id or "", now.isoformat(), new_event_id(), *pairs],
             )
         if outcome == TransitionOutcome.APPLIED:
-            self._outbox_written(payment_id)
+            self._outbox_written(self.outbox.outbox(payment_id))
         flat: list[str] = rest[0] if rest else []
         stored = dict(zip(flat[::2], flat[1::2], strict=True))
         return TransitionResult(
@@ -849,7 +849,7 @@ class PaymentStore:
                 ],
             )
         if outcome == TransitionOutcome.APPLIED:
-            self._outbox_written(payment_id)
+            self._outbox_written(self.outbox.outbox(payment_id))
         if outcome == "unknown":
             return RefundApplied(TransitionOutcome.MISSING, None)
         return RefundApplied(
@@ -858,10 +858,10 @@ class PaymentStore:
             RefundStatus(previous) if previous else None,
         )
 
-    def _outbox_written(self, payment_id: str) -> None:
+    def _outbox_written(self, outbox: str) -> None:
         """Tell the events relay at once; its sweep finds the outbox anyway if we die here."""
         if self.outbox_listener is not None:
-            self.outbox_listener(payment_id)
+            self.outbox_listener(outbox)
 
     async def discard_refund(self, payment_id: str, refund_id: str) -> bool:
         """Forget a pending refund the provider never made, giving its amount back."""

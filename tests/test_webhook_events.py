@@ -328,6 +328,7 @@ class TestDelivery:
             ("succeeded", 1, 204)
         ]
         assert log[0]["last_latency_ms"] >= 0 and log[0]["event_type"] == "payment.succeeded"
+        assert log[0]["object_id"] == payment_id
 
     async def test_only_subscribed_types_and_enabled_endpoints(
         self, client: httpx.AsyncClient, admin: dict[str, str], receiver: Receiver
@@ -408,6 +409,16 @@ class TestDelivery:
         assert 0 < len(log[0]["last_response"]) <= 512  # an excerpt of the 5000 bytes
         endpoint = (await client.get(path, headers=admin)).json()
         assert endpoint["status"] == "failing" and endpoint["failing_since"]
+        # While it is failing, a new event gets one attempt, not days of them.
+        await paid(client)
+
+        async def second_given_up() -> bool:
+            log = (await client.get(f"{path}/deliveries", headers=admin)).json()
+            return len(log) == 2 and log[0]["status"] == "failed"
+
+        await eventually(second_given_up)
+        newest = (await client.get(f"{path}/deliveries", headers=admin)).json()[0]
+        assert newest["attempts"] == 1
 
         receiver.down = False
         replay = await client.post(f"{path}/deliveries/{log[0]['id']}/replay", headers=admin)

@@ -3,8 +3,9 @@
 All of an endpoint's delivery keys share its hash tag (``whep:{we_...}``), so every step below
 is one script on one slot:
 
-- ``:q:<payment>``  the deliveries of one payment to this endpoint, in event order. Only the
-  head may be attempted: a later event waits until the earlier one succeeded or was given up.
+- ``:q:<object>``   the deliveries of one payment (or other object) to this endpoint, in
+  event order. Only the head may be attempted: a later event waits until the earlier one
+  succeeded or was given up.
 - ``:due``          heads that are due (a zset of times). A claim pushes an entry a lease
   ahead and hands it to the delivery stream; when the worker that took it dies, the lease
   runs out and the entry is handed over again.
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.errors import NotFound
 from services.events.endpoints import EndpointStore
@@ -50,7 +51,9 @@ class Delivery(BaseModel):
     endpoint_id: str
     event_id: str
     event_type: str
-    payment_id: str
+    object_id: str = Field(
+        description="The payment (or other object) whose events reach the endpoint in order"
+    )
     status: DeliveryStatus
     attempts: int
     created_at: datetime
@@ -69,7 +72,7 @@ class Event:
 
     id: str
     type: str
-    payment_id: str  # deliveries of one payment keep their order
+    object_id: str  # the deliveries of one payment (refunds included) keep their order
     body: str  # {"type", "timestamp", "data"}
 
 
@@ -224,11 +227,11 @@ class DeliveryStore:
         self._begin = redis.register_script(_BEGIN_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
 
-    def _keys(self, endpoint_id: str, delivery: str, payment_id: str) -> dict[str, str]:
+    def _keys(self, endpoint_id: str, delivery: str, object_id: str) -> dict[str, str]:
         base = self._endpoints.key(endpoint_id)
         return {
             "delivery": f"{base}:d:{delivery}",
-            "queue": f"{base}:q:{payment_id}",
+            "queue": f"{base}:q:{object_id}",
             "log": f"{base}:log",
             "due": f"{base}:due",
             "endpoint": base,
@@ -240,14 +243,14 @@ class DeliveryStore:
         """Queue ``event`` for the endpoint (once per event, unless ``delivery`` names a new
         one: a replay); answers the delivery's ID."""
         delivery = delivery or delivery_id(event.id, endpoint_id)
-        keys = self._keys(endpoint_id, delivery, event.payment_id)
+        keys = self._keys(endpoint_id, delivery, event.object_id)
         now = datetime.now(UTC)
         fields = {
             "id": delivery,
             "endpoint_id": endpoint_id,
             "event_id": event.id,
             "event_type": event.type,
-            "payment_id": event.payment_id,
+            "object_id": event.object_id,
             "body": event.body,
             "status": str(DeliveryStatus.PENDING),
             "attempts": "0",
@@ -279,7 +282,7 @@ class DeliveryStore:
         """Take the delivery for one attempt, if it is its turn and nobody else holds it."""
         async with store_errors():
             raw = await self._redis.hget(
-                f"{self._endpoints.key(endpoint_id)}:d:{delivery}", "payment_id"
+                f"{self._endpoints.key(endpoint_id)}:d:{delivery}", "object_id"
             )
             if raw is None:
                 return Begun(BeginOutcome.GONE, {}, {})
@@ -303,7 +306,7 @@ class DeliveryStore:
     ) -> str | None:
         """Record the attempt: ``outcome`` None is a retry at ``next_at``. Answers the
         payment's next delivery to this endpoint when this one is done."""
-        keys = self._keys(record["endpoint_id"], record["id"], record["payment_id"])
+        keys = self._keys(record["endpoint_id"], record["id"], record["object_id"])
         fields = {
             "last_attempt_at": attempt.at.isoformat(),
             "last_status_code": "" if attempt.status_code is None else str(attempt.status_code),
@@ -366,7 +369,7 @@ def delivery_view(fields: dict[str, str]) -> Delivery:
             "endpoint_id": fields["endpoint_id"],
             "event_id": fields["event_id"],
             "event_type": fields["event_type"],
-            "payment_id": fields["payment_id"],
+            "object_id": fields["object_id"],
             "status": fields["status"],
             "attempts": int(fields.get("attempts", "0")),
             "created_at": fields["created_at"],

@@ -21,26 +21,28 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 # Lua functions for the change scripts. outbox_payment_event(payment hash, outbox, index, event
 # id, type, at ISO) snapshots the payment's hash; outbox_refund_event(payment hash, outbox,
-# index, event id, refund record table, at ISO) the refund as the script leaves it. The index's
-# score is when the outbox became non-empty (Redis's clock), so that a sweep leaves alone what
-# the fast path is moving right now.
+# index, event id, refund record table, at ISO) the refund as the script leaves it (ordered with
+# its payment's events). Another kind of object (subscriptions) calls outbox_push with its own
+# outbox (``OutboxKeys.for_object``) and an entry {id, type, at, object_id, <kind> = object},
+# and services/events/service.py's ``_event_from_outbox`` learns to show that kind. The index
+# holds outbox keys, scored by when each became non-empty (Redis's clock), so that a sweep
+# leaves alone what the fast path is moving right now.
 OUTBOX_LUA = """
-local function outbox_push(outbox, index, payment_id, entry)
+local function outbox_push(outbox, index, entry)
   redis.call('RPUSH', outbox, cjson.encode(entry))
   local now = redis.call('TIME')
-  redis.call('ZADD', index, 'NX', tonumber(now[1]) + tonumber(now[2]) / 1000000, payment_id)
+  redis.call('ZADD', index, 'NX', tonumber(now[1]) + tonumber(now[2]) / 1000000, outbox)
 end
 local function outbox_payment_event(payment, outbox, index, id, type, at)
   local flat = redis.call('HGETALL', payment)
   local object = {}
   for i = 1, #flat, 2 do object[flat[i]] = flat[i + 1] end
-  outbox_push(outbox, index, object['payment_id'],
-    {id = id, type = type, at = at, payment_id = object['payment_id'], payment = object})
+  outbox_push(outbox, index,
+    {id = id, type = type, at = at, object_id = object['payment_id'], payment = object})
 end
 local function outbox_refund_event(payment, outbox, index, id, record, at)
-  local payment_id = redis.call('HGET', payment, 'payment_id')
-  outbox_push(outbox, index, payment_id, {id = id, type = 'refund.' .. record['status'],
-    at = at, payment_id = payment_id, refund = record})
+  outbox_push(outbox, index, {id = id, type = 'refund.' .. record['status'], at = at,
+    object_id = redis.call('HGET', payment, 'payment_id'), refund = record})
 end
 """
 
@@ -87,18 +89,26 @@ class OutboxKeys:
         self._prefix = prefix
         self._cluster = cluster
 
-    def outbox(self, payment_id: str) -> str:
-        return f"{self._prefix}pay:{{{payment_id}}}:outbox"
+    def payment_key(self, payment_id: str) -> str:
+        return f"{self._prefix}pay:{{{payment_id}}}"
 
-    def index(self, payment_id: str) -> str:
+    def outbox(self, payment_id: str) -> str:
+        return f"{self.payment_key(payment_id)}:outbox"
+
+    def index(self, outbox: str) -> str:
+        """The index an outbox is marked in: one in its own slot."""
         if not self._cluster:
             return f"{self._prefix}evout:{{all}}"
-        slot = key_slot(self.outbox(payment_id).encode())
-        return f"{self._prefix}evout:{{{slot_tags()[slot]}}}"
+        return f"{self._prefix}evout:{{{slot_tags()[key_slot(outbox.encode())]}}}"
+
+    def for_object(self, object_key: str) -> list[str]:
+        """KEYS for a change script of the object stored at ``object_key``: its outbox and
+        that outbox's index, both in the object's slot."""
+        outbox = f"{object_key}:outbox"
+        return [outbox, self.index(outbox)]
 
     def keys(self, payment_id: str) -> list[str]:
-        """KEYS for a change script: the outbox, its index (both in the payment's slot)."""
-        return [self.outbox(payment_id), self.index(payment_id)]
+        return self.for_object(self.payment_key(payment_id))
 
     def all_indexes(self) -> list[str]:
         if not self._cluster:

@@ -68,7 +68,7 @@ log = logging.getLogger("payments.events")
 GROUP = "deliverers"
 SWEEP_SHARES = 8
 
-# KEYS: outbox, index. ARGV: the entry just relayed, the payment id. Pops the entry if it is
+# KEYS: outbox, index. ARGV: the entry just relayed, the outbox's key. Pops the entry if it is
 # still the head (another relay may have popped it), and clears the index when empty.
 _POP_LUA = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
@@ -157,7 +157,7 @@ class WebhookEvents:
         """Send a delivery's event again, as a new delivery after the payment's others."""
         await self.endpoints.get(endpoint_id)
         old = await self.deliveries.get(endpoint_id, delivery_id)
-        event = Event(old["event_id"], old["event_type"], old["payment_id"], old["body"])
+        event = Event(old["event_id"], old["event_type"], old["object_id"], old["body"])
         return await self._replay(endpoint_id, event, replay_of=delivery_id)
 
     async def replay_event(self, endpoint_id: str, event_id: str) -> Delivery:
@@ -169,7 +169,7 @@ class WebhookEvents:
         if raw is None:
             raise EventNotFound(f"No event {event_id!r} within the retention period")
         stored = json.loads(raw)
-        event = Event(event_id, stored["type"], stored["payment_id"], stored["body"])
+        event = Event(event_id, stored["type"], stored["object_id"], stored["body"])
         return await self._replay(endpoint_id, event, replay_of="")
 
     async def _replay(self, endpoint_id: str, event: Event, *, replay_of: str) -> Delivery:
@@ -181,45 +181,45 @@ class WebhookEvents:
 
     # -- relay: outbox -> deliveries -------------------------------------------------------
 
-    def nudge(self, payment_id: str) -> None:
-        """A change script just wrote to ``payment_id``'s outbox: relay it soon."""
-        if payment_id in self._relaying:
-            self._again.add(payment_id)
+    def nudge(self, outbox: str) -> None:
+        """A change script just wrote to ``outbox``: relay it soon."""
+        if outbox in self._relaying:
+            self._again.add(outbox)
             return
-        task = asyncio.get_running_loop().create_task(self._relay_soon(payment_id))
-        self._relaying[payment_id] = task
+        task = asyncio.get_running_loop().create_task(self._relay_soon(outbox))
+        self._relaying[outbox] = task
 
-    async def _relay_soon(self, payment_id: str) -> None:
+    async def _relay_soon(self, outbox: str) -> None:
         try:
             while True:
-                self._again.discard(payment_id)
+                self._again.discard(outbox)
                 try:
-                    await self.relay(payment_id)
+                    await self.relay(outbox)
                 except (StoreUnavailable, RedisError):
                     # The sweep will find the outbox: it is still marked in its index.
-                    log.warning("events.relay_failed", extra={"payment_id": payment_id})
+                    log.warning("events.relay_failed", extra={"outbox": outbox})
                     return
-                if payment_id not in self._again:
+                if outbox not in self._again:
                     return
         finally:
-            self._relaying.pop(payment_id, None)
+            self._relaying.pop(outbox, None)
 
-    async def relay(self, payment_id: str) -> int:
-        """Move the payment's outbox into deliveries, oldest first. Answers how many events."""
-        outbox, index = self._outbox.keys(payment_id)
+    async def relay(self, outbox: str) -> int:
+        """Move an outbox into deliveries, oldest first. Answers how many events it moved."""
+        index = self._outbox.index(outbox)
         moved = 0
         while True:
             async with store_errors():
                 entries = await self._redis.lrange(outbox, 0, self._config.batch - 1)
             if not entries:
                 async with store_errors():
-                    await self._pop(keys=[outbox, index], args=["", payment_id])
+                    await self._pop(keys=[outbox, index], args=["", outbox])
                 return moved
             for entry in entries:
                 await self._fan_out(str(entry))
                 moved += 1
                 async with store_errors():
-                    left = await self._pop(keys=[outbox, index], args=[entry, payment_id])
+                    left = await self._pop(keys=[outbox, index], args=[entry, outbox])
                 if not left:
                     return moved
 
@@ -232,9 +232,7 @@ class WebhookEvents:
             # Kept for replays of the event by ID, for as long as deliveries are kept.
             await self._redis.set(
                 f"{self._events_prefix}{{{event.id}}}",
-                json.dumps(
-                    {"type": event.type, "payment_id": event.payment_id, "body": event.body}
-                ),
+                json.dumps({"type": event.type, "object_id": event.object_id, "body": event.body}),
                 ex=self.deliveries.retention_s,
             )
         for endpoint in await self.endpoints.all():
@@ -256,9 +254,9 @@ class WebhookEvents:
                 pipe.zrangebyscore(key, "-inf", before, start=0, num=self._config.batch)
             found = await pipe.execute()
         relayed = 0
-        for payment_ids in found:
-            for payment_id in payment_ids:
-                relayed += await self.relay(str(payment_id))
+        for outboxes in found:
+            for outbox in outboxes:
+                relayed += await self.relay(str(outbox))
         return relayed
 
     async def sweep_all(self) -> int:
@@ -449,7 +447,7 @@ def _event_from_outbox(entry: str) -> Event | None:
         return Event(
             id=str(raw["id"]),
             type=event_type,
-            payment_id=str(raw["payment_id"]),
+            object_id=str(raw["object_id"]),
             body=json.dumps(body, separators=(",", ":")),
         )
     except (ValueError, KeyError, TypeError):
