@@ -32,6 +32,7 @@ from services.admin_sessions import AdminSessions
 from services.admin_views import AdminViews
 from services.checkout import CheckoutService
 from services.errors import AuthenticationRequired, InvalidToken, PermissionDenied, RateLimited
+from services.events.service import WebhookEvents
 from services.operations import PaymentOperations
 from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
 from services.payment_providers.sandbox_checkout import SandboxCheckout
@@ -275,6 +276,14 @@ async def get_admin_sessions(request: Request) -> AdminSessions:
 # The admin dashboard (routers/admin_ui.py): its pages' service and its sign-in sessions.
 AdminViewsDep = Annotated[AdminViews, Depends(get_admin_views)]
 AdminSessionsDep = Annotated[AdminSessions, Depends(get_admin_sessions)]
+
+
+async def get_webhook_events(request: Request) -> WebhookEvents:
+    events: WebhookEvents = request.app.state.webhook_events
+    return events
+
+
+WebhookEventsDep = Annotated[WebhookEvents, Depends(get_webhook_events)]
 
 # Operator routes: an admin's token, no rate limit.
 Admin = Annotated[Caller, Depends(Access(need=Need.ADMIN))]

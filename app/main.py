@@ -31,11 +31,18 @@ from routers import (
     providers,
     sandbox,
     subscriptions,
+    webhook_endpoints,
 )
 from services.admin_sessions import AdminSessions
 from services.admin_views import AdminViews
 from services.catalogue import Catalogue
 from services.checkout import CheckoutConfig, CheckoutService
+from services.events.deliveries import DeliveryStore
+from services.events.endpoints import EndpointStore
+from services.events.outbox import slot_tags
+from services.events.sender import Sender
+from services.events.service import EventsConfig, WebhookEvents
+from services.events.urls import UrlGuard
 from services.idempotency import IdempotencyClaims
 from services.operations import PaymentOperations
 from services.payment_providers.authorizenet.hosted_page import AuthorizeNetHostedPage
@@ -46,7 +53,7 @@ from services.payment_providers.guard import ProviderGuard
 from services.payment_providers.sandbox_checkout import SandboxCheckout
 from services.payment_receipts import PaymentReceipts
 from services.payment_state import PaymentStateService
-from services.payment_store import PaymentStore, key_values, redis_client
+from services.payment_store import PaymentStore, RedisClient, key_values, redis_client
 from services.plan_sync import PlanSync
 from services.provider_admin import ProviderAdmin
 from services.provider_configs import ProviderConfigStore, SecretBox
@@ -74,6 +81,7 @@ ROUTERS = (
     api_docs,
     metrics,
     admin_ui,
+    webhook_endpoints,
 )
 GC_YOUNG_THRESHOLD = 20_000
 
@@ -215,6 +223,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch=settings.reconcile_batch,
         subscriptions=subscription_state,
     )
+    events = webhook_events(redis, http, store, settings)
+    app.state.webhook_events = events
     app.state.store = store
     app.state.subscriptions = subscription_service
     app.state.plan_sync = plan_sync
@@ -228,7 +238,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         receipts_storage=receipts.storage_problem,
     )
     # The admin dashboard: its pages call the same services as the admin API.
-    app.state.admin_views = AdminViews(app.state.provider_admin, store, operations)
+    app.state.admin_views = AdminViews(app.state.provider_admin, store, operations, webhooks=events)
     app.state.admin_sessions = AdminSessions(redis, settings)
     app.state.checkout = checkout
     app.state.payment_state = payment_state
@@ -264,6 +274,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.plan_sync_on_start and catalogue.recurring_prices() and plan_sync.billers()
         else None
     )
+    if settings.webhook_worker_enabled:
+        events.start()
     collector = _tune_collector()
     try:
         yield
@@ -274,6 +286,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if syncing is not None:
             syncing.cancel()
             await asyncio.gather(syncing, return_exceptions=True)
+        await events.aclose()
         await reconciler.aclose()
         await payment_receipts.drain()
         receipts.close()
@@ -283,6 +296,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         collector.restore()
         if tracing is not None:
             tracing.shutdown()
+
+
+def webhook_events(
+    redis: RedisClient, http: httpx2.AsyncClient, store: PaymentStore, settings: Settings
+) -> WebhookEvents:
+    """Events for the merchant's backend, told of every outbox write of ``store``."""
+    guard = UrlGuard(
+        allow_private=settings.webhook_allow_private_urls,
+        require_https=settings.environment == "production",
+    )
+    prefix = settings.redis_key_prefix
+    endpoints = EndpointStore(
+        redis, prefix=prefix, box=SecretBox(settings.provider_secrets_key_value), guard=guard
+    )
+    if settings.redis_cluster:
+        slot_tags()  # the per-slot outbox indexes' tags, found once now, not on a request
+    events = WebhookEvents(
+        redis,
+        store.outbox,
+        endpoints,
+        DeliveryStore(
+            redis,
+            endpoints,
+            log_size=settings.webhook_log_size,
+            retention_s=settings.webhook_retention_seconds,
+        ),
+        Sender(http, guard, timeout_s=settings.webhook_timeout_seconds),
+        EventsConfig(
+            retry_schedule_s=settings.webhook_retry_schedule,
+            claim_idle_s=settings.webhook_claim_idle_seconds,
+            poll_interval_s=settings.webhook_poll_interval_seconds,
+            sweep_interval_s=settings.webhook_sweep_interval_seconds,
+            sweep_grace_s=settings.webhook_sweep_grace_seconds,
+        ),
+        prefix=prefix,
+    )
+    store.outbox_listener = events.nudge
+    return events
 
 
 def tax_policy(settings: Settings) -> TaxPolicy:

@@ -168,6 +168,26 @@ class Settings(BaseSettings):
     subscription_proration: Literal["none", "vendor"] = "none"
     # Sync recurring plans to the vendors that bill subscriptions at start-up (background).
     plan_sync_on_start: bool = True
+    # Events for the merchant's backend (services/events). Endpoints resolving to loopback,
+    # private or link-local addresses are refused unless WEBHOOK_ALLOW_PRIVATE_URLS (never in
+    # production, where endpoints must also be https).
+    webhook_allow_private_urls: bool = False
+    # The delivery worker (every app process runs one; any of them may deliver any event).
+    webhook_worker_enabled: bool = True
+    # Seconds between a failed attempt and the next, then given up: about 3 days in all.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, *([36000.0] * 6), 18000],
+        min_length=1,
+    )
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    # A delivery's lease: how long a worker may hold one before another takes it over.
+    webhook_claim_idle_seconds: float = Field(default=60.0, gt=0)
+    webhook_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    webhook_sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # How old an outbox entry is before the sweep relays it (the fast path does it at once).
+    webhook_sweep_grace_seconds: float = Field(default=30.0, ge=0)
+    webhook_log_size: int = Field(default=1000, ge=10, le=100_000)
+    webhook_retention_seconds: int = Field(default=7 * 86400, ge=3600)
 
     # Signs the sandbox's own webhooks. The sandbox never runs in production.
     sandbox_webhook_secret: SecretStr = SecretStr("sandbox-webhook-secret")
@@ -265,6 +285,30 @@ class Settings(BaseSettings):
             raise ValueError("RECONCILE_SCHEDULE delays must be positive seconds")
         return value
 
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _webhook_schedule_list(cls, value: object) -> object:
+        # WEBHOOK_RETRY_SCHEDULE=5,300,1800 as well as a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.split(",")
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _webhook_schedule_positive(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE delays must be positive seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_lease_outlasts_attempt(self) -> Settings:
+        if self.webhook_claim_idle_seconds <= self.webhook_timeout_seconds:
+            raise ValueError("WEBHOOK_CLAIM_IDLE_SECONDS must exceed WEBHOOK_TIMEOUT_SECONDS")
+        if sum(self.webhook_retry_schedule) >= self.webhook_retention_seconds:
+            raise ValueError("WEBHOOK_RETENTION_SECONDS must exceed the retry schedule")
+        return self
+
     @field_validator("sandbox_behaviour")
     @classmethod
     def _sandbox_behaviour(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -293,6 +337,8 @@ class Settings(BaseSettings):
             problems.append("STRIPE_WEBHOOK_SECRET is required when Stripe is configured")
         if self.paypal_client_id and not self.paypal_webhook_id:
             problems.append("PAYPAL_WEBHOOK_ID is required when PayPal is configured")
+        if self.webhook_allow_private_urls:
+            problems.append("WEBHOOK_ALLOW_PRIVATE_URLS is for development and tests only")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -411,6 +411,12 @@ async def reconciliation(request: Request, session: SignedIn, views: AdminViewsD
 @router.get("/webhooks")
 async def webhooks(request: Request, session: SignedIn, views: AdminViewsDep) -> Response:
     # HOOK: merchant webhook endpoints and deliveries come from services/events* once it is
-    # wired into AdminViews(webhooks=...); until then the page says so, with no data.
-    endpoints = await views.webhooks.endpoints() if views.webhooks is not None else None
-    return _render(request, "webhooks.html", session, endpoints=endpoints)
+    # wired into AdminViews(webhooks=...); without it the page says so, with no data.
+    if views.webhooks is None:
+        return _render(request, "webhooks.html", session, endpoints=None, deliveries={})
+    endpoints = await views.webhooks.list_endpoints()
+    deliveries = {
+        endpoint.id: await views.webhooks.delivery_log(endpoint.id, limit=10)
+        for endpoint in endpoints
+    }
+    return _render(request, "webhooks.html", session, endpoints=endpoints, deliveries=deliveries)

@@ -151,14 +151,12 @@ class ReconciliationView:
 
 
 class MerchantWebhooks(Protocol):
-    """HOOK for the merchant events (services/events*, built in parallel): what the
-    dashboard's webhooks page will show once that service exists. Until it is wired into
-    ``AdminViews(webhooks=...)`` the page says it is not available; it shows no made-up
-    data."""
+    """The merchant events service (services/events) as the dashboard's webhooks page reads
+    it: the endpoints, and each one's latest deliveries."""
 
-    async def endpoints(self) -> list[Any]: ...
+    async def list_endpoints(self) -> list[Any]: ...
 
-    async def deliveries(self, endpoint_id: str, *, limit: int) -> list[Any]: ...
+    async def delivery_log(self, endpoint_id: str, *, limit: int = 100) -> list[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from models.payment import (
     RefundStatus,
 )
 from services.errors import StoreUnavailable
+from services.events.outbox import OUTBOX_LUA, OutboxKeys, new_event_id
 from services.metrics import REDIS_ERRORS
 
 S = PaymentStatus
@@ -167,11 +168,12 @@ def _lua_state_machine(table: Mapping[_State, frozenset[_State]]) -> str:
     )
 
 
-# KEYS: payment hash, history list, applied-events set.
-# ARGV: new status, history entry JSON, event id ('' for none), now (ISO), then field/value pairs
-# to record with the change.
+# KEYS: payment hash, history list, applied-events set, event outbox, outbox index.
+# ARGV: new status, history entry JSON, event id ('' for none), now (ISO), the merchant event's
+# id, then field/value pairs to record with the change.
 _TRANSITION_LUA = (
     _lua_state_machine(TRANSITIONS)
+    + OUTBOX_LUA
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing', ''} end
@@ -182,13 +184,14 @@ local target = ARGV[1]
 local outcome = outcome_of(current, target)
 if ARGV[3] ~= '' then redis.call('SADD', KEYS[3], ARGV[3]) end
 if outcome == 'rejected' then return {outcome, current, redis.call('HGETALL', KEYS[1])} end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if outcome == 'applied' then
   redis.call('HSET', KEYS[1], 'status', target, 'updated_at', ARGV[4])
   if target == 'succeeded' then redis.call('HSETNX', KEYS[1], 'paid_at', ARGV[4]) end
   local entry = cjson.decode(ARGV[2])
   entry['previous'] = current
   redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+  outbox_payment_event(KEYS[1], KEYS[4], KEYS[5], ARGV[5], 'payment.' .. target, ARGV[4])
 end
 return {outcome, current, redis.call('HGETALL', KEYS[1])}
 """
@@ -282,13 +285,15 @@ return {'created', encoded}
 # ARGV: refund id, provider refund id ('' if not known), new status, refund history entry
 # (JSON), now (ISO), event id ('' for none), failure code ('' for none), payment history entry
 # (JSON), a record to adopt when we have none ('' not to: a refund made at the provider
-# directly, counted from pending like ours).
+# directly, counted from pending like ours), the merchant events' ids (the refund's, the
+# payment's). KEYS 7 and 8: the payment's event outbox and its index (services/events).
 # A refund moves pending -> succeeded | failed | canceled, and succeeded -> failed (a vendor
 # may fail a refund it had called succeeded). The payment's sums move with it, and its status
 # follows its succeeded refunds, forwards only: a failed refund gives the balance back but
 # never moves a payment backwards.
 _REFUND_APPLY_LUA = (
     _lua_state_machine(REFUND_TRANSITIONS)
+    + OUTBOX_LUA
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing', '', ''} end
@@ -348,6 +353,10 @@ if outcome == 'applied' then
     moved['status'] = target
     moved['previous'] = current
     redis.call('RPUSH', KEYS[5], cjson.encode(moved))
+  end
+  outbox_refund_event(KEYS[1], KEYS[7], KEYS[8], ARGV[10], record, ARGV[5])
+  if target and forwards then
+    outbox_payment_event(KEYS[1], KEYS[7], KEYS[8], ARGV[11], 'payment.' .. target, ARGV[5])
   end
 end
 local encoded = cjson.encode(record)
@@ -527,6 +536,9 @@ class PaymentStore:
         self._refund_apply = redis.register_script(_REFUND_APPLY_LUA)
         self._refund_discard = redis.register_script(_REFUND_DISCARD_LUA)
         self._idempotency_renew = redis.register_script(_IDEMPOTENCY_RENEW_LUA)
+        # services/events: the merchant events each change script writes, and who to tell.
+        self.outbox = OutboxKeys(prefix, cluster=self._cluster)
+        self.outbox_listener: Callable[[str], None] | None = None
         recon = f"{prefix}{{recon}}"
         self._recon_queue, self._recon_steps = f"{recon}:queue", f"{recon}:steps"
         self.reconcile_stats_key = f"{recon}:stats"
@@ -726,9 +738,11 @@ class PaymentStore:
         pairs = _flatten({k: str(v) for k, v in (fields or {}).items() if v is not None})
         async with store_errors():
             outcome, previous, *rest = await self._transition(
-                keys=self._keys(payment_id),
-                args=[str(status), entry, event_id or "", now.isoformat(), *pairs],
+                keys=[*self._keys(payment_id), *self.outbox.keys(payment_id)],
+                args=[str(status), entry, event_id or "", now.isoformat(), new_event_id(), *pairs],
             )
+        if outcome == TransitionOutcome.APPLIED:
+            self._outbox_written(self.outbox.outbox(payment_id))
         flat: list[str] = rest[0] if rest else []
         stored = dict(zip(flat[::2], flat[1::2], strict=True))
         return TransitionResult(
@@ -903,6 +917,7 @@ class PaymentStore:
                     history,
                     f"{payment_key}:history",
                     f"{payment_key}:events",
+                    *self.outbox.keys(payment_id),
                 ],
                 args=[
                     refund_id,
@@ -914,8 +929,12 @@ class PaymentStore:
                     failure_code or "",
                     moved.model_dump_json(),
                     adopt.model_dump_json() if adopt is not None else "",
+                    new_event_id(),
+                    new_event_id(),
                 ],
             )
+        if outcome == TransitionOutcome.APPLIED:
+            self._outbox_written(self.outbox.outbox(payment_id))
         if outcome == "unknown":
             return RefundApplied(TransitionOutcome.MISSING, None)
         return RefundApplied(
@@ -923,6 +942,11 @@ class PaymentStore:
             RefundRecord.model_validate_json(raw) if raw else None,
             RefundStatus(previous) if previous else None,
         )
+
+    def _outbox_written(self, outbox: str) -> None:
+        """Tell the events relay at once; its sweep finds the outbox anyway if we die here."""
+        if self.outbox_listener is not None:
+            self.outbox_listener(outbox)
 
     async def discard_refund(self, payment_id: str, refund_id: str) -> bool:
         """Forget a pending refund the provider never made, giving its amount back."""
@@ -1083,6 +1107,11 @@ def _record_to_fields(record: PaymentRecord) -> dict[str, str]:
     return {
         key: json.dumps(value) if key in _JSON_FIELDS else str(value) for key, value in data.items()
     }
+
+
+def payment_from_fields(fields: Mapping[str, str]) -> PaymentRecord:
+    """A payment from its hash's fields (as the event outbox carries them)."""
+    return _record_from_fields(fields)
 
 
 def _record_from_fields(fields: Mapping[str, str]) -> PaymentRecord:

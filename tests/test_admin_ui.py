@@ -21,6 +21,7 @@ from tests.conftest import (
     JWT_SECRET,
     RedisClusterNodes,
     RedisServer,
+    bearer,
     create_payment,
     make_settings,
     pay_in_sandbox,
@@ -508,11 +509,29 @@ class TestOtherPages:
         assert page.status_code == 200
         assert f'href="/admin/payments/{open_payment}"' in page.text
 
-    async def test_webhooks_say_they_are_not_there_yet(
-        self, admin_client: httpx.AsyncClient
+
+class TestWebhookEndpoints:
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "provider_secrets_key": Fernet.generate_key().decode(),
+            "webhook_allow_private_urls": True,
+            "webhook_worker_enabled": False,
+        }
+
+    async def test_the_merchants_endpoints_and_their_deliveries(
+        self, admin_client: httpx.AsyncClient, token: Any
     ) -> None:
+        created = await admin_client.post(
+            "/api/v1/webhook-endpoints",
+            json={"url": "http://127.0.0.1:9/hooks", "description": "fulfilment"},
+            headers=bearer(token("ops", admin=True)),
+        )
+        assert created.status_code == 201, created.text
         page = await admin_client.get("/admin/webhooks")
-        assert page.status_code == 200 and 'id="webhooks-unavailable"' in page.text
+        assert page.status_code == 200
+        assert created.json()["id"] in page.text and "http://127.0.0.1:9/hooks" in page.text
+        assert created.json()["secret"] not in page.text  # shown once, to the API caller
 
 
 class TestOnRedisCluster:

@@ -1,0 +1,1 @@
+"""Events for the merchant's backend: see services/events/service.py."""
