@@ -146,7 +146,12 @@ class TestTakeoverOnACluster:
             assert begun.outcome == "go"
             async with another_app(settings, render_pool, webhook_worker_enabled=True):
                 await eventually(lambda: len(receiver.accepted()) == 1, within_s=10)
-            assert int((await raw.xpending(stream, GROUP))["pending"]) == 0
+
+                async def acknowledged() -> bool:
+                    # The taker acknowledges after the receiver answered: wait for it too.
+                    return int((await raw.xpending(stream, GROUP))["pending"]) == 0
+
+                await eventually(acknowledged, within_s=10)
         finally:
             await raw.aclose()
         assert len(verified(receiver, created["secret"])) == 1
