@@ -53,7 +53,8 @@ WEBHOOKS_RECEIVED = Counter(
 )
 WEBHOOK_DELIVERIES = Counter(
     "payments_webhook_deliveries_total",
-    "Deliveries of events to the merchant's endpoints, by outcome",
+    "Attempts to deliver events to the merchant's endpoints, by outcome "
+    "(succeeded, retry, failed: given up)",
     ["outcome"],
 )
 RECEIPT_RENDER = Histogram(

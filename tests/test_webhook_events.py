@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
+from prometheus_client import REGISTRY
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app.main import create_app
@@ -60,6 +61,12 @@ def admin(token: Any) -> dict[str, str]:
 def receiver() -> Iterator[Receiver]:
     with running_receiver() as running:
         yield running
+
+
+def _deliveries_counted(outcome: str) -> float:
+    """payments_webhook_deliveries_total{outcome} in this process's registry."""
+    value = REGISTRY.get_sample_value("payments_webhook_deliveries_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def eventually(
@@ -372,6 +379,7 @@ class TestDelivery:
         self, client: httpx.AsyncClient, admin: dict[str, str], receiver: Receiver
     ) -> None:
         created = await add_endpoint(client, admin, receiver.url)
+        counted = {outcome: _deliveries_counted(outcome) for outcome in ("succeeded", "retry")}
         receiver.fail_next = 4
         payments = []
         for _ in range(3):
@@ -389,6 +397,9 @@ class TestDelivery:
         for payment_id in payments:
             mine = [b["type"] for b in bodies if b["data"]["payment_id"] == payment_id]
             assert mine == ["payment.succeeded", "refund.succeeded", "payment.refunded"]
+        # And payments_webhook_deliveries_total counted them: 9 delivered, 4 to retry.
+        assert _deliveries_counted("succeeded") - counted["succeeded"] == 9
+        assert _deliveries_counted("retry") - counted["retry"] == 4
 
     async def test_a_receiver_down_for_the_whole_schedule_marks_the_endpoint_failing(
         self, client: httpx.AsyncClient, admin: dict[str, str], receiver: Receiver

@@ -60,6 +60,7 @@ from services.events.endpoints import (
 )
 from services.events.outbox import EventType, OutboxKeys
 from services.events.sender import Sender
+from services.metrics import WEBHOOK_DELIVERIES
 from services.payment_store import RedisClient, payment_from_fields, store_errors
 from services.views import payment_response, refund_view
 
@@ -347,6 +348,8 @@ class WebhookEvents:
             outcome = None
             next_at = now + timedelta(seconds=schedule[attempts - 1])
         following = await self.deliveries.finish(record, attempt, outcome=outcome, next_at=next_at)
+        # succeeded, retry (failed, to be tried again) or failed (given up)
+        WEBHOOK_DELIVERIES.labels(str(outcome or "retry")).inc()
         log.info(
             "events.delivery_attempt",
             extra={
