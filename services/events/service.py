@@ -406,9 +406,13 @@ class WebhookEvents:
             except asyncio.CancelledError:
                 raise
             except (StoreUnavailable, RedisError):
+                if self._stopping:  # the cancel of aclose, come out as a connection error
+                    return
                 log.warning("events.worker_redis_unavailable", extra={"step": name})
                 await asyncio.sleep(self._config.poll_interval_s)
             except Exception:
+                if self._stopping:
+                    return
                 log.exception("events.worker_step_failed", extra={"step": name})
                 await asyncio.sleep(self._config.poll_interval_s)
 
