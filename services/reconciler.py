@@ -124,6 +124,10 @@ class Reconciler:
                 pass  # Redis away: try again next tick
             except Exception:
                 log.exception("reconcile.failed")
+            if self._closing:
+                # aclose's cancel can land inside a Redis call and come out of redis-py as a
+                # connection error, caught above: stop now rather than sleep a tick first.
+                return
             await asyncio.sleep(self._interval_s)
 
     async def is_leader(self) -> bool:
