@@ -122,6 +122,9 @@ class WebhookEvents:
         self._again: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        # Set when this process adds to the stream: its consumer reads at once rather than at
+        # the next poll (other workers' consumers find it at theirs).
+        self._handed_over = asyncio.Event()
         self._sweep_position = 0
         self._stopping = False
 
@@ -288,6 +291,7 @@ class WebhookEvents:
     async def _hand_over(self, endpoint_id: str, delivery: str) -> None:
         async with store_errors():
             await self._redis.xadd(self._stream, {"endpoint": endpoint_id, "delivery": delivery})
+        self._handed_over.set()
 
     async def consume_once(self, *, block_ms: int = 0) -> int:
         """Deliver what the stream has for us: entries idle too long in a dead worker's
@@ -379,19 +383,26 @@ class WebhookEvents:
         ]
 
     async def _consume_step(self) -> None:
-        block_ms = max(1, int(self._config.poll_interval_s * 1000))
-        if not await self.consume_once(block_ms=block_ms):
-            await asyncio.sleep(0)
+        # No server-side BLOCK, and a look at the flag before waiting: redis-py may swallow
+        # the cancel of a stopping worker inside a command (a blocked read waits out its
+        # block), which would hold every app's shutdown for a poll interval.
+        self._handed_over.clear()
+        if not await self.consume_once() and not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._handed_over.wait(), self._config.poll_interval_s)
 
     async def _schedule_step(self) -> None:
         await self.schedule_once()
+        if self._stopping:  # a cancel redis-py swallowed: do not wait a poll for nothing
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self._config.poll_interval_s)
         self._wake.clear()
 
     async def _sweep_step(self) -> None:
         await self.sweep_once()
-        await asyncio.sleep(self._config.sweep_interval_s)
+        if not self._stopping:
+            await asyncio.sleep(self._config.sweep_interval_s)
 
     async def _forever(self, step: Any, name: str) -> None:
         group_ready = False
