@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar, cast
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
@@ -48,7 +48,9 @@ S = PaymentStatus
 RedisClient: TypeAlias = Redis | RedisCluster
 
 
-def redis_client(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
+def redis_client(
+    url: str, *, cluster: bool, timeout_s: float, max_connections: int = 200
+) -> RedisClient:
     """The client for ``url``; with ``cluster``, for the Redis Cluster that ``url`` names any
     node of (the client learns the others and their slots from it).
 
@@ -62,7 +64,13 @@ def redis_client(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
     }
     if cluster:
         return RedisCluster.from_url(url, **options)
-    return Redis.from_url(url, **options)
+    # A pool that waits for a free connection (up to the timeout) rather than failing at once:
+    # redis-py's default pool holds 100 connections and raises "Too many connections" at the
+    # 101st concurrent command, which a busy worker reaches (seen in the receipts bench).
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, **options
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 class RedisKeyValue:

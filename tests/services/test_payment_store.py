@@ -328,3 +328,16 @@ class TestRefundRecords:
         record = await store.get("sb_f")
         assert record is not None and record.amount_pending_refund == 0
         assert await store.refunds("sb_f") == []
+
+
+class TestConnectionPool:
+    async def test_more_concurrent_commands_than_connections_wait_their_turn(
+        self, redis_server: RedisServer
+    ) -> None:
+        """redis-py's default pool fails the 101st concurrent command; ours waits."""
+        client = redis_client(redis_server.url, cluster=False, timeout_s=2.0, max_connections=2)
+        try:
+            answers = await asyncio.gather(*(client.ping() for _ in range(50)))
+        finally:
+            await client.aclose()
+        assert answers == [True] * 50
