@@ -18,12 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
 from app.main import receipt_config
 from app.settings import Settings
 from models.payment import PaymentRecord, PaymentStatus, Plan
 from services import receipt_render
+from services.payment_store import redis_client
 from services.receipt_document import ProviderFacts, receipt_context
 from services.receipt_ledger import ReceiptLedger
 from services.receipt_service import ReceiptService, new_render_pool
@@ -134,7 +133,10 @@ class _Receipts:
 
     def __init__(self, settings: Settings, processes: int, directory: Path, redis_url: str) -> None:
         self.pool = new_render_pool(processes)
-        self.redis = Redis.from_url(redis_url, decode_responses=True)
+        # The service's own client (its pool waits for a free connection under load).
+        self.redis = redis_client(
+            redis_url, cluster=False, timeout_s=settings.redis_timeout_seconds
+        )
         self.service = ReceiptService(
             replace(receipt_config(settings), directory=directory, render_workers=processes),
             ReceiptLedger(self.redis, prefix=f"bench:{processes}:"),
