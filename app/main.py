@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import httpx2
 from fastapi import FastAPI
@@ -19,6 +20,7 @@ from app.metrics import RequestMetrics, serve_metrics_port
 from app.middleware import BodySizeLimit
 from app.problems import install_problem_handlers
 from app.provider_settings import provider_manager
+from app.security import decode_access_token
 from app.settings import Settings
 from app.tracing import Tracing
 from routers import (
@@ -239,7 +241,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # The admin dashboard: its pages call the same services as the admin API.
     app.state.admin_views = AdminViews(app.state.provider_admin, store, operations, webhooks=events)
-    app.state.admin_sessions = AdminSessions(redis, settings)
+    app.state.admin_sessions = AdminSessions(
+        redis,
+        key_prefix=settings.redis_key_prefix,
+        ttl_s=settings.admin_session_ttl_seconds,
+        verify_token=partial(decode_access_token, settings),
+        public_base_url=settings.public_base_url,
+    )
     app.state.checkout = checkout
     app.state.payment_state = payment_state
     app.state.operations = operations

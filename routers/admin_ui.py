@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,7 +88,7 @@ async def signed_in(request: Request) -> AdminSession:
 async def signed_in_form(request: Request) -> AdminSession:
     """The session, for a form it sent: same origin, and the session's CSRF token."""
     session = await signed_in(request)
-    _same_origin(request)
+    await _same_origin(request)
     sent = (await request.form()).get("csrf_token")
     session.check_csrf(sent if isinstance(sent, str) else None)
     return session
@@ -99,19 +98,11 @@ SignedIn = Annotated[AdminSession, Depends(signed_in)]
 SignedInForm = Annotated[AdminSession, Depends(signed_in_form)]
 
 
-def _same_origin(request: Request) -> None:
-    """A browser names the page a form came from in Origin: it must be ours. (SameSite=Strict
-    and the CSRF token already refuse other sites; this refuses them before the body is
-    read.)"""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return
-    ours = {f"{request.url.scheme}://{request.url.netloc}"}
-    public = urlsplit(request.app.state.settings.public_base_url or "")
-    if public.netloc:
-        ours.add(f"{public.scheme}://{public.netloc}")
-    if origin not in ours:
-        raise CsrfRefused("The form was sent from another site")
+async def _same_origin(request: Request) -> None:
+    sessions = await get_admin_sessions(request)
+    sessions.check_origin(
+        request.headers.get("origin"), f"{request.url.scheme}://{request.url.netloc}"
+    )
 
 
 def _render(
@@ -183,7 +174,7 @@ async def login(
     csrf_token: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
     try:
-        _same_origin(request)
+        await _same_origin(request)
         check_same_token(request.cookies.get(LOGIN_COOKIE) or "", csrf_token or None)
     except CsrfRefused:
         return _login_page(request, 403, "The sign-in form was stale: paste the token again")

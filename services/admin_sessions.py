@@ -19,13 +19,13 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import urlsplit
 
 from jose import jwt
 
-from app.security import decode_access_token
-from app.settings import Settings
 from models.user import User
 from services.errors import AuthenticationRequired, PermissionDenied
 from services.payment_store import RedisClient, store_errors
@@ -69,11 +69,34 @@ def new_token() -> str:
 
 
 class AdminSessions:
-    def __init__(self, redis: RedisClient, settings: Settings) -> None:
+    """``verify_token`` is the app's bearer-token check (the user a token names, or
+    ``InvalidToken``); ``public_base_url`` the service's public address, whose origin forms may
+    come from besides the request's own."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        key_prefix: str,
+        ttl_s: int,
+        verify_token: Callable[[str], User],
+        public_base_url: str | None = None,
+    ) -> None:
         self._redis = redis
-        self._settings = settings
-        self._prefix = settings.redis_key_prefix
-        self._ttl_s = settings.admin_session_ttl_seconds
+        self._prefix = key_prefix
+        self._ttl_s = ttl_s
+        self._verify_token = verify_token
+        public = urlsplit(public_base_url or "")
+        self._public_origin = f"{public.scheme}://{public.netloc}" if public.netloc else None
+
+    def check_origin(self, origin: str | None, own_origin: str) -> None:
+        """A browser names the page a form came from in Origin: it must be ours (the
+        request's own, or the public base URL's). SameSite=Strict and the CSRF token already
+        refuse other sites; this refuses them before the body is read."""
+        if origin is None:
+            return
+        if origin not in {own_origin, self._public_origin}:
+            raise CsrfRefused("The form was sent from another site")
 
     def _key(self, session_id: str) -> str:
         digest = hashlib.sha256(session_id.encode()).hexdigest()
@@ -85,7 +108,7 @@ class AdminSessions:
         token = token.strip().removeprefix("Bearer ").strip()
         if not token or len(token) > MAX_TOKEN_CHARS:
             raise AuthenticationRequired("Paste an admin bearer token")
-        user = decode_access_token(self._settings, token)
+        user = self._verify_token(token)
         if not user.is_admin:
             raise PermissionDenied("This token is not an administrator's")
         # The signature was checked just above: its expiry is now safe to read.
