@@ -792,13 +792,20 @@ class FakeStripe(StripeBilling):
                 code="payment_intent_unexpected_state",
                 payment_intent=intent,
             )
+        # amount_to_capture: part of the authorization (the rest is released), never more.
+        # Stripe's refusal as merchants have logged it: amount_too_large, with the intent
+        # (still requires_capture).
         amount = body.get("amount_to_capture", intent["amount_capturable"])
         if amount > intent["amount_capturable"]:
             raise StripeErrorResponse(
                 400,
-                "The amount to capture is greater than the amount capturable.",
+                "The payment could not be captured because the requested capture amount is "
+                "greater than the authorized amount. If you are trying to collect a tip or "
+                "over-capture, your account might not be configured for those features. Contact "
+                "us via https://support.stripe.com/contact/",
                 code="amount_too_large",
                 param="amount_to_capture",
+                payment_intent=intent,
             )
         charge = self.charges[intent["latest_charge"]]
         charge.update(
