@@ -126,6 +126,44 @@ async def refund_in_dashboard(fake: FakeStripe, intent_id: str, amount: int) -> 
     assert response.status_code == 200, response.text
 
 
+async def capture_at_stripe(
+    fake: FakeStripe, intent_id: str, amount: int, *, idempotency_key: str | None = None
+) -> None:
+    """A capture of part of an intent that reaches Stripe without the service hearing the
+    answer: made in the Dashboard or, under the service's own key and with its parameters,
+    one of the service's whose answer was lost."""
+    headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    async with httpx.AsyncClient(base_url=fake.url) as stripe_api:
+        response = await stripe_api.post(
+            f"{INTENTS}/{intent_id}/capture",
+            data={"amount_to_capture": str(amount), "expand[0]": "latest_charge"},
+            headers=headers,
+        )
+    assert response.status_code == 200, response.text
+
+
+async def authorized(
+    client: httpx.AsyncClient, fake: FakeStripe, *, ui_mode: str = "embedded"
+) -> tuple[str, str]:
+    """A manual-capture payment the customer has authorized and the service knows so: its
+    ID and its PaymentIntent's."""
+    payment = await create_stripe(client, ui_mode=ui_mode, capture_method="manual")
+    payment_id = payment["payment_id"]
+    intent = fake.pay(payment_id)
+    assert (await verify(client, payment_id)).json()["status"] == "requires_capture"
+    return payment_id, str(intent["id"])
+
+
+async def capture(
+    client: httpx.AsyncClient, payment_id: str, amount: int | None = None
+) -> httpx.Response:
+    return await client.post(
+        f"{API}/{payment_id}/capture", json={"amount": amount} if amount is not None else None
+    )
+
+
 # -- create ---------------------------------------------------------------------------------
 
 
@@ -584,6 +622,116 @@ class TestCaptureAndCancel:
         assert_problem(response, 409, "invalid_payment_state")
         assert await stored_status(app, payment["payment_id"]) == "pending"
         assert fake_stripe.sessions[payment["payment_id"]]["status"] == "complete"
+
+
+class TestPartialCapture:
+    @pytest.mark.parametrize("ui_mode", ["hosted", "embedded"])
+    async def test_part_is_captured_the_rest_released_and_refunds_stop_at_it(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, token: Any, ui_mode: str
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe, ui_mode=ui_mode)
+
+        captured = await capture(client, payment_id, 1000)
+
+        assert captured.status_code == 200, captured.text
+        assert (captured.json()["status"], captured.json()["amount_captured"]) == (
+            "succeeded",
+            1000,
+        )
+        assert captured.json()["amount"] == PRO_PRICE  # what was asked for stays as it was
+        [call] = fake_stripe.calls("POST", f"{INTENTS}/{intent_id}/capture")
+        assert (call.body["amount_to_capture"], call.idempotency_key) == (
+            1000,
+            f"capture-{payment_id}",
+        )
+        held = fake_stripe.payment_intents[intent_id]
+        assert (held["amount_received"], held["amount_capturable"]) == (1000, 0)
+        again = (await verify(client, payment_id)).json()  # Stripe's word says the same
+        assert (again["status"], again["amount_captured"]) == ("succeeded", 1000)
+
+        admin = token("ops", admin=True)
+        too_much = await refund(client, payment_id, admin, amount=1001)
+        assert assert_problem(too_much, 422, "refund_exceeds_balance")["left"] == 1000
+        assert fake_stripe.calls("POST", "/v1/refunds") == []
+        part = await refund(client, payment_id, admin, amount=400)
+        assert part.json()["status"] == "partially_refunded", part.text
+        rest = await refund(client, payment_id, admin)
+        assert rest.status_code == 200, rest.text
+        assert rest.json()["refund"]["amount"] == 600
+        assert (rest.json()["status"], rest.json()["amount_refunded"]) == ("refunded", 1000)
+        assert fake_stripe.charges[held["latest_charge"]]["amount_refunded"] == 1000
+
+    async def test_asking_again_answers_the_capture_and_another_amount_conflicts(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe)
+        first = await capture(client, payment_id, 1000)
+        assert first.status_code == 200, first.text
+
+        replay = await capture(client, payment_id, 1000)
+        all_of_it = await capture(client, payment_id)
+        other = await capture(client, payment_id, 1500)
+
+        for response in (replay, all_of_it):
+            assert response.status_code == 200, response.text
+            assert response.json()["amount_captured"] == 1000
+        assert_problem(other, 409, "invalid_payment_state")
+        assert len(fake_stripe.calls("POST", f"{INTENTS}/{intent_id}/capture")) == 1
+
+    @pytest.mark.parametrize("retry", [1000, None], ids=["same-amount", "all-of-it"])
+    async def test_a_capture_whose_answer_was_lost_is_answered_when_asked_again(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, retry: int | None
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe)
+        # Our capture of 1000 reached Stripe; its answer never came back.
+        await capture_at_stripe(
+            fake_stripe, intent_id, 1000, idempotency_key=f"capture-{payment_id}"
+        )
+        assert await stored_status(app, payment_id) == "requires_capture"
+
+        response = await capture(client, payment_id, retry)
+
+        # The same request is replayed; asking for all of it under the same key is refused by
+        # Stripe as another request, and answered by reading the intent: 1000 was taken.
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["amount_captured"]) == (
+            "succeeded",
+            1000,
+        )
+        assert fake_stripe.payment_intents[intent_id]["amount_received"] == 1000
+        assert len(fake_stripe.events_of("payment_intent.succeeded")) == 1
+        assert_problem(await capture(client, payment_id, 1500), 409, "invalid_payment_state")
+
+    async def test_another_amount_than_stripe_took_conflicts_and_the_same_is_answered(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe)
+        await capture_at_stripe(fake_stripe, intent_id, 1000)  # in the Dashboard
+
+        assert_problem(await capture(client, payment_id, 1500), 409, "invalid_payment_state")
+        answered = await capture(client, payment_id, 1000)
+        assert (answered.json()["status"], answered.json()["amount_captured"]) == (
+            "succeeded",
+            1000,
+        )
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_captured) == ("succeeded", 1000)
+
+    async def test_more_than_authorized_is_refused_before_stripe_is_asked(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe)
+
+        over = await capture(client, payment_id, PRO_PRICE + 1)
+
+        body = assert_problem(over, 422, "capture_exceeds_amount")
+        assert body["amount"] == PRO_PRICE
+        assert fake_stripe.calls("POST", f"{INTENTS}/{intent_id}/capture") == []
+        assert await stored_status(app, payment_id) == "requires_capture"
+        whole = await capture(client, payment_id, PRO_PRICE)  # all of it, named
+        assert (whole.json()["status"], whole.json()["amount_captured"]) == ("succeeded", None)
+        [call] = fake_stripe.calls("POST", f"{INTENTS}/{intent_id}/capture")
+        assert "amount_to_capture" not in call.body
 
 
 # -- failures -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from models.payment import PaymentStatus
 from models.subscription import SubscriptionStatus
 from services.errors import (
+    CaptureExceedsAmount,
     IdempotencyKeyReused,
     InvalidStateTransition,
     InvalidWebhookPayload,
@@ -195,6 +196,7 @@ class StripeProvider(BasePaymentProvider):
             Capability.REDIRECT,
             Capability.EMBEDDED,
             Capability.CAPTURE,
+            Capability.PARTIAL_CAPTURE,
             Capability.CANCEL,
             Capability.REFUND,
             Capability.PARTIAL_REFUND,
@@ -280,6 +282,7 @@ class StripeProvider(BasePaymentProvider):
         *,
         payment_id: str | None = None,
         is_refund: bool = False,
+        is_capture: bool = False,
         policy: RetryPolicy | None = None,
     ) -> dict[str, Any]:
         """Run one SDK call (retried when Stripe is unavailable) and return its object as a
@@ -291,7 +294,11 @@ class StripeProvider(BasePaymentProvider):
                 result = await operation(client)
             except stripe.StripeError as error:
                 raise self._service_error(
-                    error, event=event, payment_id=payment_id, is_refund=is_refund
+                    error,
+                    event=event,
+                    payment_id=payment_id,
+                    is_refund=is_refund,
+                    is_capture=is_capture,
                 ) from error
             return dict(result.to_dict())
 
@@ -302,7 +309,13 @@ class StripeProvider(BasePaymentProvider):
         )
 
     def _service_error(
-        self, error: stripe.StripeError, *, event: str, payment_id: str | None, is_refund: bool
+        self,
+        error: stripe.StripeError,
+        *,
+        event: str,
+        payment_id: str | None,
+        is_refund: bool,
+        is_capture: bool = False,
     ) -> ServiceError:
         """Map one Stripe exception to the service's error tree, and log it once."""
         details = error.error
@@ -362,6 +375,9 @@ class StripeProvider(BasePaymentProvider):
             if is_refund and (code in REFUND_TOO_LARGE_CODES or param == "amount"):
                 log.info(failed, extra=fields)
                 return RefundExceedsBalance("The refund is larger than what is left to refund")
+            if is_capture and (code == "amount_too_large" or param == "amount_to_capture"):
+                log.info(failed, extra=fields)
+                return CaptureExceedsAmount("Stripe can capture less than that on this payment")
             if code == "payment_intent_unexpected_state":
                 log.info(failed, extra=fields)
                 return InvalidStateTransition("Stripe says the payment is not in a state for this")
@@ -449,25 +465,35 @@ class StripeProvider(BasePaymentProvider):
     async def capture(
         self, payment_id: str, *, idempotency_key: str, amount: int | None = None
     ) -> PaymentState:
-        if amount is not None:
-            raise OperationNotSupported(f"{self.display_name} captures the whole amount only")
+        """All that is authorized, or ``amount`` of it (``amount_to_capture``: Stripe releases
+        the rest, and the answer's ``amount_captured`` says what was taken)."""
         self._check_id(payment_id)
         intent_id = await self._intent_id(payment_id)
         if intent_id is None:
             raise InvalidStateTransition("Nothing to capture: the customer has not paid yet")
+        params = tx.capture_params(amount=amount, expand=INTENT_EXPAND)
         try:
             intent = await self._call(
                 "stripe.payment_intent.capture",
                 lambda c: c.v1.payment_intents.capture_async(
-                    intent_id, {"expand": INTENT_EXPAND}, {"idempotency_key": idempotency_key}
+                    intent_id, params, {"idempotency_key": idempotency_key}
                 ),
                 payment_id=payment_id,
+                is_capture=True,
             )
-        except InvalidStateTransition:
-            # Captured already (under another key)? Then capturing again answers that result.
+        except (InvalidStateTransition, IdempotencyKeyReused) as refused:
+            # Captured already: under another key, or under this one with other parameters
+            # (an answer lost, then asked again for another amount)? Capturing again answers
+            # that result, unless it asks for another amount than was taken: an intent is
+            # captured once.
             current = await self._retrieve_intent(intent_id, payment_id=payment_id)
             if current.get("status") != "succeeded":
                 raise
+            taken = tx.amount_received(current)
+            if amount is not None and amount != taken:
+                raise InvalidStateTransition(
+                    f"The payment was captured already, for {taken} minor units"
+                ) from refused
             intent = current
         return tx.state_from_payment_intent(intent, payment_id=payment_id)
 

@@ -25,7 +25,7 @@ from ..base import (
 )
 
 if TYPE_CHECKING:
-    from stripe.params import PaymentIntentCreateParams
+    from stripe.params import PaymentIntentCaptureParams, PaymentIntentCreateParams
     from stripe.params.checkout import SessionCreateParams
 
 StripeObject = Mapping[str, Any]
@@ -146,6 +146,15 @@ def payment_intent_params(
     return params
 
 
+def capture_params(*, amount: int | None, expand: list[str]) -> PaymentIntentCaptureParams:
+    """A capture of all that is authorized, or of ``amount`` of it: Stripe releases the rest
+    (``amount_to_capture``; an intent is captured once, so the rest cannot be taken later)."""
+    params: PaymentIntentCaptureParams = {"expand": expand}
+    if amount is not None:
+        params["amount_to_capture"] = amount
+    return params
+
+
 # -- responses -----------------------------------------------------------------------------
 
 
@@ -174,6 +183,28 @@ def status_of_payment_intent(intent: StripeObject) -> PaymentStatus:
     """The intent's status. Refunds are followed one by one (refund.* events, the refunds
     API), not read off the charge's running total."""
     return PAYMENT_INTENT_STATUS.get(str(intent.get("status")), PaymentStatus.PENDING)
+
+
+def _minor_units(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def amount_received(intent: StripeObject) -> int | None:
+    """What the intent collected (``amount_received``): all of it, or what a capture of part
+    of it took."""
+    return _minor_units(intent.get("amount_received"))
+
+
+def amount_captured_of(intent: StripeObject | None) -> int | None:
+    """What a partial capture took: the intent's ``amount_received`` when it is less than its
+    ``amount`` (the rest was released). None when all of it was taken, or nothing yet."""
+    if intent is None:
+        return None
+    received = amount_received(intent)
+    amount = _minor_units(intent.get("amount"))
+    if received is None or amount is None or not 0 < received < amount:
+        return None
+    return received
 
 
 def _charge_facts(intent: StripeObject | None) -> dict[str, Any]:
@@ -214,6 +245,7 @@ def state_from_payment_intent(
         status=status_of_payment_intent(intent),
         amount=intent.get("amount"),
         currency=_upper(intent.get("currency")),
+        amount_captured=amount_captured_of(intent),
         vendor_status=str(intent.get("status")),
         **_charge_facts(intent),
     )
@@ -249,6 +281,7 @@ def state_from_checkout_session(session: StripeObject) -> PaymentState:
         status=status,
         amount=amount,
         currency=_upper(session.get("currency") or (intent or {}).get("currency")),
+        amount_captured=amount_captured_of(intent),
         vendor_status=vendor,
         **_charge_facts(intent),
     )

@@ -273,8 +273,7 @@ class TestMetadata:
     def test_declares_what_it_can_do(self) -> None:
         assert StripeProvider.name == "stripe"
         assert StripeProvider.id_prefixes == ("cs_", "pi_")
-        # Everything but partial capture (amount_to_capture).
-        assert StripeProvider.capabilities == frozenset(Capability) - {Capability.PARTIAL_CAPTURE}
+        assert StripeProvider.capabilities == frozenset(Capability)
 
     def test_config_models_match_the_environment_names(self) -> None:
         config_fields = set(StripeProvider.config_model.model_fields)

@@ -8,6 +8,7 @@ import pytest
 
 from models.payment import PaymentStatus, RefundStatus
 from services.errors import (
+    CaptureExceedsAmount,
     InvalidStateTransition,
     NotFound,
     ProviderUpstreamError,
@@ -66,6 +67,81 @@ class TestCapture:
         )
         with pytest.raises(InvalidStateTransition):
             await provider.capture(result.payment_id, idempotency_key="capture-early")
+
+
+def _intent(fake: FakeStripe, payment_id: str) -> dict[str, Any]:
+    """The fake's PaymentIntent behind ``payment_id`` (a session or an intent)."""
+    if payment_id.startswith("cs_"):
+        return fake.payment_intents[fake.sessions[payment_id]["payment_intent"]]
+    return fake.payment_intents[payment_id]
+
+
+@pytest.mark.parametrize("mode", MODES)
+class TestPartialCapture:
+    async def test_part_is_taken_and_the_rest_released(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode, capture_method="manual")
+
+        captured = await provider.capture(payment_id, idempotency_key="capture-1", amount=1200)
+
+        assert (captured.status, captured.amount, captured.amount_captured) == (
+            PaymentStatus.SUCCEEDED,
+            1900,
+            1200,
+        )
+        assert captured.capture_id is not None
+        intent = _intent(fake_stripe, payment_id)
+        [call] = fake_stripe.calls("POST", f"/v1/payment_intents/{intent['id']}/capture")
+        assert call.body["amount_to_capture"] == 1200
+        assert (intent["amount_received"], intent["amount_capturable"]) == (1200, 0)
+        # Stripe's word afterwards says the same, for a session as for an intent.
+        verified = await provider.verify_payment(payment_id)
+        assert (verified.status, verified.amount_captured) == (PaymentStatus.SUCCEEDED, 1200)
+
+    async def test_all_of_it_reports_no_partial_capture(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode, capture_method="manual")
+        captured = await provider.capture(payment_id, idempotency_key="capture-1")
+        assert (captured.status, captured.amount_captured) == (PaymentStatus.SUCCEEDED, None)
+        intent = _intent(fake_stripe, payment_id)
+        [call] = fake_stripe.calls("POST", f"/v1/payment_intents/{intent['id']}/capture")
+        assert "amount_to_capture" not in call.body
+
+    async def test_asking_again_answers_the_capture_and_another_amount_is_refused(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode, capture_method="manual")
+        await provider.capture(payment_id, idempotency_key="capture-1", amount=1200)
+
+        replay = await provider.capture(payment_id, idempotency_key="capture-1", amount=1200)
+        other_key = await provider.capture(payment_id, idempotency_key="capture-2", amount=1200)
+        all_of_it = await provider.capture(payment_id, idempotency_key="capture-1")
+        with pytest.raises(InvalidStateTransition, match="for 1200 minor units"):
+            await provider.capture(payment_id, idempotency_key="capture-1", amount=1500)
+        with pytest.raises(InvalidStateTransition, match="for 1200 minor units"):
+            await provider.capture(payment_id, idempotency_key="capture-3", amount=1900)
+
+        for state in (replay, other_key, all_of_it):
+            assert (state.status, state.amount_captured) == (PaymentStatus.SUCCEEDED, 1200)
+        intent = _intent(fake_stripe, payment_id)
+        calls = fake_stripe.calls("POST", f"/v1/payment_intents/{intent['id']}/capture")
+        assert [c.replayed for c in calls[:2]] == [False, True]
+        assert intent["amount_received"] == 1200
+        assert len(fake_stripe.events_of("payment_intent.succeeded")) == 1
+
+    async def test_more_than_stripe_holds_is_refused_and_the_hold_stays(
+        self, provider: StripeProvider, fake_stripe: FakeStripe, mode: str
+    ) -> None:
+        payment_id = await _paid(provider, fake_stripe, mode, capture_method="manual")
+        with pytest.raises(CaptureExceedsAmount):
+            await provider.capture(payment_id, idempotency_key="capture-1", amount=1901)
+        intent = _intent(fake_stripe, payment_id)
+        [call] = fake_stripe.calls("POST", f"/v1/payment_intents/{intent['id']}/capture")
+        assert call.status == 400
+        assert (intent["status"], intent["amount_capturable"]) == ("requires_capture", 1900)
+        assert (await provider.verify_payment(payment_id)).status is PaymentStatus.REQUIRES_CAPTURE
 
 
 @pytest.mark.parametrize("mode", MODES)
