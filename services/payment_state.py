@@ -279,6 +279,7 @@ class PaymentStateService:
                 state = PaymentState(
                     payment_id=record.payment_id,
                     status=event.status,
+                    amount_captured=event.amount_captured,
                     capture_id=event.capture_id,
                     payment_method=event.payment_method,
                     card=event.card,

@@ -733,6 +733,22 @@ class TestPartialCapture:
         [call] = fake_stripe.calls("POST", f"{INTENTS}/{intent_id}/capture")
         assert "amount_to_capture" not in call.body
 
+    async def test_a_partial_capture_made_at_stripe_arrives_by_webhook(
+        self, client: httpx.AsyncClient, fake_stripe: FakeStripe, app: Any, token: Any
+    ) -> None:
+        payment_id, intent_id = await authorized(client, fake_stripe)
+        await capture_at_stripe(fake_stripe, intent_id, 1000)  # in the Dashboard
+        reads_before = len(fake_stripe.requests)
+
+        response = await deliver(client, fake_stripe.last_event("payment_intent.succeeded"))
+
+        assert response.json()["outcome"] == "applied", response.text
+        assert len(fake_stripe.requests) == reads_before  # a verified event is taken as is
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_captured) == ("succeeded", 1000)
+        over = await refund(client, payment_id, token("ops", admin=True), amount=1001)
+        assert_problem(over, 422, "refund_exceeds_balance")
+
 
 # -- failures -------------------------------------------------------------------------------
 

@@ -225,6 +225,9 @@ class WebhookEvent:
     # How the customer paid, when a verified event says (taken as PaymentState.card).
     payment_method: str | None = None
     card: CardDetails | None = None
+    # What a partial capture took, when a verified event says (taken as
+    # PaymentState.amount_captured): a capture made at the vendor limits refunds too.
+    amount_captured: int | None = None
     # The subscription the event is about (customer.subscription.*, BILLING.SUBSCRIPTION.*,
     # subscription.*), and the invoice it paid or failed, if any.
     subscription: SubscriptionState | None = None

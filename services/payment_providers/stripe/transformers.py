@@ -398,12 +398,13 @@ def webhook_event(event: StripeObject) -> WebhookEvent:
             refund=refund_result(obj),
             reference=reference_of(obj),
         )
-    # payment_intent.*
+    # payment_intent.*: the intent itself, which says what a partial capture took
     return WebhookEvent(
         **base,
         payment_id=_id_of(obj),
         status=EVENT_STATUS[event_type],
         reference=reference_of(obj),
+        amount_captured=amount_captured_of(obj),
     )
 
 

@@ -134,6 +134,28 @@ class TestHandledEvents:
         )
         assert (parsed.status, parsed.reference) == (PaymentStatus.REQUIRES_CAPTURE, reference)
 
+    async def test_payment_intent_succeeded_says_what_a_partial_capture_took(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        session_id, reference = await _hosted(provider, capture_method="manual")
+        fake_stripe.pay(session_id)
+        await provider.capture(session_id, idempotency_key="capture-1", amount=700)
+        parsed = await _deliver(provider, fake_stripe.last_event("payment_intent.succeeded"))
+        assert (parsed.status, parsed.reference, parsed.amount_captured) == (
+            PaymentStatus.SUCCEEDED,
+            reference,
+            700,
+        )
+
+    async def test_payment_intent_succeeded_in_full_claims_no_partial_capture(
+        self, provider: StripeProvider, fake_stripe: FakeStripe
+    ) -> None:
+        session_id, _ = await _hosted(provider, capture_method="manual")
+        fake_stripe.pay(session_id)
+        await provider.capture(session_id, idempotency_key="capture-1")
+        parsed = await _deliver(provider, fake_stripe.last_event("payment_intent.succeeded"))
+        assert (parsed.status, parsed.amount_captured) == (PaymentStatus.SUCCEEDED, None)
+
     async def test_refund_created_partly_then_fully(
         self, provider: StripeProvider, fake_stripe: FakeStripe
     ) -> None:
