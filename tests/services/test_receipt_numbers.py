@@ -1,6 +1,7 @@
 """Receipt and credit-note numbers are allocated when the money moves and kept on the payment
 (the refund) in Redis, the same for ever; a first render then needs the ledger once, for its
-chain entry. Counted on the suite's own redis-server (INFO commandstats), through the real app.
+chain entry. Counted on the suite's own redis-server (INFO stats and commandstats), through the
+real app.
 """
 
 from __future__ import annotations
