@@ -192,7 +192,9 @@ NOTES = [
     "session would also queue one receipt render per event in the background, which would "
     "compete for the CPU with every later measurement.",
     "Receipts: the service's side is ReceiptService with its process pool (fresh payment "
-    "each time, so nothing is cached; the PDF is written to disk as in production); the bare "
+    "each time, so nothing is cached; its receipt number allocated beforehand, untimed, as the "
+    "service does when a payment succeeds, so each render's one ledger round trip is its "
+    "chain entry; the PDF is written to disk as in production); the bare "
     "side is receipt_render.init_worker/render_pdf called directly in the bench process. Memory "
     "is VmHWM (peak) and VmRSS of the pool's render process from /proc. The calibration row "
     "runs pure-Python CPU work in 1 and 2 processes alongside: what 2 processes can gain on this "

@@ -2,7 +2,9 @@
 against WeasyPrint called bare (the tuned way: one FontConfiguration and pre-parsed CSS, which
 is what ``receipt_render.init_worker``/``render_pdf`` do).
 
-Every receipt is for a fresh payment record, so nothing comes from a cache.
+Every receipt is for a fresh payment record, so nothing comes from a cache. As in the service,
+each payment's receipt number is allocated when it is paid, before (and outside) the render
+that is timed: a first render then goes to the ledger once, for its chain entry.
 """
 
 from __future__ import annotations
@@ -146,12 +148,26 @@ class _Receipts:
     async def start(self, warm_renders: int) -> None:
         await self.service.warm_up()
         if warm_renders:
-            await asyncio.gather(*(self.render() for _ in range(warm_renders)))
+            await self.render_all(await self.paid(warm_renders))
 
-    async def render(self) -> bytes:
-        """A fresh payment's receipt: numbered, rendered, entered in the chain."""
-        document = await self.service.receipt(_record(datetime.now(UTC)), PLAN, PROVIDER)
+    async def paid(self, count: int) -> list[PaymentRecord]:
+        """Fresh payments as they are once paid: each with its receipt number, allocated in
+        the ledger as the service does when a payment succeeds (where it is then kept on the
+        payment, which every later read of it brings along)."""
+        records = [_record(datetime.now(UTC)) for _ in range(count)]
+        numbers = await asyncio.gather(*(self.service.receipt_number(r) for r in records))
+        return [
+            record.model_copy(update={"receipt_number": number})
+            for record, number in zip(records, numbers, strict=True)
+        ]
+
+    async def render(self, record: PaymentRecord) -> bytes:
+        """A paid payment's first render: rendered, written, entered in the chain."""
+        document = await self.service.receipt(record, PLAN, PROVIDER)
         return document.data
+
+    async def render_all(self, records: list[PaymentRecord]) -> list[bytes]:
+        return await asyncio.gather(*(self.render(record) for record in records))
 
     def context(self) -> dict[str, Any]:
         """The template context the service builds for a fresh receipt (same HTML)."""
@@ -195,7 +211,8 @@ async def run_render_bench(
     redis_url: str,
 ) -> RenderFigures:
     """``redis_url``: where the receipts' ledger (numbers, hash chain) lives, as in the
-    service: each of the service's first renders includes its two ledger round trips."""
+    service: each payment is numbered untimed, as when it is paid, and each of the service's
+    first renders includes its one ledger round trip (the chain entry)."""
     figures = RenderFigures()
     one = _Receipts(settings, 1, workdir / "receipts-1", redis_url)
     try:
@@ -204,30 +221,33 @@ async def run_render_bench(
         await one.start(warm_renders=0)
         receipt_render.init_worker()
         context = one.context
-        figures.cold_service_ms = await _timed_async(one.render())
+        [first] = await one.paid(1)
+        figures.cold_service_ms = await _timed_async(one.render(first))
         figures.cold_bare_ms = _timed(lambda: receipt_render.render_pdf(context()))
         rendered = 1
-        for _ in range(2):  # both sides warm before the samples
-            await one.render()
+        for record in await one.paid(2):  # both sides warm before the samples
+            await one.render(record)
             receipt_render.render_pdf(context())
             rendered += 1
 
         early = 0
         log(f"first render: {config.first_render_samples} x (service, bare), interleaved")
-        for index in range(config.first_render_samples):
+        samples = await one.paid(config.first_render_samples)
+        for index, record in enumerate(samples):
             ctx = context()
             if index % 2:
                 figures.bare_ms.append(_timed(lambda c=ctx: receipt_render.render_pdf(c)))
-                figures.service_ms.append(await _timed_async(one.render()))
+                figures.service_ms.append(await _timed_async(one.render(record)))
             else:
-                figures.service_ms.append(await _timed_async(one.render()))
+                figures.service_ms.append(await _timed_async(one.render(record)))
                 figures.bare_ms.append(_timed(lambda c=ctx: receipt_render.render_pdf(c)))
             rendered += 1
             if rendered == config.rss_early:
                 figures.rss_early = _memory(_pool_pids(one.pool))
                 early = rendered
         while rendered < config.rss_early:
-            await one.render()
+            [record] = await one.paid(1)
+            await one.render(record)
             rendered += 1
         if not figures.rss_early:
             figures.rss_early = _memory(_pool_pids(one.pool))
@@ -240,7 +260,7 @@ async def run_render_bench(
         figures.rss_mid = figures.rss_early
         while rendered < config.rss_late:
             batch = min(in_flight, config.rss_late - rendered)
-            sizes = await asyncio.gather(*(one.render() for _ in range(batch)))
+            sizes = await one.render_all(await one.paid(batch))
             figures.pdf_bytes = len(sizes[-1])
             rendered += batch
             if mid == early and rendered >= halfway:
@@ -264,8 +284,9 @@ async def run_render_bench(
                         f"throughput round {round_ + 1}: {count} receipts in flight, "
                         f"{processes} render process(es)"
                     )
+                    records = await receipts.paid(count)
                     started = time.perf_counter()
-                    await asyncio.gather(*(receipts.render() for _ in range(count)))
+                    await receipts.render_all(records)
                     _add(figures.throughput, processes, count, time.perf_counter() - started)
                 for processes, pool in spinners.items():
                     started = time.perf_counter()

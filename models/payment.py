@@ -214,8 +214,9 @@ class PaymentRecord(BaseModel):
     updated_at: datetime
     paid_at: datetime | None = None
     # For the receipt. The buyer as the client gave it at create-intent (never used for
-    # amounts); the tax decided then; how the customer paid, where the provider tells; and
-    # whether the money was test money (a sandbox or a vendor's test mode).
+    # amounts); the tax decided then; how the customer paid, where the provider tells;
+    # whether the money was test money (a sandbox or a vendor's test mode); and the receipt's
+    # number, allocated in the receipt ledger when the payment is paid and kept here.
     buyer_name: str | None = None
     buyer_address: str | None = None
     buyer_country: str | None = None
@@ -227,6 +228,7 @@ class PaymentRecord(BaseModel):
     card_last4: str | None = None
     wallet: str | None = None
     test_mode: bool = False
+    receipt_number: str | None = None
     # A subscription's invoice or renewal: the subscription (sub_...) and the service period
     # it paid for (printed on its receipt).
     subscription_id: str | None = None
@@ -254,6 +256,9 @@ class RefundRecord(BaseModel):
     reason: str | None = None
     failure_code: str | None = Field(
         default=None, description="Why the provider said it failed, when it said"
+    )
+    credit_note_number: str | None = Field(
+        default=None, description="Its credit note's number, allocated when the refund succeeds"
     )
     created_at: datetime
     updated_at: datetime

@@ -1,6 +1,12 @@
 """Receipts and credit notes as the API serves them: to the payment's owner or an admin only,
-for a paid payment (a succeeded refund), rendered ahead of the first download when a payment
-becomes paid (a refund succeeds)."""
+for a paid payment (a succeeded refund), numbered and rendered ahead of the first download
+when a payment becomes paid (a refund succeeds).
+
+A number is allocated in the receipt ledger (its own Redis slot) and then kept on the payment
+(the refund) by the payment store, so that every later read of the payment brings it: the
+render then needs the ledger once, for its chain entry. Should a process die between a payment
+becoming paid and its number being kept, the first download allocates it instead (the ledger
+gives a document one number for ever, so whoever asks first, the number is the same)."""
 
 from __future__ import annotations
 
@@ -75,10 +81,41 @@ class PaymentReceipts:
         return owned_by(await self._store.get(payment_id), payment_id, user)
 
     async def _receipt_record(self, payment_id: str, user: User) -> PaymentRecord:
+        """The paid payment, with its receipt number."""
         record = await self._owned(payment_id, user)
         if not record.status.is_paid:
             raise ReceiptNotAvailable(f"A {record.status} payment has no receipt")
-        return record
+        return await self.numbered(record)
+
+    async def numbered(self, record: PaymentRecord) -> PaymentRecord:
+        """The payment with its receipt number: the one it carries, or the ledger's (allocated
+        now if need be) kept on the payment first. What a payment becoming paid runs first."""
+        if record.receipt_number is not None:
+            return record
+        number = await self.renderer.receipt_number(record)
+        held = await self._store.keep_receipt_number(record.payment_id, number)
+        if held is not None and held != number:
+            # Never overwritten, never printed: the ledger's number is the one in the chain.
+            log.error(
+                "receipt.number_mismatch",
+                extra={"payment_id": record.payment_id, "number": number, "held": held},
+            )
+        return record.model_copy(update={"receipt_number": number})
+
+    async def numbered_refund(self, refund: RefundRecord) -> RefundRecord:
+        """The refund with its credit note's number, as ``numbered`` for a payment."""
+        if refund.credit_note_number is not None:
+            return refund
+        number = await self.renderer.credit_note_number(refund)
+        held = await self._store.keep_credit_note_number(
+            refund.payment_id, refund.refund_id, number
+        )
+        if held is not None and held != number:
+            log.error(
+                "credit_note.number_mismatch",
+                extra={"refund_id": refund.refund_id, "number": number, "held": held},
+            )
+        return refund.model_copy(update={"credit_note_number": number})
 
     async def _receipt(self, record: PaymentRecord) -> Document:
         plan = self._catalogue.plan_of(record)
@@ -88,8 +125,8 @@ class PaymentReceipts:
         record = await self._receipt_record(payment_id, user)
         plan = self._catalogue.plan_of(record)
         facts = self._provider_facts(record)
-        # From memory when this process has it; otherwise the ledger's number and the stored
-        # PDF (rendered now if the background render has not run).
+        # From memory when this process has it; otherwise the stored PDF, or rendered now
+        # under the payment's number if the background render has not run.
         document = await self.renderer.receipt(record, plan, facts)
         tax = self.renderer.tax_lines(record, plan)
         fmt = Formatter(self.renderer.config.locale)
@@ -137,6 +174,8 @@ class PaymentReceipts:
     async def _credit_note_document(
         self, record: PaymentRecord, refund: RefundRecord, refunded_before: int
     ) -> Document:
+        record = await self.numbered(record)
+        refund = await self.numbered_refund(refund)
         return await self.renderer.credit_note(
             record,
             self._catalogue.plan_of(record),
@@ -170,18 +209,19 @@ class PaymentReceipts:
         task.add_done_callback(self._background.discard)
 
     def render_soon(self, record: PaymentRecord) -> None:
-        """A payment became paid: number and render its receipt now."""
+        """A payment became paid: number its receipt, keep the number on the payment, and
+        render the receipt, now."""
         self._soon(self._render_receipt(record))
 
     def credit_note_soon(self, record: PaymentRecord, refund: RefundRecord) -> None:
-        """A refund succeeded: number and render its credit note now."""
+        """A refund succeeded: number its credit note (kept on the refund) and render it now."""
         self._soon(self._render_credit_notes(record.payment_id))
 
     async def _render_receipt(self, record: PaymentRecord) -> None:
         try:
-            await self._receipt(record)
+            await self._receipt(await self.numbered(record))
         except Exception:
-            # The receipt is rendered on first download instead; nothing is lost.
+            # Numbered and rendered on first download instead; nothing is lost.
             log.exception("receipt.render_failed", extra={"payment_id": record.payment_id})
 
     async def _render_credit_notes(self, payment_id: str) -> None:
@@ -189,6 +229,7 @@ class PaymentReceipts:
             record = await self._store.get(payment_id)
             if record is None or not record.status.is_paid:
                 return
+            record = await self.numbered(record)
             for refund, before in _succeeded_with_running_total(
                 await self._store.refunds(payment_id)
             ):

@@ -389,6 +389,31 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 
+# KEYS: payment hash. ARGV: the receipt's number (services/receipt_ledger.py allocated it).
+# The first number a payment is given stays: the ledger gives a payment one number for ever,
+# so a second write (a retried follow-up, another worker) brings the same one, and a different
+# one is never taken. A payment that is gone is not brought back as a stub. The number it
+# holds, or nil.
+_KEEP_RECEIPT_NUMBER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local held = redis.call('HGET', KEYS[1], 'receipt_number')
+if held then return held end
+redis.call('HSET', KEYS[1], 'receipt_number', ARGV[1])
+return ARGV[1]
+"""
+
+# KEYS: the payment's refunds hash. ARGV: refund id, its credit note's number.
+# The same for a refund's credit note, kept in the refund's record (null until numbered).
+_KEEP_CREDIT_NOTE_NUMBER_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return false end
+local record = cjson.decode(raw)
+if type(record['credit_note_number']) == 'string' then return record['credit_note_number'] end
+record['credit_note_number'] = ARGV[2]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
+return ARGV[2]
+"""
+
 # KEYS: idempotency hash. ARGV: lease in ms. Extends an in-progress claim, and only that.
 _IDEMPOTENCY_RENEW_LUA = """
 if redis.call('HGET', KEYS[1], 'state') == 'pending' then
@@ -544,6 +569,8 @@ class PaymentStore:
         self._refund_apply = redis.register_script(_REFUND_APPLY_LUA)
         self._refund_discard = redis.register_script(_REFUND_DISCARD_LUA)
         self._idempotency_renew = redis.register_script(_IDEMPOTENCY_RENEW_LUA)
+        self._keep_receipt_number = redis.register_script(_KEEP_RECEIPT_NUMBER_LUA)
+        self._keep_credit_note_number = redis.register_script(_KEEP_CREDIT_NOTE_NUMBER_LUA)
         # services/events: the merchant events each change script writes, and who to tell.
         self.outbox = OutboxKeys(prefix, cluster=self._cluster)
         self.outbox_listener: Callable[[str], None] | None = None
@@ -759,6 +786,16 @@ class PaymentStore:
             record=_record_from_fields(stored) if stored else None,
         )
 
+    async def keep_receipt_number(self, payment_id: str, number: str) -> str | None:
+        """Keep the receipt's number in the payment's hash, so that whoever reads the payment
+        reads its number too. The first number kept stays; the number the payment holds, None
+        when there is no such payment."""
+        async with store_errors():
+            held = await self._keep_receipt_number(
+                keys=[self._payment_key(payment_id)], args=[number]
+            )
+        return None if held is None else str(held)
+
     # -- search indexes (the admin dashboard) ----------------------------------------------
     #
     # Sorted sets of payment IDs by creation time: every payment, each owner's, each
@@ -972,6 +1009,16 @@ class PaymentStore:
             raw = await self._redis.hvals(refunds)
         records = [RefundRecord.model_validate_json(item) for item in raw]
         return sorted(records, key=lambda record: (record.created_at, record.refund_id))
+
+    async def keep_credit_note_number(
+        self, payment_id: str, refund_id: str, number: str
+    ) -> str | None:
+        """Keep a refund's credit-note number in its record, as ``keep_receipt_number`` does
+        for a payment: the first stays; the number held, None when there is no such refund."""
+        refunds, _, _ = self._refund_keys(payment_id, refund_id)
+        async with store_errors():
+            held = await self._keep_credit_note_number(keys=[refunds], args=[refund_id, number])
+        return None if held is None else str(held)
 
     async def refund_history(self, payment_id: str, refund_id: str) -> list[RefundHistoryEntry]:
         _, _, history = self._refund_keys(payment_id, refund_id)

@@ -14,8 +14,10 @@ appending at once can never fork the chain. ``verify`` walks the chain and the s
 
 All ledger keys share one hash tag: on a Redis Cluster each script touches one slot. The
 number and the chain live apart from the payment's keys (``pay:{id}``), in another slot, so
-they are never written in the payment's own transition script; the number is looked up by the
-document's id instead.
+they are never written in the payment's own transition script. A number allocated here is
+then kept on the payment (or refund) by the payment store (services/payment_receipts.py does
+both when a payment becomes paid), so that a render reads it with the payment and needs the
+ledger once, after rendering, for the chain.
 """
 
 from __future__ import annotations

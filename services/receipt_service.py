@@ -1,5 +1,9 @@
 """Receipt and credit-note PDFs: numbered by the ledger, rendered once, entered in the hash
-chain, stored on disk and served from memory when hot."""
+chain, stored on disk and served from memory when hot.
+
+A document's number is allocated before its first render (it is printed on it) and is kept by
+the payment store on the payment (or the refund) from then on: a first render of a numbered
+document makes one ledger round trip, its chain entry, after rendering."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from services.receipt_document import (
     credit_note_context,
     receipt_context,
 )
-from services.receipt_ledger import ReceiptLedger, Series
+from services.receipt_ledger import LedgerDocument, ReceiptLedger, Series
 from services.receipt_signing import SigningMaterial
 from services.tax import TaxLines, TaxPolicy, refunded_tax
 
@@ -199,12 +203,37 @@ class ReceiptService:
         """The document if this process holds it, else None (no I/O)."""
         return self._cache.get(doc_id)
 
-    async def receipt(self, record: PaymentRecord, plan: Plan, provider: ProviderFacts) -> Document:
-        """The payment's receipt: from memory, from disk, or numbered and rendered now."""
+    async def receipt_number(self, record: PaymentRecord) -> str:
+        """The payment's receipt number: the one the ledger gave it, or the next of the year it
+        was paid in, allocated now. One round trip."""
         paid_at = record.paid_at or record.updated_at
-        config = self._config
+        document = await self._ledger.number(
+            record.payment_id,
+            series=Series.RECEIPT,
+            year=paid_at.year,
+            template=self._config.receipt_number_format,
+            kind="receipt",
+        )
+        return document.number
 
-        def context(number: str) -> dict[str, Any]:
+    async def credit_note_number(self, refund: RefundRecord) -> str:
+        """The refund's credit-note number, as ``receipt_number`` for a payment."""
+        document = await self._ledger.number(
+            refund.refund_id,
+            series=Series.CREDIT_NOTE,
+            year=refund.updated_at.year,
+            template=self._config.credit_note_number_format,
+            kind="credit_note",
+        )
+        return document.number
+
+    async def receipt(self, record: PaymentRecord, plan: Plan, provider: ProviderFacts) -> Document:
+        """The payment's receipt: from memory, from disk, or rendered now under the number the
+        record carries (allocated now when it carries none)."""
+        config = self._config
+        number = record.receipt_number or await self.receipt_number(record)
+
+        def context() -> dict[str, Any]:
             return receipt_context(
                 record,
                 plan,
@@ -216,12 +245,7 @@ class ReceiptService:
             )
 
         return await self._document(
-            record.payment_id,
-            kind="receipt",
-            series=Series.RECEIPT,
-            year=paid_at.year,
-            template=config.receipt_number_format,
-            context=context,
+            record.payment_id, kind="receipt", number=number, context=context
         )
 
     async def credit_note(
@@ -233,43 +257,31 @@ class ReceiptService:
         refunded_before: int,
         provider: ProviderFacts,
     ) -> Document:
-        """The credit note for one succeeded refund: it names the receipt it corrects (whose
-        number it allocates first if need be) and the tax that went back."""
-        receipt = await self.receipt(record, plan, provider)
+        """The credit note for one succeeded refund: it names the receipt it corrects and the
+        tax that went back. Numbers as for ``receipt``: the records' own, else allocated now."""
         config = self._config
-        tax = refunded_tax(self.tax_lines(record, plan), refunded_before, refund.amount)
+        receipt_number = record.receipt_number or await self.receipt_number(record)
+        number = refund.credit_note_number or await self.credit_note_number(refund)
 
-        def context(number: str) -> dict[str, Any]:
+        def context() -> dict[str, Any]:
             return credit_note_context(
                 record,
                 plan,
                 refund,
                 number=number,
-                receipt_number=receipt.number,
-                tax=tax,
+                receipt_number=receipt_number,
+                tax=refunded_tax(self.tax_lines(record, plan), refunded_before, refund.amount),
                 seller=config.seller,
                 provider=provider,
                 locale=config.locale,
             )
 
         return await self._document(
-            refund.refund_id,
-            kind="credit_note",
-            series=Series.CREDIT_NOTE,
-            year=refund.updated_at.year,
-            template=config.credit_note_number_format,
-            context=context,
+            refund.refund_id, kind="credit_note", number=number, context=context
         )
 
     async def _document(
-        self,
-        doc_id: str,
-        *,
-        kind: str,
-        series: Series,
-        year: int,
-        template: str,
-        context: Callable[[str], dict[str, Any]],
+        self, doc_id: str, *, kind: str, number: str, context: Callable[[], dict[str, Any]]
     ) -> Document:
         cached = self._cache.get(doc_id)
         if cached is not None:
@@ -281,7 +293,8 @@ class ReceiptService:
         future: asyncio.Future[Document] = loop.create_future()
         self._inflight[doc_id] = future
         try:
-            document = await self._load_or_render(doc_id, kind, series, year, template, context)
+            entry = LedgerDocument(doc_id=doc_id, kind=kind, number=number)
+            document = await self._load_or_render(entry, context)
             self._cache.put(doc_id, document)
             future.set_result(document)
             return document
@@ -293,37 +306,34 @@ class ReceiptService:
         finally:
             del self._inflight[doc_id]
 
-    async def _load_or_render(
-        self,
-        doc_id: str,
-        kind: str,
-        series: Series,
-        year: int,
-        template: str,
-        context: Callable[[str], dict[str, Any]],
-    ) -> Document:
-        # One round trip: the number this document has, or its next one.
-        entry = await self._ledger.number(
-            doc_id, series=series, year=year, template=template, kind=kind
-        )
-        path = self.path_for(doc_id)
+    async def _stored(self, path: Path) -> bytes | None:
         try:
-            data: bytes | None = await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
-            data = None
+            return None
         except OSError as error:
             raise self._storage_error(error) from error
+
+    async def _load_or_render(
+        self, entry: LedgerDocument, context: Callable[[], dict[str, Any]]
+    ) -> Document:
+        path = self.path_for(entry.doc_id)
+        data = await self._stored(path)
         if data is not None:
             digest = hashlib.sha256(data).hexdigest()
-            if entry.sha256 is None or digest == entry.sha256:
-                if entry.sha256 is None:  # rendered, but the chain never heard of it
+            # Rendered before (by another process, before a restart): are these the bytes the
+            # chain holds? Not a first render, so the ledger is asked.
+            held = await self._ledger.document(entry.doc_id)
+            chained = held.sha256 if held is not None else None
+            if chained is None or digest == chained:
+                if chained is None:  # rendered, but the chain never heard of it
                     await self._ledger.record(entry, digest, at=datetime.now(UTC))
                 return Document(entry.number, data, digest)
             # Not the bytes the chain holds: keep them as evidence, never serve them, and
             # render the document again as a new version.
             log.error(
                 "receipt.tampered",
-                extra={"doc_id": doc_id, "number": entry.number, "sha256": digest},
+                extra={"doc_id": entry.doc_id, "number": entry.number, "sha256": digest},
             )
             await asyncio.to_thread(
                 os.replace, path, path.with_name(f"{path.name}.tampered-{digest[:12]}")
@@ -335,20 +345,21 @@ class ReceiptService:
                 data = await loop.run_in_executor(
                     self._executor(),
                     receipt_render.render_to_file,
-                    context(entry.number),
+                    context(),
                     str(path),
                     self._config.signing,
                 )
         except OSError as error:  # the PDF could not be written where it belongs
             raise self._storage_error(error) from error
         digest = hashlib.sha256(data).hexdigest()
-        # A second round trip: the new bytes enter the chain (a new version if they differ).
+        # The first render's one ledger round trip (the number came with the record): the
+        # bytes enter the chain, as a new version if they differ from the last ones entered.
         recorded = await self._ledger.record(entry, digest, at=datetime.now(UTC))
         log.info(
             "receipt.rendered",
             extra={
-                "payment_id": doc_id,
-                "kind": kind,
+                "payment_id": entry.doc_id,
+                "kind": entry.kind,
                 "number": entry.number,
                 "version": recorded.version,
                 "bytes": len(data),

@@ -124,7 +124,7 @@ class TestStartsOnACluster:
 
 class TestFlowEndToEnd:
     async def test_create_pay_verify_refund_and_receipt(
-        self, client: httpx.AsyncClient, token: Any, admin: dict[str, str]
+        self, client: httpx.AsyncClient, app: Any, token: Any, admin: dict[str, str]
     ) -> None:
         alice = bearer(token("alice"))
         created = await client.post(
@@ -144,6 +144,10 @@ class TestFlowEndToEnd:
             "/api/v1/payment/verify", json={"payment_id": payment_id}, headers=alice
         )
         assert verified.json()["status"] == "succeeded", verified.text
+        # Numbered in the ledger's slot, then kept in the payment's (another node, maybe).
+        await app.state.receipts.drain()
+        record = await app.state.store.get(payment_id)
+        assert record.receipt_number is not None and record.receipt_number.startswith("R-")
 
         refund = await client.post(
             f"/api/v1/payment/{payment_id}/refund", json={"amount": 900}, headers=admin
@@ -153,9 +157,17 @@ class TestFlowEndToEnd:
             "partially_refunded",
             900,
         )
+        await app.state.receipts.drain()
+        [refunded] = await app.state.store.refunds(payment_id)
+        assert refunded.credit_note_number is not None
+        assert refunded.credit_note_number.startswith("CN-")
 
         meta = await client.get(f"/api/v1/payment/receipt/{payment_id}", headers=alice)
         assert meta.status_code == 200, meta.text
+        assert meta.json()["receipt_number"] == record.receipt_number
+        assert [note["number"] for note in meta.json()["credit_notes"]] == [
+            refunded.credit_note_number
+        ]
         pdf = await client.get(meta.json()["pdf_url"], headers=alice)
         assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
         text = PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()

@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import pytest
 
-from models.payment import PaymentRecord, PaymentStatus, RefundStatus
+from models.payment import PaymentRecord, PaymentStatus, RefundRecord, RefundStatus
 from services.errors import StoreUnavailable
 from services.payment_store import (
     TRANSITIONS,
@@ -328,6 +328,86 @@ class TestRefundRecords:
         record = await store.get("sb_f")
         assert record is not None and record.amount_pending_refund == 0
         assert await store.refunds("sb_f") == []
+
+
+class TestKeptDocumentNumbers:
+    """A receipt's number kept on its payment, a credit note's on its refund: the first kept
+    stays, the same again is harmless, and nothing is kept for what does not exist."""
+
+    async def test_on_the_payment(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_n", S.SUCCEEDED))
+        assert await store.keep_receipt_number("sb_n", "R-2026-000007") == "R-2026-000007"
+        assert await store.keep_receipt_number("sb_n", "R-2026-000007") == "R-2026-000007"
+        assert await store.keep_receipt_number("sb_n", "R-2026-000008") == "R-2026-000007"
+        record = await store.get("sb_n")
+        assert record is not None and record.receipt_number == "R-2026-000007"
+        # A later transition leaves it alone.
+        await store.transition("sb_n", S.PARTIALLY_REFUNDED, cause="test")
+        record = await store.get("sb_n")
+        assert record is not None and record.receipt_number == "R-2026-000007"
+        # No stub of a payment that is not there.
+        assert await store.keep_receipt_number("sb_gone", "R-2026-000009") is None
+        assert await store.get("sb_gone") is None
+
+    async def test_on_the_refund(self, store: PaymentStore) -> None:
+        await store.create(_record("sb_n", S.SUCCEEDED))
+        await store.begin_refund(
+            "sb_n",
+            refund_id="rf_1",
+            provider="sandbox",
+            amount=900,
+            currency="EUR",
+            reason=None,
+            cause="test",
+        )
+        await store.apply_refund("sb_n", status=RefundStatus.SUCCEEDED, cause="t", refund_id="rf_1")
+        assert await store.keep_credit_note_number("sb_n", "rf_1", "CN-2026-000003") == (
+            "CN-2026-000003"
+        )
+        assert await store.keep_credit_note_number("sb_n", "rf_1", "CN-2026-000004") == (
+            "CN-2026-000003"
+        )
+        # The refund's later changes keep it (a vendor failing a refund it called succeeded).
+        failed = await store.apply_refund(
+            "sb_n", status=RefundStatus.FAILED, cause="t", refund_id="rf_1"
+        )
+        assert failed.refund is not None and failed.refund.credit_note_number == "CN-2026-000003"
+        [refund] = await store.refunds("sb_n")
+        assert (refund.status, refund.amount, refund.credit_note_number) == (
+            RefundStatus.FAILED,
+            900,
+            "CN-2026-000003",
+        )
+        assert await store.keep_credit_note_number("sb_n", "rf_none", "CN-2026-000005") is None
+        assert [r.refund_id for r in await store.refunds("sb_n")] == ["rf_1"]
+
+    async def test_on_a_refund_adopted_from_the_provider(self, store: PaymentStore) -> None:
+        """An adopted refund's record is written whole, its number null until one is kept."""
+        await store.create(_record("sb_n", S.SUCCEEDED))
+        now = datetime.now(UTC)
+        adopt = RefundRecord(
+            refund_id="rf_adopted",
+            payment_id="sb_n",
+            provider="sandbox",
+            provider_refund_id="re_9",
+            amount=400,
+            currency="EUR",
+            status=RefundStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+        )
+        await store.apply_refund(
+            "sb_n",
+            status=RefundStatus.SUCCEEDED,
+            cause="t",
+            provider_refund_id="re_9",
+            adopt=adopt,
+        )
+        assert await store.keep_credit_note_number("sb_n", "rf_adopted", "CN-2026-000001") == (
+            "CN-2026-000001"
+        )
+        [refund] = await store.refunds("sb_n")
+        assert refund.credit_note_number == "CN-2026-000001"
 
 
 class TestConnectionPool:
