@@ -87,6 +87,16 @@ class ReceiptStorageUnavailable(ServiceError):
         super().__init__(detail, headers={"Retry-After": "30"})
 
 
+class ReceiptLedgerInconsistent(ServiceError):
+    """A document holds a number the receipt ledger has no entry for: the ledger's data was
+    lost or restored from an older copy. Nothing is served or numbered anew until an operator
+    has looked (``payments receipts verify``): handing out numbers again could repeat one."""
+
+    status = 503
+    code = "receipt_ledger_inconsistent"
+    title = "Receipt ledger inconsistent"
+
+
 class InvalidStateTransition(ServiceError):
     status = 409
     code = "invalid_payment_state"

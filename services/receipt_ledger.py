@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
+from services.errors import ReceiptLedgerInconsistent
 from services.payment_store import RedisClient, store_errors
+
+log = logging.getLogger("payments.receipts")
 
 GENESIS = "0" * 64
 
@@ -268,7 +272,13 @@ class ReceiptLedger:
                 args=[document.doc_id, document.number, pdf_sha256, at.isoformat(), document.kind],
             )
         if outcome == "unnumbered":
-            raise LookupError(f"{document.doc_id} has no number in the ledger")
+            log.error(
+                "receipt.ledger_entry_missing",
+                extra={"doc_id": document.doc_id, "number": document.number},
+            )
+            raise ReceiptLedgerInconsistent(
+                f"{document.number} is not in the receipt ledger; run `payments receipts verify`"
+            )
         return LedgerDocument.from_json(str(raw))
 
     async def chain(self, *, batch: int = 1000) -> list[ChainEntry]:

@@ -25,7 +25,7 @@ from app.settings import Settings
 from models.payment import PaymentStatus, RefundStatus
 from services.payment_providers.sandbox_webhooks import sign_webhook
 from services.payment_store import TransitionOutcome
-from tests.conftest import RedisServer, bearer, create_payment
+from tests.conftest import RedisServer, assert_problem, bearer, create_payment
 from tests.services.test_receipt_documents import YEAR, paid, pdf_of, pdf_text, receipt_of
 
 API = "/api/v1/payment"
@@ -247,6 +247,54 @@ class TestNumberedOnFirstDownload:
         ]
         for payment_id, numbers in by_id.items():
             assert {await held_number(raw, payment_id)} == numbers
+
+
+class TestLedgerLost:
+    """The ledger lost a document its payment holds a number for (Redis restored from an
+    older copy): no PDF is served and no number handed out again, but a 503 that names the
+    problem, never a 500."""
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return QUIET
+
+    async def test_first_render_refused(
+        self, client: httpx.AsyncClient, app: Any, token: Any, raw: Redis
+    ) -> None:
+        alice = token("alice")
+        payment_id = await paid_without_follow_up(client, app, alice)
+        await app.state.receipts.numbered(await app.state.store.get(payment_id))
+        assert await raw.hdel("test:ledger:{receipts}:docs", payment_id) == 1
+
+        response = await client.get(f"{API}/receipt/{payment_id}/pdf", headers=bearer(alice))
+        assert_problem(response, 503, "receipt_ledger_inconsistent")
+        assert not await raw.hexists("test:ledger:{receipts}:docs", payment_id)
+
+    async def test_stored_pdf_not_served(
+        self,
+        client: httpx.AsyncClient,
+        app: Any,
+        token: Any,
+        raw: Redis,
+        settings: Settings,
+        render_pool: ProcessPoolExecutor,
+    ) -> None:
+        alice = token("alice")
+        payment_id = await paid_without_follow_up(client, app, alice)
+        receipt = await receipt_of(client, payment_id, alice)
+        assert app.state.receipts.renderer.path_for(payment_id).exists()
+        assert await raw.hdel("test:ledger:{receipts}:docs", payment_id) == 1
+
+        # Another worker (nothing in its memory) finds the PDF on disk and no ledger entry.
+        other = create_app(settings, receipt_executor=render_pool)
+        async with (
+            other.router.lifespan_context(other),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=other), base_url="http://testserver"
+            ) as second,
+        ):
+            response = await second.get(receipt["pdf_url"], headers=bearer(alice))
+        assert_problem(response, 503, "receipt_ledger_inconsistent")
 
 
 class TestFirstRenderRoundTrips:
