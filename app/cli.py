@@ -243,6 +243,8 @@ async def _plans_sync() -> int:
             results = await sync.run()
         finally:
             await redis.aclose()
+    if not results:  # said, rather than a silent success that looks like a hang-up
+        print("nothing to sync: no recurring plan that an active subscription provider charges")
     for item in results:
         print(f"{item.provider:<11} {item.price_key:<40} {item.vendor_price_id or item.error}")
     return 1 if any(item.error for item in results) else 0

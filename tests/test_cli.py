@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -181,6 +182,22 @@ class TestSecrets:
             ]
         finally:
             await redis.aclose()
+
+
+class TestPlansSync:
+    def test_says_when_there_is_nothing_to_sync(self, cli: Cli) -> None:
+        done = cli("plans", "sync")  # the default catalogue: one-off plans only
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (
+            "nothing to sync: no recurring plan that an active subscription provider charges"
+        )
+
+    def test_syncs_a_recurring_plan_at_the_sandbox(self, cli: Cli) -> None:
+        plan = {"name": "Pro", "amount": 2900, "currency": "EUR", "interval": "month"}
+        done = cli("plans", "sync", PAYMENT_PLANS=json.dumps({"pro-monthly": plan}))
+        assert done.returncode == 0, done.stderr
+        ((provider, price, vendor_id),) = [line.split() for line in done.stdout.splitlines()]
+        assert (provider, vendor_id[:5]) == ("sandbox", "sbpr_") and "pro-monthly" in price
 
 
 class TestToken:
