@@ -315,6 +315,7 @@ def _secrets_key(_: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logging import uvicorn_log_config
     from app.settings import Settings
 
     settings = Settings()
@@ -333,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
             proxy_headers=bool(proxies),
             forwarded_allow_ips=proxies or None,
             log_level=settings.log_level.lower(),
+            log_config=uvicorn_log_config(),
         )
     finally:
         if metrics_dir is not None:

@@ -140,6 +140,16 @@ def test_one_worker_sweeps_the_outboxes(two_workers: ServiceProcess) -> None:
     assert not [line for line in lines if line["event"] == "events.sweep_lead_lost"]
 
 
+def test_payments_serve_logs_json_from_its_supervisor_too(redis_server: RedisServer) -> None:
+    # `payments serve --workers 2`, as the Docker image runs it: the supervising process's
+    # lines (where it listens, its workers) in the same JSON as the workers'.
+    with running_service(redis_server, workers=2, key_prefix="e2e3:", cli=True) as service:
+        lines = [json.loads(line) for line in service.log().splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert any(event.startswith("Started parent process") for event in events), events
+    assert any(event.startswith("Uvicorn running on") for event in events), events
+
+
 CREATED = 8  # under a user's create-intent limit (10 a minute)
 
 
