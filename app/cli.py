@@ -65,6 +65,11 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _say_which_redis(settings: Settings) -> None:
+    where = "REDIS_CLUSTER" if settings.redis_cluster else "Redis"
+    print(f"{where}: {_without_password(settings.redis_url)}", file=sys.stderr)
+
+
 @asynccontextmanager
 async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStore]]:
     """The providers as a worker would build them: environment plus stored configurations."""
@@ -77,8 +82,7 @@ async def _platform() -> AsyncIterator[tuple[ProviderManager, ProviderConfigStor
     from services.provider_configs import ProviderConfigStore, SecretBox
 
     settings = _local_redis(Settings())
-    where = "REDIS_CLUSTER" if settings.redis_cluster else "Redis"
-    print(f"{where}: {_without_password(settings.redis_url)}", file=sys.stderr)
+    _say_which_redis(settings)
     # The same client the service uses: standalone or Cluster, as REDIS_CLUSTER says.
     redis = redis_client(
         settings.redis_url,
@@ -239,14 +243,31 @@ async def _plans_sync() -> int:
             results = await sync.run()
         finally:
             await redis.aclose()
+    if not results:  # said, rather than a silent success that looks like a hang-up
+        print("nothing to sync: no recurring plan that an active subscription provider charges")
     for item in results:
         print(f"{item.provider:<11} {item.price_key:<40} {item.vendor_price_id or item.error}")
     return 1 if any(item.error for item in results) else 0
 
 
 async def _rotate_secrets() -> int:
+    """Every secret kept under PROVIDER_SECRETS_KEY: the stored provider configurations and
+    the webhook endpoints' signing secrets."""
+    from app.settings import Settings
+    from services.events.endpoints import EndpointStore
+    from services.events.urls import UrlGuard
+    from services.provider_configs import SecretBox
+
+    settings = _local_redis(Settings())
     async with _platform() as (_, configs):
         print(f"re-encrypted {await configs.rotate_secrets()} stored configuration(s)")
+        endpoints = EndpointStore(
+            configs.redis,
+            prefix=settings.redis_key_prefix,
+            box=SecretBox(settings.provider_secrets_key_value),
+            guard=UrlGuard(allow_private=False, require_https=True),  # no URL is checked here
+        )
+        print(f"re-encrypted {await endpoints.reencrypt_secrets()} webhook endpoint secret(s)")
     return 0
 
 
@@ -257,7 +278,10 @@ async def _receipts_verify() -> int:
     from services.receipt_ledger import ReceiptLedger, verify
     from services.receipt_service import document_path
 
-    settings = Settings()
+    # The same Redis as `make run` when REDIS_URL names none: another Redis would have no
+    # chain, or another service's, and "ok: 0 chain entries" would say nothing true.
+    settings = _local_redis(Settings())
+    _say_which_redis(settings)
     redis = redis_client(
         settings.redis_url,
         cluster=settings.redis_cluster,
@@ -291,6 +315,7 @@ def _secrets_key(_: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logging import uvicorn_log_config
     from app.settings import Settings
 
     settings = Settings()
@@ -309,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
             proxy_headers=bool(proxies),
             forwarded_allow_ips=proxies or None,
             log_level=settings.log_level.lower(),
+            log_config=uvicorn_log_config(),
         )
     finally:
         if metrics_dir is not None:

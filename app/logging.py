@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from contextvars import ContextVar
@@ -70,3 +71,16 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         for server_handler in logging.getLogger(name).handlers:
             server_handler.setFormatter(JsonFormatter())
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up with this JSON formatter, for `payments serve`: with several
+    workers its supervising process logs (where it listens, its workers' fate) without ever
+    importing the app, whose ``configure_logging`` only reaches the workers."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"] = {
+        name: {"()": f"{__name__}.JsonFormatter"} for name in config["formatters"]
+    }
+    return config

@@ -31,10 +31,12 @@ from services.payment_providers.base import (
 )
 from services.payment_providers.factory import discover_provider_classes
 from services.provider_configs import (
+    NOT_HEADER_SAFE,
     ProviderConfigStore,
     ProviderModels,
     StoredConfigInvalid,
     StoredProvider,
+    unsendable_secrets,
 )
 from services.provider_manager import ProviderManager
 
@@ -64,6 +66,8 @@ class ProviderSettings:
             secret_values |= _storable(cls.secrets_model, stored.secrets)
         config, config_errors = _validated(cls.config_model, config_values)
         secrets, secret_errors = _validated(cls.secrets_model, secret_values)
+        if secrets is not None:
+            secret_errors += [(name, NOT_HEADER_SAFE) for name in unsendable_secrets(secrets)]
         if stored is not None and (config_errors or secret_errors):
             raise StoredConfigInvalid(
                 cls.name,
@@ -71,8 +75,9 @@ class ProviderSettings:
                 + tuple(f"config_secret.{where}" for where, _ in secret_errors),
             )
         if config_errors or secret_errors:
-            # Values that each fit their field but not together: as any bad setting, a
-            # ValidationError that names the setting and never the value.
+            # Values that each fit their field but not together, or a secret no HTTP header
+            # can carry: as any bad setting, a ValidationError that names the setting and
+            # never the value.
             prefix = cls.settings_prefix or ""
             raise ValidationError.from_exception_data(
                 f"{cls.__name__} settings",

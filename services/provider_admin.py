@@ -31,11 +31,13 @@ from services.payment_providers.base import (
 from services.payment_providers.breaker import BreakerState
 from services.payment_providers.placeholders import HeldOutProvider
 from services.provider_configs import (
+    NOT_HEADER_SAFE,
     RoutingConfig,
     SecretsProblem,
     StoredProviderConfig,
     UnreadableConfigs,
     secret_values,
+    unsendable_secrets,
 )
 
 if TYPE_CHECKING:
@@ -565,6 +567,10 @@ def _validated(
                 mode="json", exclude_none=True, exclude=set(only_environment)
             )
         else:
+            errors += [
+                {"loc": [part, name], "type": "not_printable_ascii", "msg": NOT_HEADER_SAFE}
+                for name in unsendable_secrets(validated)
+            ]
             private = {
                 name: value
                 for name, value in secret_values(validated).items()

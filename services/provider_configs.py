@@ -190,6 +190,21 @@ def secret_values(model: BaseModel) -> dict[str, str]:
     return values
 
 
+NOT_HEADER_SAFE = "Must be printable ASCII: provider secrets travel in HTTP headers"
+
+
+def unsendable_secrets(model: BaseModel) -> list[str]:
+    """The fields of a validated secrets model whose value is not printable ASCII. Every
+    provider secret is sent in an HTTP header (a bearer token, a basic-auth pair) or checked
+    against one, which carry ASCII only: any other value (a pasted placeholder with a "…")
+    could only fail at the provider's first call, as an encoding error."""
+    return [
+        name
+        for name, value in secret_values(model).items()
+        if not all(" " <= char <= "~" for char in value)
+    ]
+
+
 class ProviderConfigStore:
     def __init__(self, redis: RedisClient, *, prefix: str, box: SecretBox) -> None:
         self.redis = redis

@@ -9,6 +9,7 @@ Python and costs time (see DESIGN.md, Receipts).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,15 @@ def init_worker(templates_dir: str = str(TEMPLATES_DIR)) -> None:
         stylesheet=stylesheet,
         base_url=templates_dir,
     )
+
+
+def init_pool_worker() -> None:
+    """The render pool's initializer: ``init_worker``, and deaf to SIGINT. Ctrl-C in a
+    terminal signals the whole process group, pool workers included; the service stops its
+    pool itself as it shuts down, and a worker that took the signal would only die with a
+    traceback in the middle of the server's orderly stop (or of a render)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker()
 
 
 def render_pdf(context: dict[str, Any]) -> bytes:

@@ -87,7 +87,7 @@ def new_render_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=receipt_render.init_worker,
+        initializer=receipt_render.init_pool_worker,
     )
 
 

@@ -3,9 +3,10 @@ outcome is unknown, are verified again with the provider on a growing schedule, 
 lost webhook or a crashed request never leaves a payment wrong for long.
 
 Every worker runs a ``Reconciler``; only the one holding the leader lock (a Redis key with a
-short expiry that its holder keeps renewing) does the work, so the providers see one
-verification per payment and step, however many workers there are. Due payments are leased,
-not removed, while they are checked: a leader that dies mid-batch leaves them to its successor.
+short expiry that its holder keeps renewing: services/leader_lease.py) does the work, so the
+providers see one verification per payment and step, however many workers there are. Due
+payments are leased, not removed, while they are checked: a leader that dies mid-batch leaves
+them to its successor.
 A batch of slow provider calls can outlast the lock's lease, so the leader keeps renewing it
 while a batch runs; if it finds the lock held by another worker all the same, it stops after
 the payment in hand and leaves the rest leased, for whoever leads once their lease is over.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from services.errors import ServiceError
+from services.leader_lease import LeaderLease
 from services.payment_store import OPEN_STATUSES, RedisClient, store_errors
 
 if TYPE_CHECKING:
@@ -32,26 +33,6 @@ if TYPE_CHECKING:
     from services.subscription_state import SubscriptionStateService
 
 log = logging.getLogger("payments.reconcile")
-
-# KEYS: leader key. ARGV: our token, lease in ms. Take the lock, or keep it if it is ours.
-_LEAD_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: leader key. ARGV: our token. Let go of the lock only if it is still ours.
-_RESIGN_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(slots=True)
@@ -91,10 +72,9 @@ class Reconciler:
         self._interval_s = interval_s
         self._batch = batch
         # The lock outlives a few missed ticks, not a dead worker: another takes over soon.
-        self._lease_ms = int((lease_s or max(interval_s * 3, 2.0)) * 1000)
-        self._token = secrets.token_hex(8)
-        self._lead = redis.register_script(_LEAD_LUA)
-        self._resign = redis.register_script(_RESIGN_LUA)
+        self._lease_s = lease_s or max(interval_s * 3, 2.0)
+        self._lease = LeaderLease(redis, store.reconcile_leader_key, lease_s=self._lease_s)
+        self._token = self._lease.token
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -110,11 +90,8 @@ class Reconciler:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=2.0)
-        try:
-            async with store_errors():
-                await self._resign(keys=[self._store.reconcile_leader_key], args=[self._token])
-        except ServiceError:
-            pass  # Redis away: the lock expires by itself
+        with contextlib.suppress(ServiceError):  # Redis away: the lock expires by itself
+            await self._lease.release()
 
     async def _loop(self) -> None:
         while not self._closing:
@@ -132,11 +109,7 @@ class Reconciler:
 
     async def is_leader(self) -> bool:
         """Take or renew the leader lock; True while this worker holds it."""
-        async with store_errors():
-            held = await self._lead(
-                keys=[self._store.reconcile_leader_key], args=[self._token, self._lease_ms]
-            )
-        return bool(held)
+        return await self._lease.hold()
 
     async def run_once(self) -> ReconcileRun:
         """One pass: if this worker leads, verify every payment that is due."""
@@ -169,7 +142,7 @@ class Reconciler:
         async def renew() -> None:
             while True:
                 try:
-                    await asyncio.wait_for(done.wait(), timeout=self._lease_ms / 3000)
+                    await asyncio.wait_for(done.wait(), timeout=self._lease_s / 3)
                     return  # the batch is over
                 except TimeoutError:
                     pass  # time to renew

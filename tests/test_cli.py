@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,11 @@ from redis.asyncio import Redis
 from app.security import decode_access_token
 from app.settings import Settings
 from services.errors import InvalidToken
+from services.events.endpoints import EndpointStore, SecretRotation, WebhookEndpointIn
+from services.events.urls import UrlGuard
 from services.provider_configs import ProviderConfigStore, SecretBox
+from services.receipt_ledger import ReceiptLedger, Series
+from services.receipt_service import document_path
 from tests.conftest import JWT_SECRET, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,13 +148,56 @@ class TestSecrets:
             )
             done = cli("secrets", "rotate", PROVIDER_SECRETS_KEY=f"{new},{old}")
             assert done.returncode == 0, done.stderr
-            assert done.stdout.strip() == "re-encrypted 1 stored configuration(s)"
+            assert done.stdout.splitlines()[0] == "re-encrypted 1 stored configuration(s)"
             only_new = ProviderConfigStore(redis, prefix="test:", box=SecretBox(new))
             assert await only_new.current_secrets(stored.id) == {
                 "webhook_secret": "sandbox-secret-0123456789"
             }
         finally:
             await redis.aclose()
+
+    async def test_rotate_re_encrypts_webhook_signing_secrets_too(
+        self, cli: Cli, redis_server: RedisServer
+    ) -> None:
+        # The README's procedure: deploy NEW,OLD, rotate, deploy NEW alone. Deliveries are
+        # then signed with secrets only NEW can read: they must be under NEW by then.
+        old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+        guard = UrlGuard(allow_private=True, require_https=False)
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            before = EndpointStore(redis, prefix="test:", box=SecretBox(old), guard=guard)
+            created = await before.create(WebhookEndpointIn(url="http://127.0.0.1:9/hooks"))
+            rotated = await before.rotate_secret(created.id, SecretRotation(overlap_seconds=60))
+            done = cli("secrets", "rotate", PROVIDER_SECRETS_KEY=f"{new},{old}")
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.splitlines() == [
+                "re-encrypted 0 stored configuration(s)",
+                "re-encrypted 1 webhook endpoint secret(s)",
+            ]
+            after = EndpointStore(redis, prefix="test:", box=SecretBox(new), guard=guard)
+            fields = await redis.hgetall(after.key(created.id))
+            assert after.signing_secrets(fields, now=datetime.now(UTC)) == [
+                rotated.secret,
+                created.secret,  # the previous one, for its overlap
+            ]
+        finally:
+            await redis.aclose()
+
+
+class TestPlansSync:
+    def test_says_when_there_is_nothing_to_sync(self, cli: Cli) -> None:
+        done = cli("plans", "sync")  # the default catalogue: one-off plans only
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (
+            "nothing to sync: no recurring plan that an active subscription provider charges"
+        )
+
+    def test_syncs_a_recurring_plan_at_the_sandbox(self, cli: Cli) -> None:
+        plan = {"name": "Pro", "amount": 2900, "currency": "EUR", "interval": "month"}
+        done = cli("plans", "sync", PAYMENT_PLANS=json.dumps({"pro-monthly": plan}))
+        assert done.returncode == 0, done.stderr
+        ((provider, price, vendor_id),) = [line.split() for line in done.stdout.splitlines()]
+        assert (provider, vendor_id[:5]) == ("sandbox", "sbpr_") and "pro-monthly" in price
 
 
 class TestToken:
@@ -208,21 +258,54 @@ class TestWhichRedis:
     ) -> None:
         (tmp_path / "var").mkdir()
         (tmp_path / "var" / "redis.url").write_text(redis_server.url + "\n")
-        env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", "providers", "list"],
-            cwd=tmp_path,
-            env={**env, "PYTHONPATH": str(ROOT), "REDIS_KEY_PREFIX": "test:"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _cli_without_redis_url(tmp_path, "providers", "list")
         assert done.returncode == 0, done.stderr
         assert f"Redis: {redis_server.url}" in done.stderr
+
+    async def test_receipts_verify_walks_the_chain_of_the_redis_make_run_recorded(
+        self, redis_server: RedisServer, tmp_path: Path
+    ) -> None:
+        redis_server.flush()
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            ledger = ReceiptLedger(redis, prefix="test:")
+            document = await ledger.number(
+                "sb_cli",
+                series=Series.RECEIPT,
+                year=2026,
+                template="R-{year}-{seq:06d}",
+                kind="receipt",
+            )
+            pdf = b"%PDF-1.7 a receipt"
+            await ledger.record(document, hashlib.sha256(pdf).hexdigest(), at=datetime.now(UTC))
+        finally:
+            await redis.aclose()
+        path = document_path(tmp_path / "var" / "receipts", "sb_cli")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(pdf)
+        (tmp_path / "var" / "redis.url").write_text(redis_server.url + "\n")
+        # RECEIPTS_DIR is var/receipts in tmp_path, as under `make run` in the checkout.
+        done = _cli_without_redis_url(tmp_path, "receipts", "verify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"Redis: {redis_server.url}" in done.stderr
+        assert done.stdout.strip() == "ok: 1 chain entries, 1 documents match"
 
     def test_a_password_is_never_printed(self, cli: Cli, redis_server: RedisServer) -> None:
         url = redis_server.url.replace("redis://", "redis://user:s3cret@")
         done = cli("providers", "list", REDIS_URL=url)
         assert "s3cret" not in done.stderr + done.stdout
         assert "user:****@" in done.stderr
+
+
+def _cli_without_redis_url(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run in ``directory`` with REDIS_URL unset, as after `make run` there."""
+    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=directory,
+        env={**env, "PYTHONPATH": str(ROOT), "REDIS_KEY_PREFIX": "test:"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -34,6 +34,9 @@ class TestCompose:
             assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", environment[name]), name
         assert "FORWARDED_ALLOW_IPS" in environment
         assert all(port.startswith("127.0.0.1:") for port in api["ports"])
+        # The service listens on PORT inside the container: the one the mapping targets, not
+        # whatever PORT .env (env_file) sets for the host side.
+        assert [port.rsplit(":", 1)[1] for port in api["ports"]] == [environment["PORT"]]
         assert api["init"] is True
         assert api["env_file"] == [".env"]
 

@@ -173,6 +173,28 @@ class TestStoredConfigs:
         assert "x" * 20 not in unknown.text
         assert_problem(unknown, 422, "invalid_provider_config")
 
+    async def test_a_secret_no_header_can_carry_is_refused_not_a_500_later(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        # A placeholder pasted as it was ("sk_test_51…your key…"): stored, it made every
+        # Stripe call fail encoding the Authorization header, create-intent a 500.
+        response = await client.post(
+            "/api/v1/providers/configs",
+            headers=admin,
+            json={
+                "provider_key": "stripe",
+                "config_secret": {
+                    "secret_key": "sk_test_51…your key…",
+                    "webhook_secret": "whsec_ok",
+                },
+            },
+        )
+        body = assert_problem(response, 422, "invalid_provider_config")
+        assert body["detail"] == "Invalid fields: config_secret.secret_key"
+        assert "your key" not in response.text
+        listed = await client.get("/api/v1/providers/configs", headers=admin)
+        assert listed.json() == []
+
     async def test_one_config_per_provider(
         self, client: httpx.AsyncClient, admin: dict[str, str]
     ) -> None:
@@ -485,6 +507,16 @@ class TestEnvironmentValues:
                 pytest.fail("started")
         assert [error["loc"] for error in refused.value.errors()] == [("stripe_publishable_key",)]
         assert "Qz7Kp4" not in str(refused.value)
+
+    async def test_a_secret_no_header_can_carry_stops_the_start(
+        self, settings: Settings, render_pool: ProcessPoolExecutor
+    ) -> None:
+        bad = settings.model_copy(update={"stripe_secret_key": SecretStr("sk_test_Qz7…")})
+        with pytest.raises(ValidationError) as refused:
+            async with _running(bad, render_pool):
+                pytest.fail("started")
+        assert [error["loc"] for error in refused.value.errors()] == [("stripe_secret_key",)]
+        assert "Qz7" not in str(refused.value)
 
 
 class TestStoredConfigThatNoLongerFits:

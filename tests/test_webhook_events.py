@@ -577,6 +577,74 @@ class TestNothingIsLost:
         assert (body["type"], body["data"]["payment_id"]) == ("payment.succeeded", payment_id)
 
 
+SWEEP_LEASE_KEY = "test:wh:{sweep}:leader"
+SWEEP_LEASE_S = 1.0  # fast_events sweeps every 0.05 s: the lease's floor, a second
+
+
+class TestSweepLeadership:
+    """The sweep (outboxes a dead process left) is one worker's job at a time: the holder of
+    a lease in Redis. Another takes over when it stops, or when a dead one's lease lapses."""
+
+    async def test_one_worker_sweeps_and_another_takes_over_when_it_stops(
+        self, app: Any, settings: Settings, render_pool: ProcessPoolExecutor
+    ) -> None:
+        first: WebhookEvents = app.state.webhook_events
+        async with another_app(settings, render_pool) as other:
+            second: WebhookEvents = other.state.webhook_events
+            await eventually(lambda: first.sweeps + second.sweeps >= 3)
+            assert [first.sweep_leader, second.sweep_leader].count(True) == 1
+            leader, follower = (first, second) if first.sweep_leader else (second, first)
+            swept = leader.sweeps
+            await asyncio.sleep(0.5)  # ten sweep intervals
+            assert leader.sweeps > swept and follower.sweeps == 0
+            await leader.aclose()  # lets go of the lease: the other sweeps at its next look
+            await eventually(lambda: follower.sweeps > 0, within_s=SWEEP_LEASE_S / 2)
+            assert follower.sweep_leader
+
+    async def test_a_dead_leaders_lease_lapses_and_another_takes_over(
+        self,
+        client: httpx.AsyncClient,
+        admin: dict[str, str],
+        receiver: Receiver,
+        app: Any,
+        settings: Settings,
+        render_pool: ProcessPoolExecutor,
+    ) -> None:
+        raw = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            await dead_leader_is_replaced(client, admin, receiver, app, settings, render_pool, raw)
+        finally:
+            await raw.aclose()
+
+
+async def dead_leader_is_replaced(
+    client: httpx.AsyncClient,
+    admin: dict[str, str],
+    receiver: Receiver,
+    app: Any,
+    settings: Settings,
+    render_pool: ProcessPoolExecutor,
+    raw: Any,
+) -> None:
+    """An outbox left by a process that died, and a sweep leader that died holding the lease:
+    nothing is swept while the lease runs, then another worker takes it and sweeps."""
+    created = await add_endpoint(client, admin, receiver.url)
+    await app.state.webhook_events.aclose()  # this process relays, sweeps and delivers nothing
+    app.state.store.outbox_listener = None
+    payment_id = await paid(client)
+    await raw.set(SWEEP_LEASE_KEY, "dead-worker", px=int(SWEEP_LEASE_S * 1000))
+    died = time.monotonic()
+    async with another_app(settings, render_pool) as other:
+        events: WebhookEvents = other.state.webhook_events
+        await asyncio.sleep(SWEEP_LEASE_S / 2)
+        assert (receiver.all(), events.sweeps) == ([], 0)  # the dead one still holds it
+        await eventually(lambda: len(receiver.accepted()) == 1, within_s=SWEEP_LEASE_S + 5)
+        assert time.monotonic() - died >= SWEEP_LEASE_S * 0.9
+        assert events.sweep_leader and await raw.get(SWEEP_LEASE_KEY) not in (None, "dead-worker")
+    (body,) = verified(receiver, created["secret"])
+    assert (body["type"], body["data"]["payment_id"]) == ("payment.succeeded", payment_id)
+
+
 async def _log_size(
     client: httpx.AsyncClient, endpoint_id: str, admin: dict[str, str], size: int
 ) -> bool:

@@ -24,6 +24,7 @@ from tests.test_webhook_events import (
     URL,
     add_endpoint,
     another_app,
+    dead_leader_is_replaced,
     eventually,
     fast_events,
     paid,
@@ -112,6 +113,21 @@ class TestOnACluster:
             await eventually(lambda: len(receiver.accepted()) == 4, within_s=15)
         delivered = {body["data"]["payment_id"] for body in verified(receiver, created["secret"])}
         assert delivered == set(payment_ids)
+
+    async def test_a_dead_sweep_leaders_lease_lapses_and_another_takes_over(
+        self,
+        client: httpx.AsyncClient,
+        admin: dict[str, str],
+        receiver: Receiver,
+        app: Any,
+        settings: Settings,
+        render_pool: ProcessPoolExecutor,
+    ) -> None:
+        raw = RedisCluster.from_url(settings.redis_url, decode_responses=True)
+        try:
+            await dead_leader_is_replaced(client, admin, receiver, app, settings, render_pool, raw)
+        finally:
+            await raw.aclose()
 
 
 class TestTakeoverOnACluster:

@@ -107,6 +107,15 @@ class RotatedSecret(BaseModel):
     previous_expires_at: datetime | None
 
 
+# KEYS: an endpoint's hash. ARGV: its secrets as read, the same re-encrypted. Writes them only
+# if no one changed them meanwhile (a rotate-secret call), so that a new secret is never lost.
+_REENCRYPT_LUA = """
+if redis.call('HGET', KEYS[1], 'secrets') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'secrets', ARGV[2])
+return 1
+"""
+
+
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
@@ -122,6 +131,7 @@ class EndpointStore:
         self._box = box
         self._guard = guard
         self._index = f"{prefix}whep:{{index}}"
+        self._reencrypt = redis.register_script(_REENCRYPT_LUA)
 
     def key(self, endpoint_id: str) -> str:
         """The endpoint's hash; its deliveries' keys start with it (one slot)."""
@@ -217,6 +227,27 @@ class EndpointStore:
                 mapping={"secrets": self._box.encrypt(values), "updated_at": _now().isoformat()},
             )
         return RotatedSecret(secret=secret, previous_expires_at=expires)
+
+    async def reencrypt_secrets(self) -> int:
+        """Re-encrypt every endpoint's signing secrets under PROVIDER_SECRETS_KEY's newest
+        key (``payments secrets rotate``: the provider configs' and these, one procedure).
+        Returns how many endpoints were re-encrypted."""
+        count = 0
+        for endpoint_id in await self.ids():
+            key = self.key(endpoint_id)
+            while True:
+                async with store_errors():
+                    token = await self._redis.hget(key, "secrets")
+                if token is None:  # deleted meanwhile
+                    break
+                async with store_errors():
+                    written = await self._reencrypt(
+                        keys=[key], args=[token, self._box.rotate(str(token))]
+                    )
+                if written:
+                    count += 1
+                    break
+        return count
 
     def signing_secrets(self, fields: dict[str, str], *, now: datetime) -> list[str]:
         """The secrets a delivery is signed with now: the current one, and the previous one

@@ -11,7 +11,12 @@ How an event travels, and why it cannot be lost:
    endpoint (deliveries.py), then pops each entry. It runs at once, in the process that made
    the change; if that process dies first, the sweep finds the outbox through its index (only
    entries older than a grace period, so as not to race the fast path). Enqueueing is once per
-   (event, endpoint), so relaying again after a crash changes nothing.
+   (event, endpoint), so relaying again after a crash changes nothing. One worker sweeps at a
+   time, the holder of a leader lease (services/leader_lease.py): on a Cluster the indexes
+   are one per slot, and every worker reading a share of 16384 of them each interval would
+   be thousands of reads for nothing. The lease only saves that work: the relay is atomic
+   and idempotent, so two sweepers at once (a leader that stalled past its lease) are
+   harmless, and a dead leader's lease lapses and another worker takes over.
 3. Each endpoint keeps, per payment, a queue of its deliveries; only the head is due. The
    scheduler claims due heads under a lease and adds them to one Redis stream read by a
    consumer group: any worker may deliver any of them. A worker that dies holding one leaves
@@ -38,7 +43,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from models.payment import RefundRecord
-from services.errors import NotFound, StoreUnavailable
+from services.errors import NotFound, ServiceError, StoreUnavailable
 from services.events.deliveries import (
     BeginOutcome,
     Delivery,
@@ -60,6 +65,7 @@ from services.events.endpoints import (
 )
 from services.events.outbox import EventType, OutboxKeys
 from services.events.sender import Sender
+from services.leader_lease import LeaderLease
 from services.metrics import WEBHOOK_DELIVERIES
 from services.payment_store import RedisClient, payment_from_fields, store_errors
 from services.views import payment_response, refund_view
@@ -94,6 +100,10 @@ class EventsConfig:
     sweep_interval_s: float
     sweep_grace_s: float
     batch: int = 20
+    # How long the sweep's leader lease lasts without renewal (the holder renews it every
+    # sweep interval): a dead leader is replaced within about this long. None: three sweep
+    # intervals, and at least a second.
+    sweep_lease_s: float | None = None
 
 
 class WebhookEvents:
@@ -126,6 +136,12 @@ class WebhookEvents:
         # the next poll (other workers' consumers find it at theirs).
         self._handed_over = asyncio.Event()
         self._sweep_position = 0
+        self._sweep_lease = LeaderLease(
+            redis,
+            f"{prefix}wh:{{sweep}}:leader",
+            lease_s=config.sweep_lease_s or max(config.sweep_interval_s * 3, 1.0),
+        )
+        self.sweeps = 0  # sweep passes this worker ran as the leader
         self._stopping = False
 
     # -- endpoints (the admin API and the dashboard) ---------------------------------------
@@ -244,9 +260,15 @@ class WebhookEvents:
                 await self.deliveries.enqueue(endpoint.id, event)
         self._wake.set()
 
+    @property
+    def sweep_leader(self) -> bool:
+        """Whether this worker held the sweep's lease when it last looked."""
+        return self._sweep_lease.held
+
     async def sweep_once(self) -> int:
         """Relay the outboxes a crash left behind (older than the grace period). On a
-        Cluster the indexes are one per slot: each sweep looks at an eighth of them."""
+        Cluster the indexes are one per slot: each sweep looks at an eighth of them, so the
+        leader goes round all of them every ``SWEEP_SHARES`` intervals."""
         indexes = self._outbox.all_indexes()
         share = -(-len(indexes) // SWEEP_SHARES)
         start = self._sweep_position % len(indexes)
@@ -400,7 +422,18 @@ class WebhookEvents:
         self._wake.clear()
 
     async def _sweep_step(self) -> None:
-        await self.sweep_once()
+        # Only the lease's holder sweeps (renewing it each time); the others look again
+        # every interval, and take the lease once a dead holder's has lapsed.
+        was_leader = self._sweep_lease.held
+        leading = await self._sweep_lease.hold()
+        if leading != was_leader:
+            log.info(
+                "events.sweep_lead_taken" if leading else "events.sweep_lead_lost",
+                extra={"worker": self.consumer},
+            )
+        if leading and not self._stopping:  # the flag: a cancel redis-py may have swallowed
+            await self.sweep_once()
+            self.sweeps += 1
         if not self._stopping:
             await asyncio.sleep(self._config.sweep_interval_s)
 
@@ -439,6 +472,10 @@ class WebhookEvents:
             if pending:
                 log.warning("events.worker_stop_slow", extra={"tasks": len(pending)})
         self._tasks = []
+        if self._sweep_lease.held:
+            # Let go, so that another worker sweeps at its next look, not after the lease.
+            with contextlib.suppress(ServiceError):  # Redis away: the lease lapses by itself
+                await self._sweep_lease.release()
 
 
 def _claimed_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:

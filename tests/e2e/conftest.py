@@ -135,10 +135,11 @@ def running_service(
     workers: int = 1,
     key_prefix: str = "e2e:",
     extra_env: Mapping[str, str] | None = None,
+    cli: bool = False,
 ) -> Iterator[ServiceProcess]:
-    """`uvicorn app.main:app` with ``workers`` processes on a free loopback port, configured
-    only by its environment (plus ``extra_env``); stopped with SIGTERM, and failed if it did
-    not stop cleanly."""
+    """`uvicorn app.main:app` (or, with ``cli``, `payments serve`) with ``workers`` processes
+    on a free loopback port, configured only by its environment (plus ``extra_env``); stopped
+    with SIGTERM, and failed if it did not stop cleanly."""
     directory = Path(tempfile.mkdtemp(prefix="payments-e2e-"))
     port = free_port()
     service = ServiceProcess(
@@ -150,7 +151,10 @@ def running_service(
         },
         log_path=directory / "uvicorn.log",
     )
-    command = [sys.executable, "-m", "uvicorn", "app.main:app"]
+    if cli:
+        command = [sys.executable, "-m", "app.cli", "serve"]
+    else:
+        command = [sys.executable, "-m", "uvicorn", "app.main:app"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     if workers > 1:
         command += ["--workers", str(workers)]

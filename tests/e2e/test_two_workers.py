@@ -1,8 +1,10 @@
 """Promises about workers, kept by `uvicorn --workers 2`: a provider change reaches every worker
-within a second, rate limits are counted across them, and one of them reconciles."""
+within a second, rate limits are counted across them, and one of them reconciles and sweeps
+the event outboxes."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -123,6 +125,29 @@ def test_one_worker_reconciles(two_workers: ServiceProcess, admin: dict[str, str
             stats = http.get("/api/v1/providers/reconciliation", headers=admin).json()
             leaders.add(stats["leader"])
     assert len(leaders) == 1 and None not in leaders
+
+
+def test_one_worker_sweeps_the_outboxes(two_workers: ServiceProcess) -> None:
+    # Both workers look for the sweep's lease at start; one takes it and keeps it.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in two_workers.log().splitlines() if '"events.' in line]
+        taken = [line["worker"] for line in lines if line["event"] == "events.sweep_lead_taken"]
+        if taken or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(taken) == 1, taken
+    assert not [line for line in lines if line["event"] == "events.sweep_lead_lost"]
+
+
+def test_payments_serve_logs_json_from_its_supervisor_too(redis_server: RedisServer) -> None:
+    # `payments serve --workers 2`, as the Docker image runs it: the supervising process's
+    # lines (where it listens, its workers) in the same JSON as the workers'.
+    with running_service(redis_server, workers=2, key_prefix="e2e3:", cli=True) as service:
+        lines = [json.loads(line) for line in service.log().splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert any(event.startswith("Started parent process") for event in events), events
+    assert any(event.startswith("Uvicorn running on") for event in events), events
 
 
 CREATED = 8  # under a user's create-intent limit (10 a minute)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,9 @@ import httpx
 import pytest
 from pypdf import PdfReader
 
+from services import receipt_render
 from services.money import format_amount, to_major
+from services.receipt_service import new_render_pool
 from tests.conftest import bearer, create_payment, pay_in_sandbox
 
 
@@ -125,3 +130,18 @@ class TestMoney:
     def test_to_major(self) -> None:
         assert str(to_major(1900, "EUR")) == "19.00"
         assert str(to_major(1900, "JPY")) == "1900"
+
+
+class TestRenderPool:
+    def test_a_ctrl_c_in_the_terminal_leaves_the_pool_to_the_service(self) -> None:
+        # Ctrl-C signals the whole process group: `make run`'s render workers too. The
+        # service shuts its pool down itself; a worker must not die of the signal first
+        # (a traceback on every Ctrl-C, and a broken pool while the server still stops).
+        pool = new_render_pool(1)
+        try:
+            pid = pool.submit(receipt_render.warm_up).result(timeout=60)
+            os.kill(pid, signal.SIGINT)
+            time.sleep(0.5)
+            assert pool.submit(receipt_render.warm_up).result(timeout=60) == pid
+        finally:
+            pool.shutdown()
