@@ -556,6 +556,37 @@ class TestNothingIsLost:
         finally:
             await raw.aclose()
 
+    async def test_an_endpoint_whose_secret_cannot_be_read_holds_up_no_other(
+        self,
+        client: httpx.AsyncClient,
+        admin: dict[str, str],
+        receiver: Receiver,
+        settings: Settings,
+        render_pool: ProcessPoolExecutor,
+    ) -> None:
+        """A signing secret stored under a key no longer deployed: that endpoint's deliveries
+        fail (never sent unsigned) and are retried; every other endpoint's arrive at once."""
+        broken = await add_endpoint(client, admin, receiver.url + "?broken")
+        good = await add_endpoint(client, admin, receiver.url)
+        raw = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            other_key = Fernet(Fernet.generate_key())
+            unreadable = other_key.encrypt(b'{"current": "whsec_x"}').decode()
+            await raw.hset(f"test:whep:{{{broken['id']}}}", "secrets", unreadable)
+        finally:
+            await raw.aclose()
+        payment_ids = [await paid(client) for _ in range(3)]
+        async with another_app(settings, render_pool, webhook_worker_enabled=True):
+            await eventually(lambda: len(receiver.accepted()) == 3)
+            await eventually(lambda: _log_size(client, broken["id"], admin, 3), within_s=5)
+            log = (await client.get(f"{URL}/{broken['id']}/deliveries", headers=admin)).json()
+        assert all(d["status"] != "succeeded" for d in log)
+        assert {d["last_error"] for d in log if d["attempts"]} <= {"secrets_undecryptable"}
+        assert any(d["attempts"] for d in log)
+        bodies = verified(receiver, good["secret"])
+        assert sorted(b["data"]["payment_id"] for b in bodies) == sorted(payment_ids)
+        assert len(receiver.all()) == 3  # nothing reached it from the broken endpoint
+
     async def test_a_process_that_dies_between_the_change_and_the_relay_loses_nothing(
         self,
         client: httpx.AsyncClient,

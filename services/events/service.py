@@ -45,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from models.payment import RefundRecord
 from services.errors import NotFound, ServiceError, StoreUnavailable
 from services.events.deliveries import (
+    Attempt,
     BeginOutcome,
     Delivery,
     DeliveryStatus,
@@ -68,6 +69,7 @@ from services.events.sender import Sender
 from services.leader_lease import LeaderLease
 from services.metrics import WEBHOOK_DELIVERIES
 from services.payment_store import RedisClient, payment_from_fields, store_errors
+from services.provider_configs import SecretsKeyMissing, SecretsUndecryptable
 from services.views import payment_response, refund_view
 
 log = logging.getLogger("payments.events")
@@ -338,7 +340,13 @@ class WebhookEvents:
                 )
                 entries = [entry for _stream, items in read or [] for entry in items]
         for entry_id, fields in entries:
-            await self._deliver(str(entry_id), fields)
+            try:
+                await self._deliver(str(entry_id), fields)
+            except StoreUnavailable:
+                raise  # Redis is away: the rest of the batch waits for it too
+            except Exception:
+                # One entry that fails is claimed again later; the others go on now.
+                log.exception("events.delivery_error", extra={"entry": str(entry_id)})
         return len(entries)
 
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> None:
@@ -360,8 +368,16 @@ class WebhookEvents:
         record, endpoint_fields = begun.delivery, begun.endpoint
         endpoint = endpoint_from_fields(endpoint_fields)
         now = datetime.now(UTC)
-        secrets = self.endpoints.signing_secrets(endpoint_fields, now=now)
-        attempt = await self._sender.send(endpoint.url, record["event_id"], record["body"], secrets)
+        try:
+            secrets = self.endpoints.signing_secrets(endpoint_fields, now=now)
+        except (SecretsKeyMissing, SecretsUndecryptable) as error:
+            # Never sent unsigned: a failed attempt of this endpoint's, retried on its
+            # schedule (the right key may be deployed meanwhile), that holds up no other.
+            attempt = Attempt(now.replace(microsecond=0), None, 0.0, "", error.code)
+        else:
+            attempt = await self._sender.send(
+                endpoint.url, record["event_id"], record["body"], secrets
+            )
         attempts = int(record.get("attempts", "0")) + 1
         schedule = self._config.retry_schedule_s
         outcome: DeliveryStatus | None
