@@ -622,7 +622,10 @@ class ReceiptResponse(BaseModel):
     test: bool = Field(description="Test money: the PDF carries a TEST mark")
     plan: str
     plan_name: str
-    amount: int
+    amount: int = Field(
+        description="What was paid, in minor units: the part captured, where only part of "
+        "the authorization was"
+    )
     currency: str
     amount_formatted: str
     tax: TaxView

@@ -174,7 +174,16 @@ def receipt_context(
         "number": number,
         "date": fmt.moment(paid_at),
         "created": paid_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "unit_price": fmt.amount(record.amount, record.currency),
+        # What was paid: the whole authorization, or the part of it that was captured.
+        "unit_price": fmt.amount(tax.gross, record.currency),
+        "partial_capture": (
+            fmt.text["partial_capture"].format(
+                captured=fmt.amount(tax.gross, record.currency),
+                authorized=fmt.amount(record.amount, record.currency),
+            )
+            if tax.gross < record.amount
+            else None
+        ),
         "paid_on": fmt.day(paid_at),
         # A subscription's invoice: the period it paid for.
         "service_period": (

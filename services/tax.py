@@ -8,7 +8,8 @@ net + tax == gross always holds exactly:
 - prices exclude tax: tax = round_half_up(net * rate / 100), gross = net + tax.
 
 A refund gives back tax in proportion, allocated on the running total of refunds so that the
-credit notes of a fully refunded payment add up to exactly the receipt's tax.
+credit notes of a fully refunded payment add up to exactly the receipt's tax. A payment of
+which only part was captured is a sale of that part: its tax in proportion, by the same rule.
 """
 
 from __future__ import annotations
@@ -103,8 +104,17 @@ class TaxPolicy:
         return Sale(gross=plan.amount + tax, tax=tax, rate=rate, treatment=treatment)
 
     def lines(self, record: PaymentRecord, plan: Plan) -> TaxLines:
-        """The receipt's tax lines: as recorded at checkout, or for a payment made before
-        tax was recorded, its amount read as a price including the plan's rate."""
+        """The receipt's tax lines for what was paid: the whole sale, or where only part of
+        the authorization was captured, that part (its tax in proportion)."""
+        sale = self._sale_lines(record, plan)
+        captured = record.amount_captured
+        if captured is not None and 0 < captured < sale.gross:
+            return refunded_tax(sale, 0, captured)  # the same proportion, from zero
+        return sale
+
+    def _sale_lines(self, record: PaymentRecord, plan: Plan) -> TaxLines:
+        """The sale's tax lines: as recorded at checkout, or for a payment made before tax
+        was recorded, its amount read as a price including the plan's rate."""
         if record.tax_amount is not None and record.tax_treatment is not None:
             rate = record.tax_rate if record.tax_rate is not None else Decimal(0)
             return TaxLines(

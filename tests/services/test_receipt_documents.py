@@ -186,6 +186,33 @@ class TestTaxArithmetic:
             before += amount
         assert sum(taxes) == lines.tax == 160
 
+    def test_a_partial_capture_is_a_sale_of_the_part_captured(self) -> None:
+        policy = TaxPolicy(default_rate=Decimal(19))
+        plan = Plan(code="pro", name="Pro", amount=2900, currency="EUR")
+        sale = policy.sale(plan, None)
+        now = dt.datetime.now(dt.UTC)
+        record = PaymentRecord(
+            payment_id="sb_x",
+            provider="sandbox",
+            reference="r",
+            plan="pro",
+            amount=2900,
+            currency="EUR",
+            status=PaymentStatus.SUCCEEDED,
+            created_at=now,
+            updated_at=now,
+            tax_rate=sale.rate,
+            tax_amount=sale.tax,
+            tax_treatment=sale.treatment,
+        )
+        whole = policy.lines(record, plan)
+        assert (whole.net, whole.tax, whole.gross) == (2437, 463, 2900)
+        part = policy.lines(record.model_copy(update={"amount_captured": 2000}), plan)
+        # 2000 * 463 / 2900 = 319.31: half up on the tax, the net what is left.
+        assert (part.net, part.tax, part.gross) == (1681, 319, 2000)
+        # Refunding what was captured gives back exactly its tax.
+        assert refunded_tax(part, 0, 1500).tax + refunded_tax(part, 1500, 500).tax == 319
+
 
 class TestWhatTheReceiptSays:
     @pytest.fixture
