@@ -21,7 +21,7 @@ from services.errors import (
     PaymentNotFound,
 )
 from services.money import format_amount
-from services.payment_providers.sandbox import Outcome
+from services.payment_providers.sandbox import Outcome, captured_part
 from services.receipt_render import TEMPLATES_DIR
 
 router = APIRouter(prefix="/sandbox", tags=["sandbox"])
@@ -32,6 +32,7 @@ _SANDBOX_ID = re.compile(PAYMENT_ID_PATTERN.replace("^", "^sb_"))
 
 
 def _page(request: Request, session: dict[str, str], payment_id: str, **extra: object) -> Response:
+    captured = captured_part(session)
     return templates.TemplateResponse(
         request,
         "sandbox_checkout.html",
@@ -40,6 +41,7 @@ def _page(request: Request, session: dict[str, str], payment_id: str, **extra: o
             "plan_name": session.get("plan_name", session.get("plan", "")),
             "amount": format_amount(int(session["amount"]), session["currency"]),
             "status": session["status"],
+            "captured": None if captured is None else format_amount(captured, session["currency"]),
             **extra,
         },
         headers={"Cache-Control": "no-store"},

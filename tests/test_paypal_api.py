@@ -178,6 +178,15 @@ class TestCapture:
         assert verified.status_code == 200, verified.text
         assert verified.json() == body
 
+    async def test_part_of_the_amount_is_refused_as_paypal_captures_it_all_here(
+        self, client: httpx.AsyncClient, fake: FakePayPal
+    ) -> None:
+        payment_id = await paypal_payment(client)
+        fake.approve(order_id(payment_id))
+        part = await client.post(f"{API}/{payment_id}/capture", json={"amount": 100})
+        assert_problem(part, 422, "operation_not_supported")
+        assert fake.captures == {}
+
     async def test_capturing_twice_answers_the_first_result(
         self, client: httpx.AsyncClient, fake: FakePayPal
     ) -> None:

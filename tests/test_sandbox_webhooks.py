@@ -177,6 +177,28 @@ class TestPushedWebhooks:
             "partially_refunded",
         ]
 
+    async def test_a_partial_capture_is_pushed_with_what_it_took(
+        self, live: httpx.AsyncClient, app: Any, token: Any
+    ) -> None:
+        payment_id = await create(live, {"webhooks": True}, capture_method="manual")
+        await settle(live, payment_id)
+        await reaches(app, payment_id, "requires_capture")
+        # Captured at the sandbox, the API's answer lost: the service learns it by the push.
+        await sandbox_of(app).capture(payment_id, idempotency_key="lost", amount=1000)
+
+        await reaches(app, payment_id, "succeeded")
+
+        record = await app.state.store.get(payment_id)
+        assert record.amount_captured == 1000
+        [_, delivery] = await settled_log(app, payment_id)
+        assert (delivery["type"], delivery["outcome"]) == ("payment.succeeded", "applied")
+        over = await live.post(
+            f"/api/v1/payment/{payment_id}/refund",
+            json={"amount": 1001},
+            headers=bearer(token("root", admin=True)),
+        )
+        assert_problem(over, 422, "refund_exceeds_balance")
+
     @pytest.mark.parametrize("ending", ["succeeded", "failed"])
     async def test_a_pending_refund_settles_by_webhook(
         self, live: httpx.AsyncClient, app: Any, token: Any, ending: str

@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from models.payment import PaymentStatus, RefundStatus, SandboxBehaviour
 from services.errors import (
+    CaptureExceedsAmount,
     InvalidStateTransition,
     InvalidWebhookPayload,
     NotFound,
-    OperationNotSupported,
     PaymentDeclined,
     PaymentNotFound,
     ProviderNotConfigured,
@@ -118,16 +118,39 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 return {'ok', ARGV[2]}
 """
 
+# KEYS: session hash. ARGV: the amount to capture ('' for all that is authorized). Captures an
+# authorized session once, all of it or part (the rest is released: nothing can take it
+# later), and keeps what it took as 'captured'. Asked again, under the same idempotency key or
+# another, it captures nothing more and answers what was taken.
+_CAPTURE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', ''} end
+local authorized = redis.call('HGET', KEYS[1], 'amount')
+if status == 'succeeded' then
+  return {'captured', redis.call('HGET', KEYS[1], 'captured') or authorized}
+end
+if status ~= 'authorized' then return {'refused', status} end
+local amount = ARGV[1]
+if amount == '' then amount = authorized end
+if tonumber(amount) <= 0 or tonumber(amount) > tonumber(authorized) then
+  return {'exceeds', authorized}
+end
+redis.call('HSET', KEYS[1], 'status', 'succeeded', 'captured', amount)
+return {'ok', amount}
+"""
+
 # KEYS: session hash, refunds hash. ARGV: the sandbox's refund id, amount, the refund (JSON,
-# pending or succeeded). Refunds only what was paid and is neither refunded nor pending; the
-# same refund id (derived from the merchant's idempotency key) never refunds twice.
+# pending or succeeded). Refunds only what was paid (captured, after a partial capture) and is
+# neither refunded nor pending; the same refund id (derived from the merchant's idempotency
+# key) never refunds twice.
 _REFUND_LUA = """
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
 if existing then return {'replay', existing} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', ''} end
 if status ~= 'succeeded' then return {'unpaid', ''} end
-local paid = tonumber(redis.call('HGET', KEYS[1], 'amount'))
+local paid = tonumber(redis.call('HGET', KEYS[1], 'captured')
+  or redis.call('HGET', KEYS[1], 'amount'))
 local refunded = tonumber(redis.call('HGET', KEYS[1], 'refunded') or '0')
 local pending = tonumber(redis.call('HGET', KEYS[1], 'refund_pending') or '0')
 local amount = tonumber(ARGV[2])
@@ -209,6 +232,7 @@ class SandboxProvider(BasePaymentProvider):
             Capability.CARD,
             Capability.REDIRECT,
             Capability.CAPTURE,
+            Capability.PARTIAL_CAPTURE,
             Capability.CANCEL,
             Capability.REFUND,
             Capability.PARTIAL_REFUND,
@@ -236,6 +260,7 @@ class SandboxProvider(BasePaymentProvider):
         self._open = store.script(_OPEN_LUA)
         self._settle = store.script(_SETTLE_LUA)
         self._move = store.script(_MOVE_LUA)
+        self._capture = store.script(_CAPTURE_LUA)
         self._refund = store.script(_REFUND_LUA)
         self._settle_refund = store.script(_SETTLE_REFUND_LUA)
         self._webhooks = SandboxWebhookPusher(
@@ -406,17 +431,20 @@ class SandboxProvider(BasePaymentProvider):
     def state_of(payment_id: str, fields: Mapping[str, str]) -> PaymentState:
         """The sandbox's truth about a payment, from its record as ``session`` reads it."""
         amount = int(fields["amount"])
+        captured = captured_part(fields)
         refunded = int(fields.get("refunded", 0))
         status = _STATUS_MAP.get(fields["status"], PaymentStatus.PENDING)
         if status is PaymentStatus.SUCCEEDED and refunded:
+            taken = amount if captured is None else captured
             status = (
-                PaymentStatus.REFUNDED if refunded >= amount else PaymentStatus.PARTIALLY_REFUNDED
+                PaymentStatus.REFUNDED if refunded >= taken else PaymentStatus.PARTIALLY_REFUNDED
             )
         return PaymentState(
             payment_id=payment_id,
             status=status,
             amount=amount,
             currency=fields["currency"],
+            amount_captured=captured,
             payment_method="sandbox",
             vendor_status=fields["status"],
             card=TEST_CARD,
@@ -425,19 +453,35 @@ class SandboxProvider(BasePaymentProvider):
     async def capture(
         self, payment_id: str, *, idempotency_key: str, amount: int | None = None
     ) -> PaymentState:
-        if amount is not None:
-            raise OperationNotSupported(f"{self.display_name} captures the whole amount only")
+        """All that the customer authorized, or ``amount`` of it: the rest is released at
+        once, and the answer's ``amount_captured`` says what was taken. A session is captured
+        once: asked again, the sandbox answers that capture, and refuses another amount."""
         self._require_enabled()
-        result, status = await self._move(
-            keys=[self._key(payment_id)], args=["authorized", "succeeded"]
+        result, value = await self._capture(
+            keys=[self._key(payment_id)], args=["" if amount is None else amount]
         )
         if result == "missing":
             raise PaymentNotFound(f"No payment {payment_id!r}")
-        if result == "refused" and status != "succeeded":  # capturing twice is fine
-            raise InvalidStateTransition(f"Only an authorized payment can be captured ({status})")
+        if result == "refused":
+            raise InvalidStateTransition(f"Only an authorized payment can be captured ({value})")
+        if result == "exceeds":
+            raise CaptureExceedsAmount(
+                f"At most {value} minor units can be captured", extra={"amount": int(value)}
+            )
+        if result == "captured" and amount is not None and amount != int(value):
+            raise InvalidStateTransition(
+                f"The payment was captured already, for {value} minor units"
+            )
+        session = await self.session(payment_id)
+        state = self.state_of(payment_id, session)
         if result == "ok":
-            await self._webhooks.emit(payment_id, "payment.succeeded")
-        return await self.verify_payment(payment_id)
+            await self._webhooks.emit(
+                payment_id,
+                "payment.succeeded",
+                fields=session,
+                amount_captured=state.amount_captured,
+            )
+        return state
 
     async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
         self._require_enabled()
@@ -613,9 +657,10 @@ class SandboxProvider(BasePaymentProvider):
         """Verify the HMAC signature and normalize one sandbox event.
 
         Body: ``{"id": "evt_...", "type": "payment.succeeded", "created": <unix time>,
-        "data": {"payment_id": "sb_..."}}``; the refund.* events add ``data.refund``: ``{"id":
-        "sbre_...", "refund_id": "rf_...", "amount": <minor units>, "currency": "EUR",
-        "status": "pending" | "succeeded" | "failed"}``.
+        "data": {"payment_id": "sb_..."}}``; after a capture of part of the amount,
+        ``payment.succeeded`` adds ``data.amount_captured`` (minor units); the refund.* events
+        add ``data.refund``: ``{"id": "sbre_...", "refund_id": "rf_...", "amount": <minor
+        units>, "currency": "EUR", "status": "pending" | "succeeded" | "failed"}``.
         """
         self._require_enabled()
         verify_webhook_signature(
@@ -628,6 +673,7 @@ class SandboxProvider(BasePaymentProvider):
                 raise TypeError("an event's id and type are strings")
             data = event.get("data") or {}
             payment_id = data.get("payment_id")
+            amount_captured = _positive_or_none(data.get("amount_captured"))
             refund = (
                 _refund_result(data["refund"])
                 if event_type.startswith(REFUND_EVENT_PREFIX)
@@ -648,6 +694,7 @@ class SandboxProvider(BasePaymentProvider):
             refund=refund,
             payment_method="sandbox" if refund is None else None,
             card=TEST_CARD if refund is None else None,
+            amount_captured=amount_captured,
         )
 
     async def health_check(self) -> HealthStatus:
@@ -660,6 +707,23 @@ class SandboxProvider(BasePaymentProvider):
             message="built-in sandbox",
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+
+def captured_part(fields: Mapping[str, str]) -> int | None:
+    """What a capture of part of a session took (its record's ``captured`` below its
+    ``amount``); None when all of it was taken, or nothing yet."""
+    captured = fields.get("captured")
+    if not captured or int(captured) >= int(fields["amount"]):
+        return None
+    return int(captured)
+
+
+def _positive_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError("an amount is a positive integer")
+    return value
 
 
 def _refund_result(refund: Mapping[str, Any]) -> RefundResult:

@@ -119,10 +119,12 @@ class SandboxWebhookPusher:
         *,
         refund: Mapping[str, Any] | None = None,
         fields: Mapping[str, str] | None = None,
+        amount_captured: int | None = None,
     ) -> None:
         """Queue one event for delivery, if this payment asked for webhooks.
 
         ``fields``: the payment's record, when the caller has just read it (saves a read).
+        ``amount_captured``: what a capture of part of the amount took, for the event to say.
         The event is put in order here, in the request that changed the sandbox's record, so
         that events leave in the order things happened (unless `reorder` says otherwise). The
         delivery itself runs in the background: nothing about it can slow down or fail the
@@ -138,13 +140,16 @@ class SandboxWebhookPusher:
             if not raw or not url or self._http is None:
                 return
             plan = SandboxWebhooks.model_validate_json(raw)
+            data: dict[str, Any] = {"payment_id": payment_id}
+            if refund is not None:
+                data["refund"] = dict(refund)
+            if amount_captured is not None:
+                data["amount_captured"] = amount_captured
             event = {
                 "id": f"evt_sb_{secrets.token_hex(12)}",
                 "type": event_type,
                 "created": int(time.time()),
-                "data": {"payment_id": payment_id}
-                if refund is None
-                else {"payment_id": payment_id, "refund": dict(refund)},
+                "data": data,
             }
             body = json.dumps(event, separators=(",", ":"))
             batch = [body]

@@ -8,7 +8,9 @@ page by page (https://developer.authorize.net/api/reference/index.html):
   ``transactionRequest`` and ``hostedPaymentSettings.setting[]`` whose values are JSON
   strings; the token is posted to ``/payment/payment`` as the form field ``token``.
 - "Payment Transactions": ``createTransactionRequest`` for ``priorAuthCaptureTransaction``
-  ("Capture a Previously Authorized Amount"), ``voidTransaction`` ("Void a Transaction") and
+  ("Capture a Previously Authorized Amount": all of it, or an ``amount`` at most what was
+  authorized, else reason 47; once, then reason 311; the details then say ``authAmount`` as
+  authorized and ``settleAmount`` as captured), ``voidTransaction`` ("Void a Transaction") and
   ``refundTransaction`` ("Refund a Transaction": a settled transaction, the card's last four
   digits, ``expirationDate`` XXXX).
 - "Transaction Reporting": ``getTransactionDetailsRequest``,
@@ -16,8 +18,9 @@ page by page (https://developer.authorize.net/api/reference/index.html):
   ``getTransactionListRequest`` (by batch).
 - "Authenticate Test Request" (``authenticateTestRequest``) and the response code / error
   code tables ("Response Codes": E00007 bad credentials, E00027 a transaction that did not
-  go through, E00040 no such record; reasons 11 duplicate, 16 not found, 54 cannot credit,
-  55 credit exceeds, 310 already voided, 311 already captured).
+  go through, E00040 no such record; reasons 11 duplicate, 16 not found, 47 capture above
+  the authorization, 54 cannot credit, 55 credit exceeds, 310 already voided, 311 already
+  captured).
 - "Webhooks" (features/webhooks.html): notifications ``{notificationId, eventType,
   eventDate, webhookId, payload: {responseCode, authCode, avsResponse, authAmount,
   invoiceNumber, merchantReferenceId, entityName, id}}`` signed ``X-ANET-Signature:
@@ -47,7 +50,7 @@ import json
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -174,6 +177,9 @@ class FakeAuthorizeNet:
     batches: dict[str, datetime] = field(default_factory=dict)
     tokens: dict[str, _Token] = field(default_factory=dict)
     faults: list[_Fault] = field(default_factory=list)
+    # Changes made at Authorize.Net (another request, the Merchant Interface) just before the
+    # next request of a name is answered: what happened between our read and our call.
+    meanwhile: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     credentials_valid: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _next_id: int = 60_000_000_000
@@ -187,9 +193,16 @@ class FakeAuthorizeNet:
             self.batches.clear()
             self.tokens.clear()
             self.faults.clear()
+            self.meanwhile.clear()
             self.credentials_valid = True
 
     # -- controls ----------------------------------------------------------------------------
+
+    def before_next(self, request: str, change: Callable[[], None]) -> None:
+        """Make ``change`` (e.g. ``lambda: fake.capture_in_interface(...)``) just before the
+        next ``request`` is answered, as if it happened at Authorize.Net meanwhile."""
+        with self._lock:
+            self.meanwhile.append((request, change))
 
     def fail_next(self, kind: FaultKind, *, times: int = 1, request: str | None = None) -> None:
         with self._lock:
@@ -260,6 +273,17 @@ class FakeAuthorizeNet:
                     continue  # authorizations and held transactions wait
                 transaction.batch_id = batch_id
             return batch_id
+
+    def capture_in_interface(self, trans_id: str, amount: Decimal | None = None) -> None:
+        """The merchant captures an authorization in the Merchant Interface: all of it, or
+        less ("the amount may only be modified to be less than the original amount")."""
+        with self._lock:
+            transaction = self.transactions[trans_id]
+            captured = transaction.auth_amount if amount is None else amount
+            assert transaction.status == "authorizedPendingCapture"
+            assert 0 < captured <= transaction.auth_amount
+            transaction.status, transaction.settle_amount = "capturedPendingSettlement", captured
+            self._emit("net.authorize.payment.priorAuthCapture.created", transaction)
 
     def void_in_interface(self, trans_id: str) -> None:
         """The merchant voids in the Merchant Interface."""
@@ -346,6 +370,8 @@ class FakeAuthorizeNet:
             return self._violation("?", "the body must hold exactly one request element")
         name, inner = next(iter(body.items()))
         fault = self._take_fault(name)
+        for change in self._take_meanwhile(name):
+            change()
         if fault is not None and fault.kind in ("server_error", "unavailable"):
             return Response("busy", status_code=500 if fault.kind == "server_error" else 503)
         if fault is not None and fault.kind == "hang":
@@ -356,6 +382,12 @@ class FakeAuthorizeNet:
         if fault is not None and fault.kind == "hang_after":
             await asyncio.sleep(self.hang_s)
         return self._json(answer)
+
+    def _take_meanwhile(self, name: str) -> list[Callable[[], None]]:
+        with self._lock:
+            due = [change for request, change in self.meanwhile if request == name]
+            self.meanwhile = [entry for entry in self.meanwhile if entry[0] != name]
+        return due
 
     def _take_fault(self, name: str) -> _Fault | None:
         with self._lock:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from models.payment import PaymentStatus, RefundStatus
 from services.errors import (
+    CaptureExceedsAmount,
     InvalidStateTransition,
     InvalidWebhookPayload,
     InvalidWebhookSignature,
@@ -404,6 +405,9 @@ class AuthorizeNetProvider(BasePaymentProvider):
         if tx.REASON_CREDIT_EXCEEDS in reasons:
             log.info(f"{log_event}_failed", extra=fields)
             raise RefundExceedsBalance("The refund is larger than what is left to refund")
+        if tx.REASON_CAPTURE_EXCEEDS in reasons:
+            log.info(f"{log_event}_failed", extra=fields)
+            raise CaptureExceedsAmount("Authorize.Net can capture at most what was authorized")
         if tx.REASON_CANNOT_CREDIT in reasons:
             log.info(f"{log_event}_failed", extra=fields)
             raise InvalidStateTransition(
@@ -594,25 +598,31 @@ class AuthorizeNetProvider(BasePaymentProvider):
         elif status not in (PaymentStatus.PENDING,) and record.get("trans_id") != details.trans_id:
             await self._save(payment_id, trans_id=details.trans_id)
         refunds: tuple[RefundResult, ...] | None = None
+        amount = details.amount("authAmount", currency)
+        captured = details.amount_captured(currency)
         void_refund = record.get("void_refund_id")
         if status is PaymentStatus.CANCELED and void_refund:
             # We voided it in place of a refund: money was taken, and given back in full.
             status = PaymentStatus.SUCCEEDED
+            given_back = int(record.get("void_refund_amount", "0"))
             refunds = (
                 RefundResult(
                     provider_refund_id=tx.void_refund_id(details.trans_id),
-                    amount=int(record.get("void_refund_amount", "0")),
+                    amount=given_back,
                     status=RefundStatus.SUCCEEDED,
                     currency=currency,
                     refund_id=void_refund,
                 ),
             )
-        amount = details.amount("authAmount", currency)
+            # All that was taken was given back: what a partial capture took, if it was less.
+            if amount is not None and 0 < given_back < amount:
+                captured = given_back
         return PaymentState(
             payment_id=payment_id,
             status=status,
             amount=amount,
             currency=currency,
+            amount_captured=captured,
             capture_id=details.trans_id if status.is_paid else None,
             payment_method="card" if details.is_card else None,
             vendor_status=details.vendor_status,
@@ -633,23 +643,31 @@ class AuthorizeNetProvider(BasePaymentProvider):
     async def capture(
         self, payment_id: str, *, idempotency_key: str, amount: int | None = None
     ) -> PaymentState:
+        """All that was authorized, or ``amount`` of it (``priorAuthCaptureTransaction`` with
+        an amount: a transaction is captured once, so the rest is released, and the answer's
+        ``amount_captured`` says what was taken). Captured already: the transaction is read
+        and its capture answered, unless ``amount`` is another than it took."""
         record, details = await self._payment_transaction(payment_id)
         if details is None:
             raise InvalidStateTransition("The buyer has not paid on Authorize.Net's form yet")
         state = await self._state(payment_id, details, record)
         if state.status.is_paid:
-            return state  # captured before: the first result
+            return _as_captured(state, amount)  # captured before: the first result
         if state.status is not PaymentStatus.REQUIRES_CAPTURE:
             raise InvalidStateTransition(
                 f"A {state.status} Authorize.Net payment cannot be captured"
             )
         currency = record.get("currency", "USD")
         authorized = details.amount("authAmount", currency)
-        if amount is not None and (amount <= 0 or (authorized is not None and amount > authorized)):
-            raise InvalidStateTransition(
-                "A capture must be more than 0 and at most what was authorized"
+        if amount is not None and amount <= 0:
+            raise InvalidStateTransition("A capture must be of more than 0")
+        if amount is not None and authorized is not None and amount > authorized:
+            # Asked of Authorize.Net, it would refuse (reason 47): nothing is sent.
+            raise CaptureExceedsAmount(
+                f"At most {authorized} minor units can be captured",
+                extra={"amount": authorized},
             )
-        # Captured under an earlier request (reason 311): read what it did.
+        # Captured under an earlier request (reason 311, an answer lost): read what it did.
         with contextlib.suppress(_AlreadyDone):
             await self._transact(
                 tx.prior_auth_capture_request(
@@ -660,9 +678,10 @@ class AuthorizeNetProvider(BasePaymentProvider):
                 payment_id=payment_id,
                 ref=idempotency_key,
             )
-        return await self._state(
+        after = await self._state(
             payment_id, await self._details(details.trans_id, payment_id), record
         )
+        return _as_captured(after, amount) if after.status.is_paid else after
 
     async def cancel(self, payment_id: str, *, idempotency_key: str) -> PaymentState:
         record, details = await self._payment_transaction(payment_id)
@@ -900,9 +919,11 @@ class AuthorizeNetProvider(BasePaymentProvider):
         if kind is tx.EventType.REFUND_CREATED:
             return await self._refund_event(base, trans_id)
         invoice = payload.get("invoiceNumber")
+        details: tx.Details | None = None
         if not tx.is_payment_id(invoice):
             # Older notifications leave the invoice number out: the transaction has it.
-            invoice = (await self._details(trans_id, None)).invoice
+            details = await self._details(trans_id, None)
+            invoice = details.invoice
         if not tx.is_payment_id(invoice):
             return WebhookEvent(**base)
         payment_id = str(invoice)
@@ -924,11 +945,20 @@ class AuthorizeNetProvider(BasePaymentProvider):
         if claimed is not None:
             if record.get("trans_id") != trans_id:
                 await self._save(payment_id, trans_id=trans_id)
+            captured: int | None = None
+            if kind in (tx.EventType.CAPTURE_CREATED, tx.EventType.PRIOR_AUTH_CAPTURE_CREATED):
+                # A capture may have taken part of the authorization (one made in the Merchant
+                # Interface too). The notification carries only ``authAmount``, which the
+                # reference does not give as what a capture took; the transaction's
+                # ``settleAmount`` says it, so the transaction is read.
+                details = details or await self._details(trans_id, payment_id)
+                captured = details.amount_captured(record.get("currency", "USD"))
             return WebhookEvent(
                 **base,
                 payment_id=payment_id,
                 status=claimed,
                 capture_id=trans_id if claimed.is_paid else None,
+                amount_captured=captured,
             )
         # A void, a decline, a fraud hold or its outcome: what it means depends on what else
         # happened (a void may be our refund; a decline may be followed by a card that
@@ -974,6 +1004,16 @@ class AuthorizeNetProvider(BasePaymentProvider):
             return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
         latency = (time.perf_counter() - started) * 1000
         return HealthStatus(healthy=True, message="ok", latency_ms=round(latency, 1))
+
+
+def _as_captured(state: PaymentState, amount: int | None) -> PaymentState:
+    """A captured payment's state, as the answer to a capture of ``amount`` (None: all that
+    was authorized): the capture it had, unless it asks for another amount than was taken
+    (a transaction is captured once)."""
+    taken = state.amount_captured if state.amount_captured is not None else state.amount
+    if amount is not None and taken is not None and amount != taken:
+        raise InvalidStateTransition(f"The payment was captured already, for {taken} minor units")
+    return state
 
 
 def _void_refund(

@@ -76,6 +76,8 @@ REASON_DUPLICATE = "11"
 REASON_NOT_FOUND = "16"
 REASON_CANNOT_CREDIT = "54"
 REASON_CREDIT_EXCEEDS = "55"
+# "The amount requested for settlement cannot be greater than the original amount authorized."
+REASON_CAPTURE_EXCEEDS = "47"
 REASON_ALREADY_VOIDED = "310"
 REASON_ALREADY_CAPTURED = "311"
 
@@ -470,6 +472,19 @@ class Details:
             return from_anet_amount(self.raw.get(field), currency)
         except ValueError:
             return None
+
+    def amount_captured(self, currency: str) -> int | None:
+        """What a capture of part of the authorization took: ``settleAmount`` when it is less
+        than ``authAmount`` (a priorAuthCaptureTransaction with an amount; Authorize.Net
+        captures a transaction once, and the rest of the authorization is not taken). None
+        when all of it was taken, or nothing yet."""
+        if not payment_status(self.status).is_paid:
+            return None
+        settled = self.amount("settleAmount", currency)
+        authorized = self.amount("authAmount", currency)
+        if settled is None or authorized is None or not 0 < settled < authorized:
+            return None
+        return settled
 
     @property
     def settled(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -239,6 +240,168 @@ class TestRefunds:
             )
             == 1
         )
+
+
+async def capture(
+    client: httpx.AsyncClient, payment_id: str, amount: int | None = None
+) -> httpx.Response:
+    body = {} if amount is None else {"amount": amount}
+    return await client.post(f"{API}/{payment_id}/capture", json=body)
+
+
+async def refund(
+    client: httpx.AsyncClient, payment_id: str, admin: dict[str, str], amount: int | None = None
+) -> httpx.Response:
+    body = {} if amount is None else {"amount": amount}
+    return await client.post(f"{API}/{payment_id}/refund", json=body, headers=admin)
+
+
+class TestPartialCapture:
+    async def authorized(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet
+    ) -> tuple[str, str]:
+        payment = await new_payment(client, capture_method="manual")
+        trans_id = await pay(client, fake, payment)
+        assert (await verify(client, payment["payment_id"])).json()["status"] == "requires_capture"
+        return payment["payment_id"], trans_id
+
+    @pytest.mark.parametrize("settled", [True, False], ids=["settled", "before-settlement"])
+    async def test_part_is_captured_the_rest_released_and_refunds_stop_at_it(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet, token: Any, settled: bool
+    ) -> None:
+        admin = bearer(token("root", admin=True))
+        payment_id, trans_id = await self.authorized(client, fake)
+
+        captured = await capture(client, payment_id, 1500)
+
+        assert captured.status_code == 200, captured.text
+        body = captured.json()
+        assert (body["status"], body["amount"], body["amount_captured"]) == (
+            "succeeded",
+            2900,
+            1500,
+        )
+        [asked] = transactions_of(fake, "priorAuthCaptureTransaction")
+        assert (asked["amount"], asked["refTransId"]) == ("15.00", trans_id)
+        held = fake.transactions[trans_id]
+        assert (held.auth_amount, held.settle_amount) == (Decimal("29.00"), Decimal("15.00"))
+        again = (await verify(client, payment_id)).json()  # Authorize.Net's word says the same
+        assert (again["status"], again["amount_captured"]) == ("succeeded", 1500)
+
+        too_much = await refund(client, payment_id, admin, 1501)
+        assert assert_problem(too_much, 422, "refund_exceeds_balance")["left"] == 1500
+        assert transactions_of(fake, "refundTransaction") == []
+        if settled:
+            fake.settle()
+            part = await refund(client, payment_id, admin, 400)
+            assert part.status_code == 202, part.text
+            rest = await refund(client, payment_id, admin)
+            assert rest.status_code == 202, rest.text
+            assert rest.json()["refund"]["amount"] == 1100
+            asked_refunds = transactions_of(fake, "refundTransaction")
+            assert [r["amount"] for r in asked_refunds] == ["4.00", "11.00"]
+            fake.settle()
+            after = (await verify(client, payment_id)).json()
+        else:
+            # Unsettled: all that was taken comes back by voiding the transaction.
+            rest = await refund(client, payment_id, admin)
+            assert rest.status_code == 200, rest.text
+            assert rest.json()["refund"]["amount"] == 1500
+            assert held.status == "voided"
+            after = (await verify(client, payment_id)).json()
+        assert (after["status"], after["amount_refunded"], after["amount_captured"]) == (
+            "refunded",
+            1500,
+            1500,
+        )
+        assert_problem(await refund(client, payment_id, admin, 1), 422, "refund_exceeds_balance")
+
+    async def test_asking_again_answers_the_capture_and_another_amount_conflicts(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet
+    ) -> None:
+        payment_id, _ = await self.authorized(client, fake)
+        first = await capture(client, payment_id, 1500)
+        assert first.status_code == 200, first.text
+
+        replay = await capture(client, payment_id, 1500)
+        all_of_it = await capture(client, payment_id)
+        other = await capture(client, payment_id, 2000)
+
+        for response in (replay, all_of_it):
+            assert response.status_code == 200, response.text
+            assert response.json()["amount_captured"] == 1500
+        assert_problem(other, 409, "invalid_payment_state")
+        assert len(transactions_of(fake, "priorAuthCaptureTransaction")) == 1
+
+    async def test_a_capture_whose_answer_was_lost_is_answered_by_reading_it(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet, app: Any
+    ) -> None:
+        payment_id, trans_id = await self.authorized(client, fake)
+        # Authorize.Net captures, and its answer never comes back: asked again, it refuses
+        # (reason 311, no idempotency keys), and the transaction is read instead.
+        fake.fail_next("hang_after", request="createTransactionRequest")
+
+        response = await capture(client, payment_id, 1500)
+
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["amount_captured"]) == (
+            "succeeded",
+            1500,
+        )
+        assert len(transactions_of(fake, "priorAuthCaptureTransaction")) == 2
+        assert len(fake.events_of("net.authorize.payment.priorAuthCapture.created")) == 1
+        assert fake.transactions[trans_id].settle_amount == Decimal("15.00")
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_captured) == ("succeeded", 1500)
+        assert_problem(await capture(client, payment_id, 2000), 409, "invalid_payment_state")
+
+    async def test_another_amount_than_was_taken_conflicts_before_authorizenet_is_asked(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet, app: Any
+    ) -> None:
+        payment_id, trans_id = await self.authorized(client, fake)
+        fake.capture_in_interface(trans_id, Decimal("10.00"))  # its webhook not yet here
+
+        assert_problem(await capture(client, payment_id, 1500), 409, "invalid_payment_state")
+        assert transactions_of(fake, "priorAuthCaptureTransaction") == []
+        answered = await capture(client, payment_id, 1000)
+        assert (answered.json()["status"], answered.json()["amount_captured"]) == (
+            "succeeded",
+            1000,
+        )
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_captured) == ("succeeded", 1000)
+        assert fake.transactions[trans_id].settle_amount == Decimal("10.00")
+
+    async def test_more_than_authorized_is_refused_before_authorizenet_is_asked(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet
+    ) -> None:
+        payment_id, trans_id = await self.authorized(client, fake)
+
+        over = await capture(client, payment_id, 2901)
+
+        assert assert_problem(over, 422, "capture_exceeds_amount")["amount"] == 2900
+        assert transactions_of(fake, "priorAuthCaptureTransaction") == []
+        assert fake.transactions[trans_id].status == "authorizedPendingCapture"
+        whole = await capture(client, payment_id, 2900)  # all of it, named
+        assert (whole.json()["status"], whole.json()["amount_captured"]) == ("succeeded", None)
+        [asked] = transactions_of(fake, "priorAuthCaptureTransaction")
+        assert "amount" not in asked
+
+    async def test_a_partial_capture_made_at_authorizenet_arrives_by_webhook(
+        self, client: httpx.AsyncClient, fake: FakeAuthorizeNet, app: Any, token: Any
+    ) -> None:
+        payment_id, trans_id = await self.authorized(client, fake)
+        fake.capture_in_interface(trans_id, Decimal("12.00"))  # in the Merchant Interface
+
+        response = await deliver(
+            client, fake, fake.events_of("net.authorize.payment.priorAuthCapture.created")[0]
+        )
+
+        assert response.json()["outcome"] == "applied", response.text
+        record = await app.state.store.get(payment_id)
+        assert (record.status, record.amount_captured) == ("succeeded", 1200)
+        over = await refund(client, payment_id, bearer(token("root", admin=True)), 1201)
+        assert_problem(over, 422, "refund_exceeds_balance")
 
 
 class TestDeclinesAndReview:

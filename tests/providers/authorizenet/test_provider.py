@@ -1,5 +1,6 @@
-"""The provider on its own, against the fake: partial capture (the HTTP API's partial capture
-is another change's), the webhook signature's keying, amounts and ids."""
+"""The provider on its own, against the fake: partial capture (what it takes and reports, what
+it refuses before asking; test_api.py drives it through the HTTP API), the webhook signature's
+keying, amounts and ids."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from models.payment import PaymentStatus, Plan
-from services.errors import InvalidStateTransition, InvalidWebhookSignature
+from services.errors import CaptureExceedsAmount, InvalidStateTransition, InvalidWebhookSignature
 from services.payment_providers.authorizenet import AuthorizeNetProvider
 from services.payment_providers.authorizenet import transformers as tx
 from services.payment_providers.authorizenet.provider import (
@@ -68,6 +69,15 @@ async def authorized(provider: AuthorizeNetProvider, fake: FakeAuthorizeNet) -> 
     return created.payment_id
 
 
+def capture_requests(fake: FakeAuthorizeNet) -> list[dict[str, object]]:
+    return [
+        inner["transactionRequest"]
+        for name, inner in fake.requests
+        if name == "createTransactionRequest"
+        and inner["transactionRequest"]["transactionType"] == "priorAuthCaptureTransaction"
+    ]
+
+
 class TestPartialCapture:
     async def test_a_part_is_captured_and_the_rest_released(
         self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
@@ -75,26 +85,97 @@ class TestPartialCapture:
         payment_id = await authorized(provider, fake)
         state = await provider.capture(payment_id, idempotency_key="capture-1", amount=1500)
         assert state.status is PaymentStatus.SUCCEEDED
+        assert (state.amount, state.amount_captured) == (1999, 1500)
         [trans] = fake.transactions.values()
         assert trans.settle_amount == Decimal("15.00") and trans.auth_amount == Decimal("19.99")
+        # Authorize.Net's word says the same: settleAmount below authAmount.
+        verified = await provider.verify_payment(payment_id)
+        assert (verified.status, verified.amount_captured) == (PaymentStatus.SUCCEEDED, 1500)
         again = await provider.capture(payment_id, idempotency_key="capture-2", amount=1500)
-        assert again.status is PaymentStatus.SUCCEEDED
-        captures = [
-            inner
-            for name, inner in fake.requests
-            if name == "createTransactionRequest"
-            and inner["transactionRequest"]["transactionType"] == "priorAuthCaptureTransaction"
-        ]
-        assert len(captures) == 1 and captures[0]["transactionRequest"]["amount"] == "15.00"
+        all_of_it = await provider.capture(payment_id, idempotency_key="capture-3")
+        for answer in (again, all_of_it):
+            assert (answer.status, answer.amount_captured) == (PaymentStatus.SUCCEEDED, 1500)
+        [asked] = capture_requests(fake)
+        assert asked["amount"] == "15.00"
+
+    async def test_all_of_it_reports_no_partial_capture(
+        self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
+    ) -> None:
+        payment_id = await authorized(provider, fake)
+        state = await provider.capture(payment_id, idempotency_key="capture-1")
+        assert (state.status, state.amount, state.amount_captured) == (
+            PaymentStatus.SUCCEEDED,
+            1999,
+            None,
+        )
+        [asked] = capture_requests(fake)
+        assert "amount" not in asked
+
+    async def test_another_amount_than_was_taken_is_refused_before_asking(
+        self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
+    ) -> None:
+        payment_id = await authorized(provider, fake)
+        [trans] = fake.transactions.values()
+        fake.capture_in_interface(trans.trans_id, Decimal("10.00"))
+
+        with pytest.raises(InvalidStateTransition, match="1000"):
+            await provider.capture(payment_id, idempotency_key="capture-1", amount=1500)
+        with pytest.raises(InvalidStateTransition):
+            await provider.capture(payment_id, idempotency_key="capture-1", amount=1999)
+        same = await provider.capture(payment_id, idempotency_key="capture-1", amount=1000)
+
+        assert same.amount_captured == 1000
+        assert capture_requests(fake) == []
+        assert trans.settle_amount == Decimal("10.00")
+
+    async def test_a_capture_made_meanwhile_is_read_and_compared(
+        self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
+    ) -> None:
+        # Our read says authorized; by the time we ask, another request has captured 10.00
+        # (Authorize.Net answers reason 311): the transaction is read, and 15.00 was not taken.
+        payment_id = await authorized(provider, fake)
+        [trans] = fake.transactions.values()
+        fake.before_next(
+            "createTransactionRequest",
+            lambda: fake.capture_in_interface(trans.trans_id, Decimal("10.00")),
+        )
+
+        with pytest.raises(InvalidStateTransition, match="1000"):
+            await provider.capture(payment_id, idempotency_key="capture-1", amount=1500)
+
+        [asked] = capture_requests(fake)
+        assert asked["amount"] == "15.00"  # asked, and refused as captured already (311)
+        assert trans.settle_amount == Decimal("10.00")
+        same = await provider.capture(payment_id, idempotency_key="capture-1", amount=1000)
+        assert same.amount_captured == 1000 and len(capture_requests(fake)) == 1
 
     async def test_more_than_was_authorized_is_refused_before_asking(
         self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
     ) -> None:
         payment_id = await authorized(provider, fake)
-        with pytest.raises(InvalidStateTransition):
+        with pytest.raises(CaptureExceedsAmount) as refused:
             await provider.capture(payment_id, idempotency_key="capture-1", amount=2000)
+        assert refused.value.extra == {"amount": 1999}
+        assert capture_requests(fake) == []
         state = await provider.capture(payment_id, idempotency_key="capture-2")
         assert state.status is PaymentStatus.SUCCEEDED and state.amount == 1999
+
+    async def test_a_partial_capture_webhook_says_what_was_taken(
+        self, provider: AuthorizeNetProvider, fake: FakeAuthorizeNet
+    ) -> None:
+        payment_id = await authorized(provider, fake)
+        [trans] = fake.transactions.values()
+        fake.capture_in_interface(trans.trans_id, Decimal("12.34"))
+        [event] = fake.events_of("net.authorize.payment.priorAuthCapture.created")
+
+        parsed = await provider.parse_webhook(*fake.signed_delivery(event))
+
+        assert (parsed.payment_id, parsed.status, parsed.amount_captured) == (
+            payment_id,
+            PaymentStatus.SUCCEEDED,
+            1234,
+        )
+        assert parsed.capture_id == trans.trans_id
 
 
 class TestWebhookSignature:
