@@ -604,6 +604,48 @@ class TestCreditNotes:
         assert ("credit_note", note["number"]) in kinds
 
 
+class TestPartialCapture:
+    """Only part of an authorization captured: the receipt is for that part."""
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"tax_rate": "19"}
+
+    async def test_the_receipt_and_its_credit_note_are_for_what_was_captured(
+        self, client: httpx.AsyncClient, app: Any, token: Any
+    ) -> None:
+        alice, admin = token("alice"), token("root", admin=True)
+        payment = await create_payment(client, token=alice, capture_method="manual")
+        payment_id = payment["payment_id"]
+        await pay_in_sandbox(client, payment_id)
+        captured = await client.post(
+            f"{API}/{payment_id}/capture", json={"amount": 2000}, headers=bearer(alice)
+        )
+        assert captured.json()["amount_captured"] == 2000, captured.text
+        await app.state.receipts.drain()
+
+        receipt = await receipt_of(client, payment_id, alice)
+        assert receipt["amount"] == 2000 and receipt["amount_formatted"] == "€20.00"
+        # 2000 of 2900 with 463 tax in it: 319.31 -> 319, the net what is left.
+        assert (receipt["tax"]["net"], receipt["tax"]["tax"], receipt["tax"]["gross"]) == (
+            1681,
+            319,
+            2000,
+        )
+        text = pdf_text(await pdf_of(client, receipt["pdf_url"], alice))
+        for expected in ("Captured €20.00 of €29.00 authorized", "€16.81", "€3.19"):
+            assert expected in text, f"{expected!r} missing from the receipt"
+        assert "€29.00" in text and "€4.63" not in text
+        total = text[text.index("Total paid") :].split("\n")[0]
+        assert "€20.00" in total, total
+
+        refunded = await client.post(f"{API}/{payment_id}/refund", json={}, headers=bearer(admin))
+        assert refunded.json()["refund"]["amount"] == 2000, refunded.text
+        await app.state.receipts.drain()
+        [note] = (await receipt_of(client, payment_id, alice))["credit_notes"]
+        assert (note["amount"], note["tax"]["tax"]) == (2000, 319)
+
+
 class TestHashChain:
     async def test_verify_finds_a_tampered_pdf(
         self,
