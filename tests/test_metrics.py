@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -129,10 +130,14 @@ class TestRequestIds:
         self, client: httpx.AsyncClient
     ) -> None:
         lines: list[dict[str, Any]] = []
+        # The request runs in this task (ASGITransport awaits the app here); lines from the
+        # app's background loops (the events sweep, the reconciler) belong to no request.
+        request_task = asyncio.current_task()
 
         class Keep(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
-                lines.append(json.loads(JsonFormatter().format(record)))
+                if asyncio.current_task() is request_task:
+                    lines.append(json.loads(JsonFormatter().format(record)))
 
         keep = Keep()
         logging.getLogger("payments").addHandler(keep)
