@@ -7,7 +7,7 @@ RUN apt-get update \
 
 RUN useradd --create-home --uid 10001 app
 WORKDIR /srv/app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY app app
 COPY services services
 COPY routers routers
