@@ -51,6 +51,22 @@ class TestDockerfile:
         assert "os.environ.get('PORT'" in healthcheck.split("\n\n")[0]
         assert "ENVIRONMENT=production" in text and "WEB_CONCURRENCY=" in text
 
+    def test_build_context_is_what_it_copies(self) -> None:
+        # .dockerignore starts from nothing (`*`) and admits what COPY names: .env (secrets),
+        # .venv and .git never reach the builder, and a new COPY fails here until admitted.
+        lines = [
+            line
+            for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+        assert lines[0] == "*"
+        admitted = {line[1:] for line in lines if line.startswith("!")}
+        copied = set()
+        for line in (ROOT / "Dockerfile").read_text().splitlines():
+            if line.startswith("COPY "):
+                copied |= set(line.split()[1:-1])
+        assert copied and copied == admitted, (copied, admitted)
+
 
 class TestEnvExample:
     def test_every_name_is_a_setting(self) -> None:
