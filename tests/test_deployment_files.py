@@ -40,6 +40,13 @@ class TestCompose:
         assert api["init"] is True
         assert api["env_file"] == [".env"]
 
+    def test_services_come_back_after_a_crash(self) -> None:
+        services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+        assert {name: service.get("restart") for name, service in services.items()} == {
+            "api": "unless-stopped",
+            "redis": "unless-stopped",
+        }
+
 
 class TestDockerfile:
     def test_signals_volume_health_and_workers(self) -> None:
