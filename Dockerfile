@@ -7,7 +7,7 @@ RUN apt-get update \
 
 RUN useradd --create-home --uid 10001 app
 WORKDIR /srv/app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY app app
 COPY services services
 COPY routers routers
@@ -27,7 +27,10 @@ EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
-# Exec form: `payments serve` is PID 1's child of nothing, so SIGTERM reaches uvicorn, which
-# stops gracefully. It hands uvicorn the proxies FORWARDED_ALLOW_IPS lists (uvicorn alone
-# would also believe X-Forwarded-For from any loopback peer). PORT and WEB_CONCURRENCY are read.
+# Exec form, no shell in between: `payments serve` is PID 1, or the only child of the init that
+# `docker run --init` and compose's `init: true` put there, so SIGTERM reaches uvicorn, which
+# stops gracefully (in under a second). Prefer the init: Python as PID 1 reaps no orphans (the
+# receipt renderers of a worker that died). It hands uvicorn the proxies FORWARDED_ALLOW_IPS
+# lists (uvicorn alone would also believe X-Forwarded-For from any loopback peer). PORT and
+# WEB_CONCURRENCY are read.
 CMD ["payments", "serve", "--host", "0.0.0.0"]

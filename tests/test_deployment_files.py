@@ -40,6 +40,13 @@ class TestCompose:
         assert api["init"] is True
         assert api["env_file"] == [".env"]
 
+    def test_services_come_back_after_a_crash(self) -> None:
+        services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+        assert {name: service.get("restart") for name, service in services.items()} == {
+            "api": "unless-stopped",
+            "redis": "unless-stopped",
+        }
+
 
 class TestDockerfile:
     def test_signals_volume_health_and_workers(self) -> None:
@@ -50,6 +57,22 @@ class TestDockerfile:
         healthcheck = text[text.index("HEALTHCHECK") :]
         assert "os.environ.get('PORT'" in healthcheck.split("\n\n")[0]
         assert "ENVIRONMENT=production" in text and "WEB_CONCURRENCY=" in text
+
+    def test_build_context_is_what_it_copies(self) -> None:
+        # .dockerignore starts from nothing (`*`) and admits what COPY names: .env (secrets),
+        # .venv and .git never reach the builder, and a new COPY fails here until admitted.
+        lines = [
+            line
+            for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+        assert lines[0] == "*"
+        admitted = {line[1:] for line in lines if line.startswith("!")}
+        copied = set()
+        for line in (ROOT / "Dockerfile").read_text().splitlines():
+            if line.startswith("COPY "):
+                copied |= set(line.split()[1:-1])
+        assert copied and copied == admitted, (copied, admitted)
 
 
 class TestEnvExample:
