@@ -183,9 +183,11 @@ class FakeAuthorizeNet:
     credentials_valid: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _next_id: int = 60_000_000_000
+    _resets: int = 0  # how many times reset() ran: a hung request outliving its test is dropped
 
     def reset(self) -> None:
         with self._lock:
+            self._resets += 1
             self.violations.clear()
             self.requests.clear()
             self.events.clear()
@@ -375,7 +377,12 @@ class FakeAuthorizeNet:
         if fault is not None and fault.kind in ("server_error", "unavailable"):
             return Response("busy", status_code=500 if fault.kind == "server_error" else 503)
         if fault is not None and fault.kind == "hang":
+            resets = self._resets
             await asyncio.sleep(self.hang_s)
+            if resets != self._resets:
+                # The test that asked for the hang is over: its request must not land in the
+                # next test's record (nor change its transactions).
+                return Response("gone", status_code=503)
         with self._lock:
             self.requests.append((name, inner if isinstance(inner, dict) else {}))
             answer = self._answer(name, inner, fault)
