@@ -48,6 +48,21 @@ class TestCompose:
         }
 
 
+def _dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, each on one line (continuations joined), comments left out."""
+    instructions: list[str] = []
+    continued = False
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if continued:
+            instructions[-1] += " " + line.strip().removesuffix("\\")
+        else:
+            instructions.append(line.removesuffix("\\"))
+        continued = line.endswith("\\")
+    return instructions
+
+
 class TestDockerfile:
     def test_signals_volume_health_and_workers(self) -> None:
         text = (ROOT / "Dockerfile").read_text()
@@ -57,6 +72,20 @@ class TestDockerfile:
         healthcheck = text[text.index("HEALTHCHECK") :]
         assert "os.environ.get('PORT'" in healthcheck.split("\n\n")[0]
         assert "ENVIRONMENT=production" in text and "WEB_CONCURRENCY=" in text
+
+    def test_dependencies_are_installed_before_the_code_is_copied(self) -> None:
+        # A layer of their own, from pyproject.toml alone: a change to the code reuses it from
+        # the build cache instead of reinstalling some 70 packages; the project itself comes
+        # after its code, without them.
+        instructions = _dockerfile_instructions()
+        copies = [i for i, line in enumerate(instructions) if line.startswith("COPY ")]
+        first_code_copy = next(i for i in copies if instructions[i] != "COPY pyproject.toml ./")
+        installs = [i for i, line in enumerate(instructions) if "pip install" in line]
+        [dependencies] = [i for i in installs if "['project']['dependencies']" in instructions[i]]
+        [project] = [i for i in installs if instructions[i].endswith(" -e .")]
+        assert "COPY pyproject.toml ./" in instructions[:dependencies]
+        assert dependencies < first_code_copy, (instructions[dependencies], first_code_copy)
+        assert project > copies[-1] and "--no-deps" in instructions[project]
 
     def test_build_context_is_what_it_copies(self) -> None:
         # .dockerignore starts from nothing (`*`) and admits what COPY names: .env (secrets),
