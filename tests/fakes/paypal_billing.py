@@ -16,13 +16,27 @@ departure in ``violations`` and answering 400 ``INVALID_REQUEST`` as PayPal woul
   subscriptions/v1/;
 - Webhook event names, "Subscriptions" and "Payments" (developer.paypal.com/api/rest/
   webhooks/event-names/): BILLING.SUBSCRIPTION.CREATED, .ACTIVATED, .UPDATED, .SUSPENDED,
-  .CANCELLED, .EXPIRED, .PAYMENT.FAILED (resource: the subscription) and
-  PAYMENT.SALE.COMPLETED (resource: a Payments v1 sale with ``billing_agreement_id``).
+  .CANCELLED, .EXPIRED, .PAYMENT.FAILED (resource: the subscription),
+  PAYMENT.SALE.COMPLETED (resource: a Payments v1 sale with ``billing_agreement_id``) and
+  PAYMENT.SALE.REFUNDED (resource: a Payments v1 refund with ``sale_id``);
+- Payments v1, the sales that bill subscriptions: "Show sale details", "Refund sale", "Show
+  refund details" (``sale.get``, ``sale.refund``, ``refund.get``). ``shared/specs`` has no
+  description of them, but PayPal publishes one: github.com/paypal/paypal-rest-api-
+  specifications, ``openapi/payments_payment_v1.json`` (version 1.12). Its ``refund_request``
+  fields (``amount`` {``total``, ``currency``, ``details``}, ``description``, ``reason`` (30
+  characters at most), ``invoice_number``), its ``PayPal-Request-Id`` limit (78 characters)
+  and its refund states (``pending``, ``completed``, ``cancelled``, ``failed``) are what the
+  fake checks and answers. An empty body refunds what is left. Its errors are Payments v1's:
+  HTTP 400 with the error's ``name`` and no ``details`` (REFUND_EXCEEDED_TRANSACTION_AMOUNT
+  above what is left, TRANSACTION_ALREADY_REFUNDED once nothing is; developer.paypal.com/
+  docs/api/payments/v1/#errors), 404 INVALID_RESOURCE_ID for an unknown sale or refund.
 
 Test controls stand in for the buyer and PayPal's clock: ``approve_subscription`` (the buyer
 approves; PayPal activates and bills the first cycle unless there is a trial),
 ``approve_revision`` (the buyer consents to a plan change, effective from the next cycle),
-``renew`` (the next cycle is billed, paid or failed; three failures suspend).
+``renew`` (the next cycle is billed, paid or failed; three failures suspend),
+``pend_next_sale_refund`` (the next sale refund stays pending) and ``settle_sale_refund``
+(PayPal completes or fails a pending one and says so with PAYMENT.SALE.REFUNDED).
 """
 
 from __future__ import annotations
@@ -101,6 +115,26 @@ BODIES: dict[tuple[str, str], Json] = {
     ("POST", "/v1/billing/subscriptions/{id}/suspend"): {"reason": "*"},
     ("POST", "/v1/billing/subscriptions/{id}/activate"): {"reason": "*"},
     ("POST", "/v1/billing/subscriptions/{id}/cancel"): {"reason": "*"},
+    ("POST", "/v1/payments/sale/{id}/refund"): {
+        "amount": {"total": "*", "currency": "*", "details": "*"},
+        "description": "*",
+        "reason": "*",
+        "invoice_number": "*",
+    },
+}
+# Payments v1 length limits (payments_payment_v1.json, refund_request).
+MAX_LENGTHS = {"description": 255, "reason": 30, "invoice_number": 127}
+V1_REQUEST_ID_MAX = 78
+# Payments v1 error messages, as the API reference words them.
+V1_ERRORS = {
+    "REFUND_EXCEEDED_TRANSACTION_AMOUNT": (
+        "Refund refused - the requested refund amount would exceed the amount of transaction "
+        "being refunded."
+    ),
+    "TRANSACTION_ALREADY_REFUNDED": (
+        "Refund transaction refused - this transaction has already been refunded."
+    ),
+    "TRANSACTION_REFUSED": "This request was refused.",
 }
 REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/catalogs/products"): ("name", "type"),
@@ -142,8 +176,11 @@ ROUTES: list[tuple[str, str]] = [
     ("POST", "/v1/billing/subscriptions/{id}/activate"),
     ("POST", "/v1/billing/subscriptions/{id}/cancel"),
     ("GET", "/v1/billing/subscriptions/{id}/transactions"),
+    ("GET", "/v1/payments/sale/{id}"),
+    ("POST", "/v1/payments/sale/{id}/refund"),
+    ("GET", "/v1/payments/refund/{id}"),
 ]
-BILLING_PREFIXES = ("/v1/catalogs/", "/v1/billing/")
+BILLING_PREFIXES = ("/v1/catalogs/", "/v1/billing/", "/v1/payments/sale/", "/v1/payments/refund/")
 INTERVAL = {"DAY": 1, "WEEK": 7, "MONTH": 30, "YEAR": 365}
 
 
@@ -206,9 +243,15 @@ class PayPalBilling:
         self.transactions: dict[str, list[Json]] = {}
         self._pending_plan: dict[str, str] = {}
         self._revision_waiting: dict[str, str] = {}
+        self.sales: dict[str, Json] = {}
+        self.sale_refunds: dict[str, Json] = {}
+        self._pend_sale_refunds = 0
 
     def _reset_billing(self) -> None:
+        self._pend_sale_refunds = 0
         for store in (
+            self.sales,
+            self.sale_refunds,
             self.products,
             self.plans,
             self.subscriptions,
@@ -232,6 +275,9 @@ class PayPalBilling:
             ("post", "/v1/billing/subscriptions/{id}/activate"): self._activate,
             ("post", "/v1/billing/subscriptions/{id}/cancel"): self._cancel,
             ("get", "/v1/billing/subscriptions/{id}/transactions"): self._list_transactions,
+            ("get", "/v1/payments/sale/{id}"): self._get_sale,
+            ("post", "/v1/payments/sale/{id}/refund"): self._refund_sale,
+            ("get", "/v1/payments/refund/{id}"): self._get_sale_refund,
         }
 
     def check_billing_request(
@@ -257,6 +303,14 @@ class PayPalBilling:
             if body is None and method == "POST" and REQUIRED.get((method, template)):
                 problems.append("a JSON body is required")
             problems += check_body(spec, body or {}, "body")
+            for name, limit in MAX_LENGTHS.items():
+                value = (body or {}).get(name)
+                if (
+                    template.startswith("/v1/payments/")
+                    and isinstance(value, str)
+                    and len(value) > limit
+                ):
+                    problems.append(f"body/{name}: longer than {limit} characters")
             for name in REQUIRED.get((method, template), ()):
                 if name not in (body or {}):
                     problems.append(f"body/{name}: required")
@@ -423,8 +477,10 @@ class PayPalBilling:
                 "update_time": iso(when),
                 "links": [
                     self._link(f"/v1/payments/sale/{transaction_id}", "self", "GET"),
+                    self._link(f"/v1/payments/sale/{transaction_id}/refund", "refund", "POST"),
                 ],
             }
+            self.sales[transaction_id] = sale
             self._emit("PAYMENT.SALE.COMPLETED", "sale", sale, "Payment completed")
             return
         info["failed_payments_count"] += 1
@@ -697,6 +753,178 @@ class PayPalBilling:
             if start <= datetime.fromisoformat(t["time"]) <= end
         ]
         return 200, {"transactions": found, "total_items": len(found), "total_pages": 1}
+
+    # -- Payments v1: a subscription's sales and their refunds -----------------------------
+
+    def pend_next_sale_refund(self, times: int = 1) -> None:
+        """The next sale refunds stay ``pending`` (an eCheck, a review) until settled."""
+        with self._lock:
+            self._pend_sale_refunds += times
+
+    def settle_sale_refund(self, refund_id: str, state: str = "completed") -> Json:
+        """PayPal ends a pending sale refund (``completed`` or ``failed``) and sends
+        PAYMENT.SALE.REFUNDED with the refund as it now is."""
+        from tests.fakes.paypal_server import now_iso
+
+        with self._lock:
+            refund = self.sale_refunds[refund_id]
+            if refund["state"] != "pending":
+                raise ValueError(f"refund {refund_id} is {refund['state']}")
+            refund["state"] = state
+            refund["update_time"] = now_iso()
+            self._update_sale_state(self.sales[refund["sale_id"]])
+            self._emit("PAYMENT.SALE.REFUNDED", "refund", refund, "A sale was refunded")
+            return copy.deepcopy(refund)
+
+    def refund_sale_at_paypal(self, sale_id: str, total: str) -> Json:
+        """The merchant refunds ``total`` of a sale in PayPal's own pages (no request id,
+        no invoice number of ours): PayPal sends PAYMENT.SALE.REFUNDED."""
+        from tests.fakes.paypal_server import new_id, now_iso
+
+        with self._lock:
+            sale = self._sale(sale_id)
+            refund_id = new_id()
+            refund: Json = {
+                "id": refund_id,
+                "create_time": now_iso(),
+                "update_time": now_iso(),
+                "state": "completed",
+                "amount": {"total": total, "currency": sale["amount"]["currency"]},
+                "sale_id": sale_id,
+                "parent_payment": f"PAYID-{sale_id}",
+                "links": [self._link(f"/v1/payments/refund/{refund_id}", "self", "GET")],
+            }
+            self.sale_refunds[refund_id] = refund
+            self._update_sale_state(sale)
+            self._emit("PAYMENT.SALE.REFUNDED", "refund", refund, "A sale was refunded")
+            return copy.deepcopy(refund)
+
+    def _sale(self, sale_id: str) -> Json:
+        found = self.sales.get(sale_id)
+        if found is None:
+            raise self._fail(404, "INVALID_RESOURCE_ID")
+        return found
+
+    @staticmethod
+    def _v1_error(name: str) -> Exception:
+        """Payments v1's envelope: the error's name says it all, without ``details``."""
+        from tests.fakes.paypal_server import PayPalError
+
+        error = PayPalError(400)
+        error.body = {
+            "name": name,
+            "message": V1_ERRORS[name],
+            "information_link": f"https://developer.paypal.com/docs/api/payments/v1/#error-{name}",
+        }
+        return error
+
+    def _held(self, sale_id: str) -> int:
+        """What the sale's refunds take: completed and pending ones (money on its way back)."""
+        from tests.fakes.paypal_server import to_minor
+
+        return sum(
+            to_minor(r["amount"]["total"], r["amount"]["currency"])
+            for r in self.sale_refunds.values()
+            if r["sale_id"] == sale_id and r["state"] in ("completed", "pending")
+        )
+
+    def _update_sale_state(self, sale: Json) -> None:
+        from tests.fakes.paypal_server import now_iso, to_minor
+
+        total = to_minor(sale["amount"]["total"], sale["amount"]["currency"])
+        refunded = sum(
+            to_minor(r["amount"]["total"], r["amount"]["currency"])
+            for r in self.sale_refunds.values()
+            if r["sale_id"] == sale["id"] and r["state"] == "completed"
+        )
+        if refunded:
+            sale["state"] = "refunded" if refunded >= total else "partially_refunded"
+            sale["update_time"] = now_iso()
+
+    def _get_sale(
+        self, request: Request, body: Json | None, params: dict[str, str]
+    ) -> tuple[int, Json]:
+        return 200, copy.deepcopy(self._sale(params["id"]))
+
+    def _get_sale_refund(
+        self, request: Request, body: Json | None, params: dict[str, str]
+    ) -> tuple[int, Json]:
+        refund = self.sale_refunds.get(params["id"])
+        if refund is None:
+            raise self._fail(404, "INVALID_RESOURCE_ID")
+        return 200, copy.deepcopy(refund)
+
+    def _refund_sale(
+        self, request: Request, body: Json | None, params: dict[str, str]
+    ) -> tuple[int, Json]:
+        from tests.fakes.openapi_check import Violation
+        from tests.fakes.paypal_server import (
+            CURRENCY_DECIMALS,
+            PayPalError,
+            new_id,
+            now_iso,
+            to_minor,
+            to_value,
+        )
+
+        request_id = request.headers.get("paypal-request-id")
+        if request_id is not None and len(request_id) > V1_REQUEST_ID_MAX:
+            self.violations.append(
+                Violation("POST", request.url.path, "PayPal-Request-Id longer than 78")
+            )
+            raise PayPalError(400, issue="INVALID_PARAMETER_VALUE")
+        sale = self._sale(params["id"])
+        currency = sale["amount"]["currency"]
+        total = to_minor(sale["amount"]["total"], currency)
+        if sale["state"] not in ("completed", "partially_refunded", "refunded"):
+            raise self._v1_error("TRANSACTION_REFUSED")
+        left = total - self._held(sale["id"])
+        if left <= 0:
+            raise self._v1_error("TRANSACTION_ALREADY_REFUNDED")
+        requested = (body or {}).get("amount")
+        if requested is None:
+            amount = left  # an empty body: a full refund of what is left
+        else:
+            if requested.get("currency") != currency:
+                raise self._v1_error("TRANSACTION_REFUSED")
+            value = str(requested.get("total"))
+            places = CURRENCY_DECIMALS[currency]
+            if "." in value and len(value.split(".", 1)[1]) > places:
+                raise self._v1_error("TRANSACTION_REFUSED")
+            amount = to_minor(value, currency)
+            if amount <= 0:
+                raise self._v1_error("TRANSACTION_REFUSED")
+            if amount > left:
+                raise self._v1_error("REFUND_EXCEEDED_TRANSACTION_AMOUNT")
+        pending = self._pend_sale_refunds > 0
+        if pending:
+            self._pend_sale_refunds -= 1
+        refund_id = new_id()
+        refund: Json = {
+            "id": refund_id,
+            "create_time": now_iso(),
+            "update_time": now_iso(),
+            "state": "pending" if pending else "completed",
+            "amount": {"total": to_value(amount, currency), "currency": currency},
+            "sale_id": sale["id"],
+            "parent_payment": f"PAYID-{sale['id']}",
+            "links": [
+                self._link(f"/v1/payments/refund/{refund_id}", "self", "GET"),
+                self._link(f"/v1/payments/sale/{sale['id']}", "sale", "GET"),
+            ],
+        }
+        for name in ("description", "reason", "invoice_number"):
+            if body and name in body:
+                refund[name] = body[name]
+        self.sale_refunds[refund_id] = refund
+        if not pending:
+            refund["total_refunded_amount"] = {
+                "value": to_value(self._held(sale["id"]), currency),
+                "currency": currency,
+            }
+            self._update_sale_state(sale)
+            self._emit("PAYMENT.SALE.REFUNDED", "refund", refund, "A sale was refunded")
+        return 201, copy.deepcopy(refund)
 
 
 def is_billing_path(path: str) -> bool:

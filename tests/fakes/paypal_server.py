@@ -3,11 +3,12 @@ loopback.
 
 It speaks PayPal's wire format: OAuth2 client credentials (``POST /v1/oauth2/token``, Basic
 auth, Bearer tokens that expire), Orders v2 (create, get, capture), Payments v2 (get capture,
-refund a capture, get refund) and Webhooks v1 ``verify-webhook-signature``; JSON bodies shaped
-like PayPal's, PayPal's error envelope (``name``, ``message``, ``details[].issue``,
-``debug_id``) and a ``Paypal-Debug-Id`` header on every answer; ``PayPal-Request-Id``
-idempotency (the same ID replays the first answer); ``Prefer: return=minimal`` (PayPal's
-default) or ``return=representation``.
+refund a capture, get refund), Webhooks v1 ``verify-webhook-signature`` and, for the sales that
+bill subscriptions, Payments v1 (get and refund a sale, get a refund: ``paypal_billing``);
+JSON bodies shaped like PayPal's, PayPal's error envelope (``name``, ``message``,
+``details[].issue``, ``debug_id``) and a ``Paypal-Debug-Id`` header on every answer;
+``PayPal-Request-Id`` idempotency (the same ID replays the first answer); ``Prefer:
+return=minimal`` (PayPal's default) or ``return=representation``.
 
 Every request is checked against PayPal's published OpenAPI descriptions and every answer
 the fake gives is checked too (``tests/fakes/paypal_spec.py``); departures are kept in
@@ -639,8 +640,10 @@ class FakePayPal(PayPalBilling):
             record.replayed = replayed
             if status == 204:
                 content = b""  # No Content: suspend, activate, cancel
-            if replayed and path.startswith("/v2/checkout/orders"):
-                status = 200  # PayPal answers a replayed order request with 200, not 201
+            if replayed and path.startswith(("/v2/checkout/orders", "/v1/payments/sale/")):
+                # PayPal answers a replayed order request (or v1 sale refund: "a successful
+                # idempotent request returns 200") with 200, not 201.
+                status = 200
             await self._inject_fault(path, after=True)
         except PayPalError as error:
             status, content = self._error_response(error, debug)

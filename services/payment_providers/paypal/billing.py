@@ -26,7 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 from models.subscription import BillingInterval, SubscriptionStatus
 
 from ..base import InvoicePayment, RecurringPrice, SubscriptionRequest, SubscriptionState
-from .transformers import from_paypal_value, link, money
+from .sales import payment_id_of_sale
+from .transformers import from_paypal_value, is_paypal_id, link, money
 
 PayPalObject = Mapping[str, Any]
 
@@ -311,8 +312,8 @@ def subscription_state(
 
 def latest_transaction(transactions: PayPalObject) -> InvoicePayment | None:
     """The latest of a subscription's transactions (``GET .../transactions``), as an
-    invoice: its id is the sale's, as ``PAYMENT.SALE.COMPLETED`` names it. No
-    ``payment_id``: a sale is not an order, and this provider refunds orders only."""
+    invoice: its id is the sale's, as ``PAYMENT.SALE.COMPLETED`` names it, and its payment
+    ``pp_sale_<sale id>`` (refunded through Payments v1, see ``sales``)."""
     found: list[tuple[datetime, InvoicePayment]] = []
     for transaction in _objects(transactions.get("transactions")):
         amounts = _mapping(transaction.get("amount_with_breakdown"))
@@ -331,6 +332,9 @@ def latest_transaction(transactions: PayPalObject) -> InvoicePayment | None:
                     currency=gross[1],
                     paid=paid,
                     period_start=when,
+                    payment_id=payment_id_of_sale(transaction_id)
+                    if is_paypal_id(transaction_id)
+                    else None,
                 ),
             )
         )
@@ -360,10 +364,11 @@ def failed_payment(subscription: PayPalObject) -> InvoicePayment | None:
 
 def sale_invoice(sale: PayPalObject) -> InvoicePayment:
     """A completed sale (PAYMENT.SALE.COMPLETED, Payments v1 shape: ``amount.total`` and
-    ``amount.currency``) as a paid invoice. Raises ValueError for one not shaped so."""
+    ``amount.currency``) as a paid invoice, whose payment is ``pp_sale_<sale id>``. Raises
+    ValueError for one not shaped so."""
     amount = _mapping(sale.get("amount"))
     currency, total, sale_id = amount.get("currency"), amount.get("total"), sale.get("id")
-    if not isinstance(currency, str) or not isinstance(sale_id, str) or not sale_id:
+    if not isinstance(currency, str) or not isinstance(sale_id, str) or not is_paypal_id(sale_id):
         raise ValueError("a PayPal sale has an id and an amount")
     return InvoicePayment(
         provider_invoice_id=sale_id,
@@ -371,6 +376,7 @@ def sale_invoice(sale: PayPalObject) -> InvoicePayment:
         currency=currency.upper(),
         paid=sale.get("state") == "completed",
         period_start=moment(sale.get("create_time")),
+        payment_id=payment_id_of_sale(sale_id),
     )
 
 

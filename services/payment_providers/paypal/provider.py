@@ -1,5 +1,5 @@
-"""PayPal, through its REST API (Orders v2, Payments v2, Webhooks v1) on the shared
-``httpx2.AsyncClient``.
+"""PayPal, through its REST API (Orders v2, Payments v2, Webhooks v1; Subscriptions v1, and
+Payments v1 for the sales that bill them) on the shared ``httpx2.AsyncClient``.
 
 One OAuth2 client-credentials token per provider instance, fetched once, kept until shortly
 before it expires, refreshed once when PayPal answers 401, and fetched by one request at a
@@ -71,7 +71,7 @@ from ..vendor_http import (
     retry_after_seconds,
     with_retries_keeping_outcome,
 )
-from . import billing
+from . import billing, sales
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.paypal")
@@ -144,10 +144,10 @@ _TRANSMISSION_HEADERS = {
 _WEBHOOK_ID = re.compile(r"^[a-zA-Z0-9]{1,50}$")
 
 
-def _request_id(idempotency_key: str) -> str:
-    """PayPal-Request-Id: the key itself when it fits PayPal's 108 characters, else a digest
-    of it (stable, so retries still match)."""
-    if 0 < len(idempotency_key) <= tx.REQUEST_ID_MAX and idempotency_key.isascii():
+def _request_id(idempotency_key: str, *, limit: int = tx.REQUEST_ID_MAX) -> str:
+    """PayPal-Request-Id: the key itself when it fits PayPal's limit (108 characters; 78 on
+    Payments v1), else a digest of it (64 characters, stable, so retries still match)."""
+    if 0 < len(idempotency_key) <= limit and idempotency_key.isascii():
         return idempotency_key
     return hashlib.sha256(idempotency_key.encode()).hexdigest()
 
@@ -306,6 +306,11 @@ class PayPalProvider(BasePaymentProvider):
         self._require_configured()
         order_id = tx.order_id_of(payment_id)
         if order_id is None:
+            if sales.sale_id_of(payment_id) is not None:
+                # A subscription's payment: a sale, complete when we record it.
+                raise InvalidStateTransition(
+                    "A PayPal subscription payment is complete: it can only be refunded"
+                )
             raise PaymentNotFound(f"No payment {payment_id!r}")
         return order_id
 
@@ -489,6 +494,16 @@ class PayPalProvider(BasePaymentProvider):
         if status == 404 and payment_id is not None:
             log.info(failed, extra=fields)
             return PaymentNotFound(f"No payment {payment_id!r}")
+        if status in (400, 422) and issue is None and failure.name is not None:
+            # Payments v1 (a subscription's sales) says what went wrong in the error's name.
+            if failure.name in sales.REFUND_TOO_LARGE_NAMES:
+                log.info(failed, extra=fields)
+                return RefundExceedsBalance("The refund is larger than what is left to refund")
+            if failure.name in sales.STATE_NAMES:
+                log.info(failed, extra=fields)
+                return InvalidStateTransition(
+                    _STATE_DETAILS.get(failure.name, "PayPal refused to refund this payment")
+                )
         if status == 422 and issue is not None:
             if issue in DECLINE_ISSUES:
                 log.info(f"{log_event}_declined", extra=fields)
@@ -556,6 +571,20 @@ class PayPalProvider(BasePaymentProvider):
         )
 
     async def verify_payment(self, payment_id: str) -> PaymentState:
+        sale_id = self._sale_id(payment_id)
+        if sale_id is not None:
+            sale = await self._call(
+                "GET",
+                f"/v1/payments/sale/{sale_id}",
+                log_event="paypal.sale.get",
+                payment_id=payment_id,
+            )
+            try:
+                return sales.state_from_sale(sale)
+            except ValueError as error:
+                raise ProviderUpstreamError(
+                    "PayPal answered a sale we cannot read", provider=self.name
+                ) from error
         order_id = self._order_id(payment_id)
         return tx.state_from_order(await self._get_order(order_id, payment_id))
 
@@ -615,6 +644,16 @@ class PayPalProvider(BasePaymentProvider):
         capture_id: str | None,
         reason: str | None = None,
     ) -> RefundResult:
+        sale_id = self._sale_id(payment_id)
+        if sale_id is not None:
+            return await self._refund_sale(
+                payment_id,
+                sale_id,
+                refund_id=refund_id,
+                amount=amount,
+                currency=currency,
+                reason=reason,
+            )
         order_id = self._order_id(payment_id)
         if capture_id is None:
             state = tx.state_from_order(await self._get_order(order_id, payment_id))
@@ -667,9 +706,18 @@ class PayPalProvider(BasePaymentProvider):
         return result
 
     async def get_refund(self, payment_id: str, provider_refund_id: str) -> RefundResult:
-        self._order_id(payment_id)
+        if self._sale_id(payment_id) is None:
+            self._order_id(payment_id)
         if not tx.is_paypal_id(provider_refund_id):
             raise NotFound(f"No refund {provider_refund_id!r}")
+        if self._sale_id(payment_id) is not None:
+            refund = await self._call(
+                "GET",
+                f"/v1/payments/refund/{provider_refund_id}",
+                log_event="paypal.sale_refund.get",
+                payment_id=payment_id,
+            )
+            return self._sale_refund_result(refund)
         refund = await self._call(
             "GET",
             f"/v2/payments/refunds/{provider_refund_id}",
@@ -677,6 +725,65 @@ class PayPalProvider(BasePaymentProvider):
             payment_id=payment_id,
         )
         return self._refund_result(refund)
+
+    # -- a subscription's payments: Payments v1 sales ---------------------------------------
+
+    def _sale_id(self, payment_id: str) -> str | None:
+        sale_id = sales.sale_id_of(payment_id)
+        if sale_id is not None:
+            self._require_configured()
+        return sale_id
+
+    async def _refund_sale(
+        self,
+        payment_id: str,
+        sale_id: str,
+        *,
+        refund_id: str,
+        amount: int,
+        currency: str,
+        reason: str | None,
+    ) -> RefundResult:
+        """``POST /v1/payments/sale/{id}/refund``: a subscription's payment is a sale, not an
+        order (see ``sales``)."""
+        try:
+            body = sales.refund_request(amount, currency, refund_id=refund_id, reason=reason)
+        except tx.AmountNotRepresentable as error:
+            raise OperationNotSupported(
+                f"PayPal cannot refund {currency.upper()} amounts with decimals"
+            ) from error
+        refund = await self._call(
+            "POST",
+            f"/v1/payments/sale/{sale_id}/refund",
+            log_event="paypal.sale_refund.create",
+            payment_id=payment_id,
+            body=body,
+            # Our refund id is the key: asking again (a lost answer) never refunds twice.
+            request_id=_request_id(refund_id, limit=sales.REQUEST_ID_MAX),
+        )
+        result = self._sale_refund_result(refund, amount=amount, currency=currency)
+        log.info(
+            "paypal.sale_refund.created",
+            extra={
+                "payment_id": payment_id,
+                "refund_id": refund_id,
+                "paypal_refund_id": result.provider_refund_id,
+                "amount": amount,
+                "currency": currency,
+                "refund_status": str(result.status),
+            },
+        )
+        return result
+
+    def _sale_refund_result(
+        self, refund: dict[str, Any], *, amount: int | None = None, currency: str | None = None
+    ) -> RefundResult:
+        try:
+            return sales.refund_result(refund, amount=amount, currency=currency)
+        except ValueError as error:
+            raise ProviderUpstreamError(
+                "PayPal answered a refund we cannot read", provider=self.name
+            ) from error
 
     def _refund_result(
         self, refund: dict[str, Any], *, amount: int | None = None, currency: str | None = None
@@ -1029,7 +1136,9 @@ class PayPalProvider(BasePaymentProvider):
             event = tx.webhook_event(payload, verified=verified)
         except ValueError as error:
             raise InvalidWebhookPayload("The event's resource is not what its type says") from error
-        if event.refund is not None:
+        if event.event_type in sales.SALE_REFUND_EVENTS:
+            event = self._sale_refund_event(event, payload)
+        elif event.refund is not None:
             event = await self._with_refunded_order(event)
         event = await self._billing_event(event, payload)
         log.info(
@@ -1095,6 +1204,24 @@ class PayPalProvider(BasePaymentProvider):
             return False
         return True
 
+    @staticmethod
+    def _sale_refund_event(event: WebhookEvent, payload: Mapping[str, Any]) -> WebhookEvent:
+        """PAYMENT.SALE.REFUNDED / .REVERSED: the resource is a v1 refund naming its sale,
+        which is our payment ``pp_sale_<sale id>``."""
+        resource = payload.get("resource")
+        resource = resource if isinstance(resource, Mapping) else {}
+        sale_id = sales.sale_of_refund(resource)
+        try:
+            refund = sales.refund_result(resource)
+        except ValueError as error:
+            raise InvalidWebhookPayload("The event's resource is not what its type says") from error
+        return dataclasses.replace(
+            event,
+            payment_id=sales.payment_id_of_sale(sale_id) if sale_id else None,
+            refund=refund,
+            reference=None,
+        )
+
     async def _with_refunded_order(self, event: WebhookEvent) -> WebhookEvent:
         """A refund names its capture, not its order: read the capture for the order (our
         payment ID) and whether the refunds now add up to all of it."""
@@ -1149,4 +1276,11 @@ _STATE_DETAILS = {
     "PARTIAL_REFUND_NOT_ALLOWED": "PayPal allows only a full refund of this payment",
     "TRANSACTION_DISPUTED": "The PayPal payment is disputed; refund it through the dispute",
     "REFUND_NOT_PERMITTED_DUE_TO_CHARGEBACK": "The PayPal payment has a chargeback",
+    # Payments v1 (a subscription's sales), by the error's name.
+    "FULL_REFUND_NOT_ALLOWED_AFTER_PARTIAL_REFUND": (
+        "PayPal allows no full refund after a partial one: refund what is left"
+    ),
+    "PAYMENT_STATE_INVALID": "PayPal says the payment is not in a state that allows this",
+    "REFUND_FAILED_INSUFFICIENT_FUNDS": "The PayPal account holds too little to refund this",
+    "TRANSACTION_REFUSED": "PayPal refused to refund this payment",
 }
