@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.payment import PaymentRecord, Plan, RefundRecord
+from models.payment import PaymentRecord, PaymentStatus, Plan, RefundRecord
 from services import receipt_render
 from services.errors import ReceiptStorageUnavailable
 from services.metrics import timed_render
@@ -155,11 +155,42 @@ class ReceiptService:
         return self._pool
 
     async def warm_up(self) -> None:
-        """Start the render workers ahead of the first receipt."""
+        """Start the render workers ahead of the first receipt, each rendering a throwaway
+        one (the configured seller, tax and locale; nothing numbered, written or chained)."""
         loop = asyncio.get_running_loop()
         pool = self._executor()
+        context, signing = self._warm_up_context(), self._config.signing
         await asyncio.gather(
-            *(loop.run_in_executor(pool, receipt_render.warm_up) for _ in range(self._workers))
+            *(
+                loop.run_in_executor(pool, receipt_render.warm_up, context, signing)
+                for _ in range(self._workers)
+            )
+        )
+
+    def _warm_up_context(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        plan = Plan(code="warm-up", name="Warm-up", amount=1000, currency="EUR")
+        record = PaymentRecord(
+            payment_id="warm-up",
+            provider="warm-up",
+            reference="warm-up",
+            plan=plan.code,
+            amount=plan.amount,
+            currency=plan.currency,
+            status=PaymentStatus.SUCCEEDED,
+            created_at=now,
+            updated_at=now,
+            paid_at=now,
+            test_mode=True,
+        )
+        return receipt_context(
+            record,
+            plan,
+            number="WARM-UP",
+            tax=self.tax_lines(record, plan),
+            seller=self._config.seller,
+            provider=ProviderFacts(display_name="Warm-up"),
+            locale=self._config.locale,
         )
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jinja2
 import pytest
 from pypdf import PdfReader
 
@@ -95,6 +96,36 @@ class TestReceiptRendering:
         assert f" {int(day)}, {year}" in text  # e.g. "March 5, 2026", babel's long date (en)
         for expected in ("Receipt", meta["receipt_number"], "Basic", "€19.00", payment_id):
             assert expected in text
+
+
+class TestWarmUp:
+    """RECEIPT_WARM_UP: each render process renders one throwaway receipt at start, so the
+    first customer does not wait for a process's first document. Nothing of it is kept."""
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"receipt_warm_up": True}
+
+    async def test_nothing_numbered_written_or_chained(
+        self, client: httpx.AsyncClient, app: Any, token: Any
+    ) -> None:
+        renderer = app.state.receipts.renderer
+        assert await renderer.ledger.chain() == []
+        directory: Path = renderer.config.directory
+        assert not directory.exists() or not any(directory.iterdir())
+        alice = token("alice")
+        payment_id = await _paid(client, alice)
+        receipt = await client.get(f"/api/v1/payment/receipt/{payment_id}", headers=bearer(alice))
+        assert receipt.json()["receipt_number"].endswith("-000001"), receipt.text
+
+    def test_the_context_given_is_rendered(self) -> None:
+        pool = new_render_pool(1)
+        try:
+            # Rendered, not only handed over: a template that does not exist is an error.
+            with pytest.raises(jinja2.TemplateNotFound):
+                pool.submit(receipt_render.warm_up, {"template": "nope.html"}).result(timeout=60)
+        finally:
+            pool.shutdown()
 
 
 class TestReceiptTemplateEscaping:
