@@ -899,11 +899,14 @@ class TestLoadJson:
         ],
         ids=["deep", "unclosed", "deep_objects", "unterminated_string", "escapes", "half_string"],
     )
-    def test_hostile_bodies_are_refused_quickly(self, body: bytes) -> None:
+    def test_hostile_bodies_are_refused_in_one_pass(self, body: bytes) -> None:
+        # Not a speed figure (those are the bench's): a guard against a scan that goes back
+        # over the body, which on these few hundred kilobytes would take hours. Linear, it
+        # takes well under a second even on a loaded machine; 30 s only tells the two apart.
         started = time.perf_counter()
         with pytest.raises(InvalidWebhookPayload):
             load_json(body)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 30
 
     @pytest.mark.parametrize(
         ("body", "detail"),
