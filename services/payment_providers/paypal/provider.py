@@ -676,24 +676,51 @@ class PayPalProvider(BasePaymentProvider):
             capture_id = state.capture_id
         if not tx.is_paypal_id(capture_id):
             raise PaymentNotFound(f"No capture {capture_id!r} for payment {payment_id!r}")
+        return await self._send_refund(
+            payment_id,
+            f"/v2/payments/captures/{capture_id}/refund",
+            lambda: tx.refund_request(amount, currency, refund_id=refund_id, reason=reason),
+            kind="refund",
+            read=self._refund_result,
+            request_id=_request_id(refund_id),
+            refund_id=refund_id,
+            amount=amount,
+            currency=currency,
+        )
+
+    async def _send_refund(
+        self,
+        payment_id: str,
+        path: str,
+        body: Callable[[], dict[str, Any]],
+        *,
+        kind: str,
+        read: Callable[..., RefundResult],
+        request_id: str,
+        refund_id: str,
+        amount: int,
+        currency: str,
+    ) -> RefundResult:
+        """Ask PayPal for a refund (of an order's capture, or of a sale) and log what it
+        answered. ``request_id`` carries our refund id: asking again (a lost answer) never
+        refunds twice."""
         try:
-            body = tx.refund_request(amount, currency, refund_id=refund_id, reason=reason)
+            payload = body()
         except tx.AmountNotRepresentable as error:
             raise OperationNotSupported(
                 f"PayPal cannot refund {currency.upper()} amounts with decimals"
             ) from error
         refund = await self._call(
             "POST",
-            f"/v2/payments/captures/{capture_id}/refund",
-            log_event="paypal.refund.create",
+            path,
+            log_event=f"paypal.{kind}.create",
             payment_id=payment_id,
-            body=body,
-            # Our refund id is the key: asking again (a lost answer) never refunds twice.
-            request_id=_request_id(refund_id),
+            body=payload,
+            request_id=request_id,
         )
-        result = self._refund_result(refund, amount=amount, currency=currency)
+        result = read(refund, amount=amount, currency=currency)
         log.info(
-            "paypal.refund.created",
+            f"paypal.{kind}.created",
             extra={
                 "payment_id": payment_id,
                 "refund_id": refund_id,
@@ -746,34 +773,17 @@ class PayPalProvider(BasePaymentProvider):
     ) -> RefundResult:
         """``POST /v1/payments/sale/{id}/refund``: a subscription's payment is a sale, not an
         order (see ``sales``)."""
-        try:
-            body = sales.refund_request(amount, currency, refund_id=refund_id, reason=reason)
-        except tx.AmountNotRepresentable as error:
-            raise OperationNotSupported(
-                f"PayPal cannot refund {currency.upper()} amounts with decimals"
-            ) from error
-        refund = await self._call(
-            "POST",
+        return await self._send_refund(
+            payment_id,
             f"/v1/payments/sale/{sale_id}/refund",
-            log_event="paypal.sale_refund.create",
-            payment_id=payment_id,
-            body=body,
-            # Our refund id is the key: asking again (a lost answer) never refunds twice.
+            lambda: sales.refund_request(amount, currency, refund_id=refund_id, reason=reason),
+            kind="sale_refund",
+            read=self._sale_refund_result,
             request_id=_request_id(refund_id, limit=sales.REQUEST_ID_MAX),
+            refund_id=refund_id,
+            amount=amount,
+            currency=currency,
         )
-        result = self._sale_refund_result(refund, amount=amount, currency=currency)
-        log.info(
-            "paypal.sale_refund.created",
-            extra={
-                "payment_id": payment_id,
-                "refund_id": refund_id,
-                "paypal_refund_id": result.provider_refund_id,
-                "amount": amount,
-                "currency": currency,
-                "refund_status": str(result.status),
-            },
-        )
-        return result
 
     def _sale_refund_result(
         self, refund: dict[str, Any], *, amount: int | None = None, currency: str | None = None
