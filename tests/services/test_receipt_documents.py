@@ -152,6 +152,29 @@ class TestNumbers:
             make_settings("redis://127.0.0.1:1/0", tmp_path, receipt_number_format="R-{year}")
 
 
+def _sold_at_19_percent(amount: int) -> tuple[TaxPolicy, Plan, PaymentRecord]:
+    """A plan of ``amount`` (tax included) sold at 19 %, as checkout records it."""
+    policy = TaxPolicy(default_rate=Decimal(19))
+    plan = Plan(code="pro", name="Pro", amount=amount, currency="EUR")
+    sale = policy.sale(plan, None)
+    now = dt.datetime.now(dt.UTC)
+    record = PaymentRecord(
+        payment_id="sb_x",
+        provider="sandbox",
+        reference="r",
+        plan="pro",
+        amount=amount,
+        currency="EUR",
+        status=PaymentStatus.SUCCEEDED,
+        created_at=now,
+        updated_at=now,
+        tax_rate=sale.rate,
+        tax_amount=sale.tax,
+        tax_treatment=sale.treatment,
+    )
+    return policy, plan, record
+
+
 class TestTaxArithmetic:
     def test_half_up_on_the_tax_amount(self) -> None:
         assert tax_included(2900, Decimal(19)) == 463  # 463.03
@@ -160,24 +183,7 @@ class TestTaxArithmetic:
         assert tax_on_top(2900, Decimal(0)) == 0
 
     def test_credit_notes_of_a_full_refund_give_back_exactly_the_tax(self) -> None:
-        policy = TaxPolicy(default_rate=Decimal(19))
-        plan = Plan(code="pro", name="Pro", amount=1000, currency="EUR")
-        sale = policy.sale(plan, None)
-        now = dt.datetime.now(dt.UTC)
-        record = PaymentRecord(
-            payment_id="sb_x",
-            provider="sandbox",
-            reference="r",
-            plan="pro",
-            amount=1000,
-            currency="EUR",
-            status=PaymentStatus.SUCCEEDED,
-            created_at=now,
-            updated_at=now,
-            tax_rate=sale.rate,
-            tax_amount=sale.tax,
-            tax_treatment=sale.treatment,
-        )
+        policy, plan, record = _sold_at_19_percent(1000)
         lines = policy.lines(record, plan)
         parts = [333, 333, 334]
         before, taxes = 0, []
@@ -187,24 +193,7 @@ class TestTaxArithmetic:
         assert sum(taxes) == lines.tax == 160
 
     def test_a_partial_capture_is_a_sale_of_the_part_captured(self) -> None:
-        policy = TaxPolicy(default_rate=Decimal(19))
-        plan = Plan(code="pro", name="Pro", amount=2900, currency="EUR")
-        sale = policy.sale(plan, None)
-        now = dt.datetime.now(dt.UTC)
-        record = PaymentRecord(
-            payment_id="sb_x",
-            provider="sandbox",
-            reference="r",
-            plan="pro",
-            amount=2900,
-            currency="EUR",
-            status=PaymentStatus.SUCCEEDED,
-            created_at=now,
-            updated_at=now,
-            tax_rate=sale.rate,
-            tax_amount=sale.tax,
-            tax_treatment=sale.treatment,
-        )
+        policy, plan, record = _sold_at_19_percent(2900)
         whole = policy.lines(record, plan)
         assert (whole.net, whole.tax, whole.gross) == (2437, 463, 2900)
         part = policy.lines(record.model_copy(update={"amount_captured": 2000}), plan)
