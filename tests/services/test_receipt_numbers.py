@@ -105,6 +105,15 @@ async def counting_from_quiet(raw: Redis, within_s: float = 5.0) -> None:
             pytest.fail(f"Redis still busy after {within_s} s: {seen}")
 
 
+async def pdf_counted(client: httpx.AsyncClient, raw: Redis, url: str, owner: str) -> Traffic:
+    """Download the PDF at ``url`` as ``owner`` from a quiet Redis: what Redis saw meanwhile."""
+    await counting_from_quiet(raw)
+    pdf = await client.get(url, headers=bearer(owner))
+    seen = await traffic(raw)
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-"), pdf.text
+    return seen
+
+
 def _event(event_id: str, payment_id: str) -> bytes:
     body = {
         "id": event_id,
@@ -320,11 +329,7 @@ class TestFirstRenderRoundTrips:
         ledger = app.state.receipts.renderer.ledger
         entries = len(await ledger.chain())
 
-        await counting_from_quiet(raw)
-        pdf = await client.get(f"{API}/receipt/{payment_id}/pdf", headers=bearer(alice))
-        seen = await traffic(raw)
-
-        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+        seen = await pdf_counted(client, raw, f"{API}/receipt/{payment_id}/pdf", alice)
         # The payment's read, then one script: the chain entry (no other script ran, and the
         # chain gained this receipt's first version).
         assert seen.round_trips == 2, seen
@@ -368,11 +373,7 @@ class TestFirstRenderRoundTrips:
         ledger = app.state.receipts.renderer.ledger
         entries = len(await ledger.chain())
 
-        await counting_from_quiet(raw)
-        pdf = await client.get(f"{API}/{payment_id}/refunds/{refund_id}/pdf", headers=bearer(alice))
-        seen = await traffic(raw)
-
-        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+        seen = await pdf_counted(client, raw, f"{API}/{payment_id}/refunds/{refund_id}/pdf", alice)
         # The payment, its refunds, then the chain entry.
         assert seen.round_trips == 3, seen
         assert (seen.calls["hgetall"], seen.calls["hvals"], seen.calls["evalsha"]) == (1, 1, 1)
