@@ -176,7 +176,8 @@ class TestCredentials:
         fake_stripe: FakeStripe,
         provider_logs: pytest.LogCaptureFixture,
     ) -> None:
-        wrong_key = "sk_test_51WrongKeyWrongKeyWrongKey9876"
+        # Its last four are letters: digits turn up in any log record (thread ids, times).
+        wrong_key = "sk_test_51WrongKeyWrongKeyWrongKeyQzXv"
         provider = make_provider(stripe_secret_key=wrong_key)
         with pytest.raises(ProviderMisconfigured) as caught:
             await provider.create_payment_intent(intent_request())
