@@ -19,7 +19,8 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 import httpx2
 import stripe
@@ -68,6 +69,8 @@ from . import billing
 from . import transformers as tx
 
 log = logging.getLogger("payments.providers.stripe")
+
+T = TypeVar("T")
 
 WEBHOOK_TOLERANCE_S = 300
 # Expansions that let one GET answer verify: the intent of a session and its latest charge
@@ -287,9 +290,34 @@ class StripeProvider(BasePaymentProvider):
     ) -> dict[str, Any]:
         """Run one SDK call (retried when Stripe is unavailable) and return its object as a
         plain dict. ``event`` names the call in logs: ``stripe.payment_intent.create``."""
+        return await self._call_reading(
+            event,
+            operation,
+            _plain,
+            payment_id=payment_id,
+            is_refund=is_refund,
+            is_capture=is_capture,
+            policy=policy,
+        )
+
+    async def _call_reading(
+        self,
+        event: str,
+        operation: Callable[[stripe.StripeClient], Awaitable[Any]],
+        read: Callable[[Any], T],
+        *,
+        payment_id: str | None = None,
+        is_refund: bool = False,
+        is_capture: bool = False,
+        policy: RetryPolicy | None = None,
+    ) -> T:
+        """``_call``, reading what the caller needs straight from the SDK's object with
+        ``read``: for a call that needs a field or two of a large object (creating a
+        Checkout Session reads its ID and URL), where turning the whole object into dicts
+        cost more CPU than the rest of the call's handling on our side."""
         client = self._require_client()
 
-        async def attempt() -> dict[str, Any]:
+        async def attempt() -> T:
             try:
                 result = await operation(client)
             except stripe.StripeError as error:
@@ -300,7 +328,7 @@ class StripeProvider(BasePaymentProvider):
                     is_refund=is_refund,
                     is_capture=is_capture,
                 ) from error
-            return dict(result.to_dict())
+            return read(result)
 
         # Once one attempt may have reached Stripe, the call's outcome stays unknown even if
         # a later attempt was plainly refused.
@@ -397,20 +425,19 @@ class StripeProvider(BasePaymentProvider):
         options: stripe.RequestOptions = {"idempotency_key": request.idempotency_key}
         if ui_mode == "embedded":
             intent_params = tx.payment_intent_params(request, capture_method=capture_method)
-            intent = await self._call(
+            key = self._publishable_key
+            result = await self._call_reading(
                 "stripe.payment_intent.create",
                 lambda c: c.v1.payment_intents.create_async(intent_params, options),
-            )
-            result = tx.intent_result_from_payment_intent(
-                intent, publishable_key=self._publishable_key
+                partial(tx.intent_result_from_payment_intent, publishable_key=key),
             )
         else:
             session_params = tx.checkout_session_params(request, capture_method=capture_method)
-            session = await self._call(
+            result = await self._call_reading(
                 "stripe.checkout_session.create",
                 lambda c: c.v1.checkout.sessions.create_async(session_params, options),
+                tx.intent_result_from_session,
             )
-            result = tx.intent_result_from_session(session)
         log.info(
             "stripe.payment.created",
             extra={"payment_id": result.payment_id, "reference": request.reference},
@@ -1009,3 +1036,8 @@ class StripeProvider(BasePaymentProvider):
             return HealthStatus(healthy=False, message=error.title, latency_ms=round(latency, 1))
         latency = (time.perf_counter() - started) * 1000
         return HealthStatus(healthy=True, message="ok", latency_ms=round(latency, 1))
+
+
+def _plain(obj: stripe.StripeObject) -> dict[str, Any]:
+    """An SDK object as plain dicts and lists, as the transformers read it."""
+    return dict(obj.to_dict())

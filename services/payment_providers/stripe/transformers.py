@@ -2,7 +2,8 @@
 
 Requests: what we send to create a Checkout Session or a PaymentIntent. Responses: Stripe's
 objects (as plain dicts, from the SDK's ``to_dict()`` or a webhook's JSON) to ``PaymentState``,
-``IntentResult``, ``RefundResult`` and ``WebhookEvent``. Unknown Stripe statuses map to
+``RefundResult`` and ``WebhookEvent``; a created session or intent to ``IntentResult`` straight
+from the SDK's object. Unknown Stripe statuses map to
 pending: only an explicit success or failure from Stripe is final.
 """
 
@@ -25,6 +26,7 @@ from ..base import (
 )
 
 if TYPE_CHECKING:
+    import stripe
     from stripe.params import PaymentIntentCaptureParams, PaymentIntentCreateParams
     from stripe.params.checkout import SessionCreateParams
 
@@ -287,21 +289,24 @@ def state_from_checkout_session(session: StripeObject) -> PaymentState:
     )
 
 
-def intent_result_from_session(session: StripeObject) -> IntentResult:
+def intent_result_from_session(session: stripe.checkout.Session) -> IntentResult:
+    """A created Checkout Session, read from the SDK's object: its ID and URL are all we
+    need of it."""
     return IntentResult(
-        payment_id=str(session["id"]),
+        payment_id=session.id,
         status=PaymentStatus.PENDING,
-        redirect_url=session.get("url"),
+        redirect_url=session.url,
     )
 
 
 def intent_result_from_payment_intent(
-    intent: StripeObject, *, publishable_key: str | None
+    intent: stripe.PaymentIntent, *, publishable_key: str | None
 ) -> IntentResult:
+    """A created PaymentIntent, read from the SDK's object."""
     return IntentResult(
-        payment_id=str(intent["id"]),
+        payment_id=intent.id,
         status=PaymentStatus.PENDING,
-        client_secret=intent.get("client_secret"),
+        client_secret=intent.client_secret,
         publishable_key=publishable_key,
     )
 
