@@ -62,6 +62,7 @@ RENDER_SCALING = Target(1.8)
 
 REDISPY_FLOOR = "redis-py floor"
 FASTAPI_FLOOR = "FastAPI floor"
+ROUND_TRIP_FLOOR = "FastAPI floor, create-intent's 3 round trips through the service's store"
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,13 @@ NOTES = [
     "one Lua script writing the same data; verify one pipeline reading the payment and its "
     "sandbox session; receipt metadata one HGETALL; the PDF the same bytes answered from memory "
     "(and, for reference, through Starlette's FileResponse).",
+    "The three-round-trip floor (reference, create-intent and Stripe): the same FastAPI app "
+    "doing only the Redis work the design asks of create-intent, through the service's own "
+    "client and PaymentStore, in its three round trips: the idempotency claim, the sandbox's "
+    "session (or, for Stripe, the same call with the same client as the redis-py floor's), then "
+    "PaymentStore.create with the answer to replay and the reconciliation entry. No token, "
+    "validation, catalogue, tax, provider layer or middleware of ours. Its ratio to the "
+    "redis-py floor is the most a service with this design under FastAPI could reach.",
     "Redis Cluster: at 1 worker, a second service (REDIS_CLUSTER=true, REDIS_URL one node's) and "
     "a second redis-py floor run on a 3-master cluster (no replicas) started by the bench on "
     "loopback as the test suite starts its own; the service's verify payments there are "
@@ -347,6 +355,9 @@ def fastapi_floor_server(run: Run, backend: Backend, workers: int) -> UvicornSer
             "FLOOR_PDF_PATH": str(run.workdir / "floor" / "receipt.pdf"),
         }
     )
+    if run.stripe_env:
+        env["FLOOR_STRIPE_URL"] = run.stripe_env["STRIPE_API_BASE"]
+        env["FLOOR_STRIPE_KEY"] = run.stripe_env["STRIPE_SECRET_KEY"]
     return UvicornServer(
         f"floor-fastapi-{backend.key}",
         "bench.floor_app:app",
@@ -444,6 +455,17 @@ def check_answers(run: Run, server: UvicornServer, payment_id: str, *, receipts:
         )
         if created.status_code != 201:
             raise BenchError(f"{server.name} create-intent answered {created.status_code}")
+        if server.name.startswith("floor-fastapi"):
+            key = {"Idempotency-Key": f"check-{secrets.token_hex(8)}"}
+            first, again = (
+                client.post(f"{API}/create-intent-3rt", json={"plan": "pro"}, headers=key)
+                for _ in range(2)
+            )
+            if first.status_code != 201 or again.json() != first.json():
+                raise BenchError(
+                    f"{server.name} create-intent-3rt answered {first.status_code}, then "
+                    f"{again.status_code}: {first.text} / {again.text}"
+                )
         for method, path, options in checks:
             answer = client.request(method, path, **options)  # type: ignore[arg-type]
             if answer.status_code != 200:
@@ -466,6 +488,12 @@ def scenarios(run: Run) -> dict[str, Scenario]:
         "create": Scenario(
             "create-intent",
             f"{API}/create-intent",
+            "create_intent",
+            lambda r, _ids: [r.token, f"run{secrets.token_hex(6)}", '{"plan": "pro"}'],
+        ),
+        "create3": Scenario(
+            "create-intent",
+            f"{API}/create-intent-3rt",
             "create_intent",
             lambda r, _ids: [r.token, f"run{secrets.token_hex(6)}", '{"plan": "pro"}'],
         ),
@@ -579,7 +607,7 @@ def http_rows(run: Run, workers: int, *, core: bool, stripe: bool) -> None:
                 cluster_targets.append((cluster_service, cluster_floor, paid.ids_file))
             core_rows(run, workers, service, floor, fastapi_floor, cluster_targets)
         if stripe and run.stripe is not None:
-            run.rows.extend(run.stripe.run(service.url, floor.url, workers))
+            run.rows.extend(run.stripe.run(service.url, floor.url, fastapi_floor.url, workers))
 
 
 def core_rows(
@@ -612,17 +640,34 @@ def core_rows(
             Loaded(REDISPY_FLOOR, floor, case, ids),
             Loaded(FASTAPI_FLOOR, fastapi_floor, case, ids),
         ]
+        if key == "create":
+            targets.append(Loaded(ROUND_TRIP_FLOOR, fastapi_floor, cases["create3"], ids))
         for cluster_service, cluster_floor, cluster_ids in cluster:
             targets += [
                 Loaded("service on the cluster", cluster_service, case, cluster_ids),
                 Loaded(f"{REDISPY_FLOOR} on the cluster", cluster_floor, case, cluster_ids),
             ]
-        svc, flo, fast, *on_cluster = measure(run, targets)
+        svc, flo, fast, *rest = measure(run, targets)
         run.rows.append(
             throughput_row(case.label, workers, svc, flo, REDISPY_FLOOR, target if graded else None)
         )
         run.rows.append(throughput_row(case.label, workers, svc, fast, FASTAPI_FLOOR, None))
         if key == "create":
+            three, *rest = rest
+            # Where the design's round trips and FastAPI alone leave create-intent: the
+            # service against that floor, and that floor against the redis-py floor (the
+            # most any service doing those round trips under FastAPI could reach).
+            run.rows.append(throughput_row(case.label, workers, svc, three, ROUND_TRIP_FLOOR, None))
+            run.rows.append(
+                Row(
+                    measure=f"{case.label}: req/s",
+                    workers=str(workers),
+                    service=f"{ROUND_TRIP_FLOOR}: {three.describe()}",
+                    baseline=f"{REDISPY_FLOOR}: {flo.describe()}",
+                    ratio=three.rps / flo.rps if flo.rps else None,
+                    invalid=invalid(three, flo),
+                )
+            )
             run.rows.append(
                 Row(
                     measure="create-intent: p99 latency",
@@ -634,8 +679,8 @@ def core_rows(
                     invalid=invalid(svc, fast),
                 )
             )
-        if on_cluster:
-            svc_c, flo_c = on_cluster
+        if rest:
+            svc_c, flo_c = rest
             label = f"{case.label} on a 3-master Redis Cluster"
             on = "on the cluster: "
             run.rows += [
