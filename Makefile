@@ -32,7 +32,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app services routers models
+	$(BIN)/mypy app services routers models bench tests/fakes
 
 format: $(STAMP)
 	$(BIN)/ruff format .

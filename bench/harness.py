@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(mode=mode, workdir=workdir, log=log)
     try:
         run.settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             jwt_secret_key=secrets.token_urlsafe(36),  # 48 characters
             receipts_dir=workdir / "receipts",
             receipt_warm_up=True,

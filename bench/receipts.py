@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,12 +236,13 @@ async def run_render_bench(
         samples = await one.paid(config.first_render_samples)
         for index, record in enumerate(samples):
             ctx = context()
+            bare = partial(receipt_render.render_pdf, ctx)
             if index % 2:
-                figures.bare_ms.append(_timed(lambda c=ctx: receipt_render.render_pdf(c)))
+                figures.bare_ms.append(_timed(bare))
                 figures.service_ms.append(await _timed_async(one.render(record)))
             else:
                 figures.service_ms.append(await _timed_async(one.render(record)))
-                figures.bare_ms.append(_timed(lambda c=ctx: receipt_render.render_pdf(c)))
+                figures.bare_ms.append(_timed(bare))
             rendered += 1
             if rendered == config.rss_early:
                 figures.rss_early = _memory(_pool_pids(one.pool))

@@ -95,6 +95,8 @@ def test_bench_smoke_run_reports_every_row(tmp_path: Path) -> None:
         (graded,) = [r for r in rows_for(measure) if r[1] == "1" and r[5]]
         assert graded[3].startswith("redis-py floor"), graded
         assert any(r[3].startswith("FastAPI floor") for r in rows_for(measure)), measure
+    three = [r for r in rows_for("create-intent: req/s") if "3 round trips" in r[2] + r[3]]
+    assert {r[1] for r in three} == {"1", "2"} and all(NUMBER.fullmatch(r[4]) for r in three)
     for measure in CLUSTER_MEASURES:
         found = rows_for(measure)
         assert {row[1] for row in found} == {"1"}, measure
@@ -109,6 +111,10 @@ def test_bench_smoke_run_reports_every_row(tmp_path: Path) -> None:
         # The floor making the same SDK call answered every request; both targets are graded.
         latency = rows_for(STRIPE_MEASURES[0])
         (rps,) = [r for r in latency if r[0].endswith("req/s") and r[5] == ">= 0.85"]
-        (p50,) = [r for r in latency if r[0].endswith("p50 latency")]
+        (p50,) = [r for r in latency if r[0].endswith("p50 latency") and r[5]]
         assert "StripeClient" in rps[3] and NUMBER.fullmatch(rps[4]), rps
         assert p50[5] == "<= 5 ms" and FIGURE.fullmatch(p50[4]), p50
+        # The design's own floor for it (claim, the same call, the store's create) answered
+        # every request too.
+        skeleton = [r for r in latency if "between the idempotency claim" in r[2] + r[3]]
+        assert len(skeleton) == 3 and all(FIGURE.fullmatch(r[4]) for r in skeleton), skeleton

@@ -431,7 +431,7 @@ class FakeAuthorizeNet:
             )
         if fault is not None and fault.kind == "processing_error":
             return _error("E00001", "An error occurred during processing. Please try again.")
-        answer = getattr(self, f"_{name}")(inner)
+        answer: Json = getattr(self, f"_{name}")(inner)
         if "refId" in inner:
             answer = {"refId": inner["refId"], **answer}
         return answer

@@ -565,8 +565,12 @@ class FakeMobilePay:
 
 
 @contextmanager
-def running_fake_mobilepay(**credentials: str) -> Iterator[FakeMobilePay]:
-    fake = FakeMobilePay(**credentials)
+def running_fake_mobilepay(
+    *, client_id: str, client_secret: str, subscription_key: str, msn: str
+) -> Iterator[FakeMobilePay]:
+    fake = FakeMobilePay(
+        client_id=client_id, client_secret=client_secret, subscription_key=subscription_key, msn=msn
+    )
     with serve_in_thread(fake.app) as url:
         fake.url = url
         yield fake

@@ -159,7 +159,8 @@ def unknown_fields(
                 continue
             # Unknown below only if unknown to every schema that names this member.
             verdicts = [unknown_fields(item, sub, spec, pointer) for sub in properties[key]]
-            found.extend(min(verdicts, key=len))
+            fewest: list[str] = min(verdicts, key=len)
+            found.extend(fewest)
         return found
     if isinstance(value, list):
         for branch in branches:

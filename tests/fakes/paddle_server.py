@@ -763,8 +763,8 @@ class FakePaddle(PaddleBilling):
             raise PaddleError("adjustment_pending_refund_request")
         line_items = {item["id"]: item for item in transaction["details"]["line_items"]}
         taken: dict[str, int] = {}
-        for adjustment in earlier:
-            for item in adjustment["items"]:
+        for previous in earlier:
+            for item in previous["items"]:
                 taken[item["item_id"]] = taken.get(item["item_id"], 0) + int(item["amount"])
         adjusted = []
         if body.get("type") == "full":
