@@ -49,6 +49,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse
 from redis.asyncio import Redis
 
+from bench.floor_stripe import stripe_client_from_env
 from models.payment import (
     IntentResponse,
     PaymentRecord,
@@ -58,7 +59,6 @@ from models.payment import (
 )
 from services.payment_providers.base import IntentRequest
 from services.payment_providers.stripe import transformers as stripe_tx
-from services.payment_providers.stripe.provider import _HTTPX2Client
 from services.payment_store import (
     IdempotencyAnswer,
     IdempotencyState,
@@ -129,17 +129,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ours = redis_client(url, cluster=False, timeout_s=2.0)
     app.state.store = PaymentStore(ours, prefix=PREFIX)
     app.state.session = ours.register_script(_SESSION_LUA)
-    app.state.stripe_http = None
-    app.state.stripe = None
-    if os.environ.get("FLOOR_STRIPE_URL"):
-        # As StripeProvider builds its client: our HTTPClient, base address, no SDK retries.
-        app.state.stripe_http = _HTTPX2Client(timeout=10.0)
-        app.state.stripe = stripe.StripeClient(
-            os.environ["FLOOR_STRIPE_KEY"],
-            base_addresses={"api": os.environ["FLOOR_STRIPE_URL"].rstrip("/")},
-            http_client=app.state.stripe_http,
-            max_network_retries=0,
-        )
+    app.state.stripe_http, app.state.stripe = stripe_client_from_env()
     try:
         yield
     finally:

@@ -42,10 +42,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench.floor_stripe import stripe_client_from_env
 from models.payment import Plan
 from services.payment_providers.base import IntentRequest
 from services.payment_providers.stripe import transformers as stripe_tx
-from services.payment_providers.stripe.provider import _HTTPX2Client
 from services.payment_store import redis_client
 
 PLANS = {
@@ -100,17 +100,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.redis = redis
     app.state.create = redis.register_script(_CREATE_LUA)
     app.state.sleep_s = float(os.environ.get("FLOOR_SLEEP_MS", "50")) / 1000
-    app.state.stripe_http = None
-    app.state.stripe = None
-    if os.environ.get("FLOOR_STRIPE_URL"):
-        # As StripeProvider builds its client: our HTTPClient, base address, no SDK retries.
-        app.state.stripe_http = _HTTPX2Client(timeout=10.0)
-        app.state.stripe = stripe.StripeClient(
-            os.environ["FLOOR_STRIPE_KEY"],
-            base_addresses={"api": os.environ["FLOOR_STRIPE_URL"].rstrip("/")},
-            http_client=app.state.stripe_http,
-            max_network_retries=0,
-        )
+    app.state.stripe_http, app.state.stripe = stripe_client_from_env()
     try:
         yield
     finally:

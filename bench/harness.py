@@ -41,7 +41,7 @@ from . import providers
 from .procs import ROOT, BenchError, RedisClusterServers, RedisServer, UvicornServer
 from .receipts import RenderConfig, RenderFigures, median, percentile, run_render_bench
 from .report import Row, Target, command_line, document, now, render_table
-from .wrk import Load, Side, WrkResult, alternate, invalid, run_wrk, wrk_binary
+from .wrk import Load, Side, WrkResult, alternate, compare_row, invalid, run_wrk, wrk_binary
 
 API = "/api/v1/payment"
 USER = "bench-user"
@@ -559,15 +559,8 @@ def throughput_row(
     *,
     served: str = "",
 ) -> Row:
-    return Row(
-        measure=f"{label}: req/s",
-        workers=str(workers),
-        service=f"{served}{service.describe()}",
-        baseline=f"{base}: {baseline.describe()}",
-        ratio=service.rps / baseline.rps if baseline.rps else None,
-        target=target,
-        invalid=invalid(service, baseline),
-    )
+    """The service's requests/s (``served``: where, when not the usual) against ``base``'s."""
+    return compare_row(f"{label}: req/s", workers, (served, service), (base, baseline), target)
 
 
 def http_rows(run: Run, workers: int, *, core: bool, stripe: bool) -> None:
@@ -659,13 +652,11 @@ def core_rows(
             # most any service doing those round trips under FastAPI could reach).
             run.rows.append(throughput_row(case.label, workers, svc, three, ROUND_TRIP_FLOOR, None))
             run.rows.append(
-                Row(
-                    measure=f"{case.label}: req/s",
-                    workers=str(workers),
-                    service=f"{ROUND_TRIP_FLOOR}: {three.describe()}",
-                    baseline=f"{REDISPY_FLOOR}: {flo.describe()}",
-                    ratio=three.rps / flo.rps if flo.rps else None,
-                    invalid=invalid(three, flo),
+                compare_row(
+                    f"{case.label}: req/s",
+                    workers,
+                    (ROUND_TRIP_FLOOR, three),
+                    (REDISPY_FLOOR, flo),
                 )
             )
             run.rows.append(
@@ -682,19 +673,17 @@ def core_rows(
         if rest:
             svc_c, flo_c = rest
             label = f"{case.label} on a 3-master Redis Cluster"
-            on = "on the cluster: "
+            on = "on the cluster"
             run.rows += [
                 throughput_row(label, workers, svc_c, svc, "service on one Redis", None, served=on),
                 throughput_row(
                     label, workers, svc_c, flo_c, f"{REDISPY_FLOOR} on the cluster", None, served=on
                 ),
-                Row(
-                    measure=f"{label}: req/s",
-                    workers=str(workers),
-                    service=f"{REDISPY_FLOOR} on the cluster: {flo_c.describe()}",
-                    baseline=f"{REDISPY_FLOOR} on one Redis: {flo.describe()}",
-                    ratio=flo_c.rps / flo.rps if flo.rps else None,
-                    invalid=invalid(flo_c, flo),
+                compare_row(
+                    f"{label}: req/s",
+                    workers,
+                    (f"{REDISPY_FLOOR} on the cluster", flo_c),
+                    (f"{REDISPY_FLOOR} on one Redis", flo),
                 ),
             ]
 

@@ -49,7 +49,7 @@ from redis.asyncio import Redis
 from . import fake_stripe_proc
 from .procs import ROOT, BenchError, UvicornServer
 from .report import Row, Target
-from .wrk import Load, Side, WrkResult, alternate, invalid, run_wrk
+from .wrk import Load, Side, WrkResult, alternate, compare_row, invalid, run_wrk
 
 STRIPE_SECRET_KEY = "sk_test_bench_0123456789abcdefghijklmnop"
 STRIPE_PUBLISHABLE_KEY = "pk_test_bench0123456789abcdefghijklmnop"
@@ -367,55 +367,19 @@ class StripeSuite:
             f"{cfg.in_flight} in flight"
         )
         floor_name = "floor, same call with the same client (StripeClient over our HTTPClient)"
-        bad = invalid(service, floor)
+        rps, p50 = f"{label}: req/s", f"{label}: p50 latency"
+        floor_rps = (f"{floor_name}, then one EVALSHA", floor)
         return [
-            Row(
-                measure=f"{label}: req/s",
-                workers=str(workers),
-                service=service.describe(),
-                baseline=f"{floor_name}, then one EVALSHA: {floor.describe()}",
-                ratio=service.rps / floor.rps if floor.rps else None,
-                target=PROVIDER_LATENCY_RPS,
-                invalid=bad,
-            ),
-            Row(
-                measure=f"{label}: p50 latency",
-                workers=str(workers),
-                service=f"p50 {service.p50_ms:.2f} ms",
-                baseline=f"{floor_name}: p50 {floor.p50_ms:.2f} ms",
-                ratio=service.p50_ms - floor.p50_ms,
-                target=PROVIDER_LATENCY_P50_MS,
-                invalid=bad,
-                unit="ms",
+            compare_row(rps, workers, ("", service), floor_rps, PROVIDER_LATENCY_RPS),
+            compare_row(
+                p50, workers, ("", service), (floor_name, floor), PROVIDER_LATENCY_P50_MS, p50=True
             ),
             # Where the design alone leaves this target: the same call with the same client
             # under FastAPI, between the idempotency claim and the store's create (the
             # service's own store), and nothing else.
-            Row(
-                measure=f"{label}: req/s",
-                workers=str(workers),
-                service=service.describe(),
-                baseline=f"{SKELETON}: {skeleton.describe()}",
-                ratio=service.rps / skeleton.rps if skeleton.rps else None,
-                invalid=invalid(service, skeleton),
-            ),
-            Row(
-                measure=f"{label}: req/s",
-                workers=str(workers),
-                service=f"{SKELETON}: {skeleton.describe()}",
-                baseline=f"{floor_name}, then one EVALSHA: {floor.describe()}",
-                ratio=skeleton.rps / floor.rps if floor.rps else None,
-                invalid=invalid(skeleton, floor),
-            ),
-            Row(
-                measure=f"{label}: p50 latency",
-                workers=str(workers),
-                service=f"{SKELETON}: p50 {skeleton.p50_ms:.2f} ms",
-                baseline=f"{floor_name}: p50 {floor.p50_ms:.2f} ms",
-                ratio=skeleton.p50_ms - floor.p50_ms,
-                invalid=invalid(skeleton, floor),
-                unit="ms",
-            ),
+            compare_row(rps, workers, ("", service), (SKELETON, skeleton)),
+            compare_row(rps, workers, (SKELETON, skeleton), floor_rps),
+            compare_row(p50, workers, (SKELETON, skeleton), (floor_name, floor), p50=True),
             Row(
                 measure=f"{label}: req/s",
                 workers=str(workers),

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .report import Row, Target
+
 SCRIPTS = Path(__file__).resolve().parent / "wrk"
 RESULT_MARK = "BENCH_RESULT "
 
@@ -159,3 +161,38 @@ def invalid(*results: WrkResult) -> str | None:
     if not bad:
         return None
     return ", ".join(f"{r.non_2xx} non-2xx/{r.socket_errors} socket errors" for r in bad)
+
+
+def _named(name: str, text: str) -> str:
+    return f"{name}: {text}" if name else text
+
+
+def compare_row(
+    measure: str,
+    workers: int,
+    side: tuple[str, WrkResult],
+    baseline: tuple[str, WrkResult],
+    target: Target | None = None,
+    *,
+    p50: bool = False,
+) -> Row:
+    """One side's requests/s as a fraction of another's (with ``p50``: how far its p50
+    latency is above the other's, in ms). Each side is (name, result); an empty name leaves
+    the figures unnamed (the service's own)."""
+    (name, result), (base_name, base) = side, baseline
+    if p50:
+        texts = f"p50 {result.p50_ms:.2f} ms", f"p50 {base.p50_ms:.2f} ms"
+        ratio: float | None = result.p50_ms - base.p50_ms
+    else:
+        texts = result.describe(), base.describe()
+        ratio = result.rps / base.rps if base.rps else None
+    return Row(
+        measure=measure,
+        workers=str(workers),
+        service=_named(name, texts[0]),
+        baseline=_named(base_name, texts[1]),
+        ratio=ratio,
+        target=target,
+        invalid=invalid(result, base),
+        unit="ms" if p50 else "",
+    )
