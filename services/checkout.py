@@ -194,8 +194,8 @@ class CheckoutService:
         sale = self._tax.sale(plan, body.buyer)
         plan = sale.charged(plan)
         options = body.provider_options()
-        # The client's email, else the signed-in user's from the token (vendors that need one,
-        # as Paystack, refuse without it: CustomerEmailRequired).
+        # The client's email, else the signed-in user's from the token (vendors that need one
+        # refuse without it: CustomerEmailRequired).
         customer_email = (
             str(body.customer_email) if body.customer_email else (user.email if user else None)
         )

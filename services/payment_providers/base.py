@@ -65,7 +65,7 @@ EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 
 class ProviderKeyValue(Protocol):
     """A small key-value store in the service's Redis, for a provider that keeps state there
-    (the built-in sandbox): keys in the provider's own namespace, each with a hash tag so that
+    (one simulated in-process): keys in the provider's own namespace, each with a hash tag so that
     a script touches one Redis Cluster slot, atomic scripts, and the few reads it needs."""
 
     @property
@@ -309,8 +309,8 @@ class SubscriptionState:
     subscription_id: str | None = None  # ours, when the vendor carries it back
     latest_invoice: InvoicePayment | None = None
     vendor_status: str | None = None  # the vendor's own word, for logs
-    # A page where the customer must approve a change before the vendor applies it (PayPal
-    # asks the subscriber to consent to a plan change), when one waits; None otherwise.
+    # A page where the customer must approve a change before the vendor applies it (a vendor
+    # may ask the subscriber to consent to a plan change), when one waits; None otherwise.
     approval_url: str | None = None
 
 
@@ -371,9 +371,9 @@ class BasePaymentProvider(abc.ABC):
     id_prefixes: ClassVar[tuple[str, ...]]
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     service_type: ClassVar[str] = "payment"
-    # Who sells to the customer when it is not the merchant: a merchant of record (Paddle,
-    # LemonSqueezy) computes and remits the tax and issues the tax receipt itself, so our
-    # document for its payments is a payment confirmation naming it, not a tax receipt.
+    # Who sells to the customer when it is not the merchant: a merchant of record computes
+    # and remits the tax and issues the tax receipt itself, so our document for its payments
+    # is a payment confirmation naming it, not a tax receipt.
     merchant_of_record: ClassVar[str | None] = None
     # The currencies (ISO 4217, upper case) the provider can charge; None: any the vendor
     # accepts. Routing, fallback and A/B weights only consider providers that can charge the
@@ -407,8 +407,8 @@ class BasePaymentProvider(abc.ABC):
 
     @property
     def test_mode(self) -> bool:
-        """True when this provider moves test money (a sandbox, a vendor's test keys): its
-        payments' receipts carry a TEST mark."""
+        """True when this provider moves test money (a simulated provider, a vendor's test
+        keys): its payments' receipts carry a TEST mark."""
         return False
 
     def can_handle_payment_id(self, payment_id: str) -> bool:
