@@ -12,9 +12,11 @@ entered as a new version.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
@@ -45,10 +47,23 @@ def signing_material(key: str | None, cert: str | None) -> SigningMaterial | Non
     return material
 
 
+@lru_cache(maxsize=1)
+def _pyhanko_sign() -> ModuleType:
+    """``pyhanko.sign``, imported once. pyHanko 0.38 imports cryptography's DSA key type at
+    import time (for type checks of keys it is handed), and cryptography 51 warns on any use
+    of DSA. We never sign with DSA: that one warning is silenced here, for this import only,
+    so that a start-up does not print it (and a test run, where warnings are errors, passes)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DSA is deprecated", module="pyhanko")
+        import pyhanko.sign
+
+    return pyhanko.sign
+
+
 @lru_cache(maxsize=2)
 def _signer(material: SigningMaterial) -> Any:
+    signers = _pyhanko_sign().signers
     from pyhanko.keys import load_certs_from_pemder_data, load_private_key_from_pemder_data
-    from pyhanko.sign import signers
     from pyhanko_certvalidator.registry import SimpleCertificateStore
 
     key = load_private_key_from_pemder_data(material.key_pem, passphrase=None)
@@ -64,9 +79,10 @@ def _signer(material: SigningMaterial) -> Any:
 
 def sign_pdf(pdf: bytes, material: SigningMaterial, *, reason: str) -> bytes:
     """``pdf`` with a PAdES signature over all of it (an incremental update)."""
+    sign = _pyhanko_sign()
     from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-    from pyhanko.sign import fields, signers
 
+    fields, signers = sign.fields, sign.signers
     writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
     metadata = signers.PdfSignatureMetadata(
         field_name="Signature",
