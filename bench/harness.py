@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
@@ -42,6 +43,11 @@ from .procs import ROOT, BenchError, RedisClusterServers, RedisServer, UvicornSe
 from .receipts import RenderConfig, RenderFigures, median, percentile, run_render_bench
 from .report import Row, Target, command_line, document, now, render_table
 from .wrk import Load, Side, WrkResult, alternate, compare_row, invalid, run_wrk, wrk_binary
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 API = "/api/v1/payment"
 USER = "bench-user"
@@ -817,6 +823,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         help="run only these parts (repeatable); the default runs all",
     )
+    parser.add_argument(
+        "--stripe-in-flight",
+        type=int,
+        help="requests in flight for the Stripe provider-latency runs (default 64)",
+    )
     parser.add_argument("--no-cluster", action="store_true", help="skip the Redis Cluster runs")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, receipts)"
@@ -833,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = _replace(mode, duration_s=options.duration)
     if options.no_cluster:
         mode = _replace(mode, cluster_workers=())
+    if options.stripe_in_flight:
+        mode = _replace(mode, stripe=_replace(mode.stripe, in_flight=options.stripe_in_flight))
     parts = set(options.only or ("http", "render", "stripe"))
     started = now()
     clock = time.monotonic()
@@ -936,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _replace(mode: Mode, **changes: object) -> Mode:
+def _replace(config: T, **changes: object) -> T:
     from dataclasses import replace
 
-    return replace(mode, **changes)  # type: ignore[arg-type]
+    return replace(config, **changes)
