@@ -245,16 +245,19 @@ PLAN_MODELS = {
 }
 
 
-async def _claim(request: Request, raw: bytes) -> tuple[str, Response | None]:
-    """Round trip 1: claim the request's Idempotency-Key; an answer when it is not ours."""
+async def _claim(request: Request) -> tuple[str, str, Response | None]:
+    """Round trip 1: claim the request's Idempotency-Key. The plan asked for, the key, and
+    the answer when the key is not ours to run."""
+    raw = await request.body()
+    plan = json.loads(raw)["plan"]
     key = request.headers.get("idempotency-key") or secrets.token_hex(16)
     store: PaymentStore = request.app.state.store
     begin = await store.idempotency_begin(SCOPE, key, hashlib.sha256(raw).hexdigest())
     if begin.state is IdempotencyState.MISMATCH:
-        return key, _json({"code": "idempotency_key_reused"}, 422)
+        return plan, key, _json({"code": "idempotency_key_reused"}, 422)
     if begin.state is not IdempotencyState.NEW:
-        return key, _json(begin.response, 201)
-    return key, None
+        return plan, key, _json(begin.response, 201)
+    return plan, key, None
 
 
 async def _store_created(
@@ -303,9 +306,7 @@ async def _store_created(
 
 @app.post("/api/v1/payment/create-intent-3rt")
 async def create_intent_in_three_round_trips(request: Request) -> Response:
-    raw = await request.body()
-    plan = json.loads(raw)["plan"]
-    key, answered = await _claim(request, raw)
+    plan, key, answered = await _claim(request)
     if answered is not None:
         return answered
     name, amount, currency = PLANS[plan]
@@ -334,9 +335,7 @@ async def create_intent_at_stripe_in_three_round_trips(request: Request) -> Resp
     client: stripe.StripeClient | None = request.app.state.stripe
     if client is None:
         return _json({"code": "provider_not_configured"}, 503)
-    raw = await request.body()
-    plan = json.loads(raw)["plan"]
-    key, answered = await _claim(request, raw)
+    plan, key, answered = await _claim(request)
     if answered is not None:
         return answered
     reference = f"ord_{secrets.token_hex(12)}"

@@ -65,8 +65,8 @@ EventSink = Callable[[str, "WebhookEvent", str], Awaitable[None]]
 
 class ProviderKeyValue(Protocol):
     """A small key-value store in the service's Redis, for a provider that keeps state there
-    (one simulated in-process): keys in the provider's own namespace, each with a hash tag so that
-    a script touches one Redis Cluster slot, atomic scripts, and the few reads it needs."""
+    (one simulated in-process): keys in the provider's own namespace, each with a hash tag so
+    that a script touches one Redis Cluster slot, atomic scripts, and the few reads it needs."""
 
     @property
     def namespace(self) -> str:

@@ -3,8 +3,8 @@
 Requests: what we send to create a Checkout Session or a PaymentIntent. Responses: Stripe's
 objects (as plain dicts, from the SDK's ``to_dict()`` or a webhook's JSON) to ``PaymentState``,
 ``RefundResult`` and ``WebhookEvent``; a created session or intent to ``IntentResult`` straight
-from the SDK's object. Unknown Stripe statuses map to
-pending: only an explicit success or failure from Stripe is final.
+from the SDK's object. Unknown Stripe statuses map to pending: only an explicit success or
+failure from Stripe is final.
 """
 
 from __future__ import annotations
